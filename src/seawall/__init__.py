@@ -1,0 +1,43 @@
+"""seawall: asyncio-native resilience - rate limiting, circuit breaking, pooling.
+
+Public names only; each lives in a private module named after it.
+"""
+
+from seawall._clock import Clock, FakeClock, MonotonicClock
+from seawall._errors import (
+    CircuitBreakerNotFound,
+    CircuitOpenError,
+    ConfigurationError,
+    PoolClosed,
+    PoolNotFound,
+    PoolTimeout,
+    ProtectionKeyNotFound,
+    ProtectionTimeout,
+    RateLimiterError,
+    RateLimitExceeded,
+    SeawallError,
+)
+from seawall._version import __version__
+
+# -- rate limiter (issue 3) --
+# -- circuit breaker (issue 4) --
+# -- connection pool (issue 5) --
+# -- coordinator (issue 6) --
+
+__all__ = [
+    "CircuitBreakerNotFound",
+    "CircuitOpenError",
+    "Clock",
+    "ConfigurationError",
+    "FakeClock",
+    "MonotonicClock",
+    "PoolClosed",
+    "PoolNotFound",
+    "PoolTimeout",
+    "ProtectionKeyNotFound",
+    "ProtectionTimeout",
+    "RateLimitExceeded",
+    "RateLimiterError",
+    "SeawallError",
+    "__version__",
+]

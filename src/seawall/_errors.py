@@ -1,0 +1,268 @@
+"""The exception tree of seawall.
+
+Every error the toolkit raises derives from :class:`SeawallError`; exceptions
+raised by the code it protects pass through unchanged, never wrapped::
+
+    SeawallError (Exception)
+    ├── RateLimitExceeded ......... rate_limit_exceeded
+    ├── RateLimiterError .......... rate_limiter_exception
+    ├── CircuitOpenError .......... circuit_breaker_blown
+    ├── CircuitBreakerNotFound .... circuit_breaker_not_found (also LookupError)
+    ├── PoolNotFound .............. pool_not_found            (also LookupError)
+    ├── PoolTimeout ............... checkout_timeout          (also TimeoutError)
+    ├── PoolClosed ................ pool_closed
+    ├── ProtectionTimeout ......... timeout                   (also TimeoutError)
+    ├── ProtectionKeyNotFound ..... protection_key_not_found  (also LookupError)
+    └── ConfigurationError ........ invalid_config            (also ValueError)
+
+Each error carries a stable machine-readable ``error_type``, a human
+``message`` and ``retry_after`` (seconds, or ``None`` when unknown), plus the
+typed context of its kind (``key``, ``name``, ...). Errors pickle with all of
+it, so they cross process boundaries intact.
+
+Messages are built lazily: a breaker rejecting thousands of calls a second
+should not pay for string formatting nobody reads.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "CircuitBreakerNotFound",
+    "CircuitOpenError",
+    "ConfigurationError",
+    "PoolClosed",
+    "PoolNotFound",
+    "PoolTimeout",
+    "ProtectionKeyNotFound",
+    "ProtectionTimeout",
+    "RateLimitExceeded",
+    "RateLimiterError",
+    "SeawallError",
+]
+
+
+def _rebuild(cls: type[SeawallError], message: str | None, context: dict[str, Any]) -> SeawallError:
+    """Unpickle an error: call its constructor with the saved context."""
+    return cls(message, **context)
+
+
+class SeawallError(Exception):
+    """Root of every error raised by seawall itself.
+
+    Args:
+        message: Human-readable explanation; a default is derived from the
+            context when omitted.
+        retry_after: Seconds after which the same call may succeed, if known.
+    """
+
+    error_type: ClassVar[str] = "seawall_error"
+    #: Names of the keyword-only context attributes, in ``repr`` order.
+    _context_fields: ClassVar[tuple[str, ...]] = ("retry_after",)
+
+    def __init__(self, message: str | None = None, *, retry_after: float | None = None) -> None:
+        super().__init__()
+        self._message = message
+        self.retry_after = retry_after
+
+    @property
+    def message(self) -> str:
+        """The human-readable explanation."""
+        if self._message is None:
+            self._message = self._default_message()
+        return self._message
+
+    def _default_message(self) -> str:
+        return self.error_type.replace("_", " ")
+
+    def _context(self) -> dict[str, Any]:
+        return {field: getattr(self, field) for field in self._context_fields}
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable view: ``error_type``, ``message`` and the context."""
+        return {"error_type": self.error_type, "message": self.message, **self._context()}
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __repr__(self) -> str:
+        context = ", ".join(f"{key}={value!r}" for key, value in self._context().items() if value is not None)
+        parts = [repr(self.message)] + ([context] if context else [])
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self._message, self._context()), None)
+
+
+def _seconds(value: float | None) -> str:
+    return "an unknown time" if value is None else f"{value:.3f}s"
+
+
+class RateLimitExceeded(SeawallError):
+    """A hit was denied by a rate limiter; nothing was consumed.
+
+    ``retry_after`` is the time after which the same hit would be admitted.
+    """
+
+    error_type = "rate_limit_exceeded"
+    _context_fields = ("key", "limit", "window", "retry_after")
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        key: str | None = None,
+        limit: float | None = None,
+        window: float | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.key = key
+        self.limit = limit
+        self.window = window
+
+    def _default_message(self) -> str:
+        return (
+            f"rate limit of {self.limit} per {self.window}s exceeded for key {self.key!r}; "
+            f"retry after {_seconds(self.retry_after)}"
+        )
+
+
+class RateLimiterError(SeawallError):
+    """The rate limiter's backend failed and its policy is to deny."""
+
+    error_type = "rate_limiter_exception"
+    _context_fields = ("key", "retry_after")
+
+    def __init__(
+        self, message: str | None = None, *, key: str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.key = key
+
+    def _default_message(self) -> str:
+        return f"rate limiter backend failed for key {self.key!r}; denying by policy"
+
+
+class CircuitOpenError(SeawallError):
+    """A circuit breaker rejected the call without running it."""
+
+    error_type = "circuit_breaker_blown"
+    _context_fields = ("name", "retry_after")
+
+    def __init__(
+        self, message: str | None = None, *, name: str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.name = name
+
+    def _default_message(self) -> str:
+        return f"circuit breaker {self.name!r} is open; retry after {_seconds(self.retry_after)}"
+
+
+class _NotFound(SeawallError, LookupError):
+    """A lookup by name failed; the message names what was looked for."""
+
+    _context_fields = ("name",)
+    _what: ClassVar[str] = "entry"
+
+    def __init__(self, message: str | None = None, *, name: str | None = None) -> None:
+        super().__init__(message)
+        self.name = name
+
+    def _default_message(self) -> str:
+        return f"no {self._what} named {self.name!r}"
+
+
+class CircuitBreakerNotFound(_NotFound):
+    """No circuit breaker is registered under that name."""
+
+    error_type = "circuit_breaker_not_found"
+    _what = "circuit breaker"
+
+
+class PoolNotFound(_NotFound):
+    """No connection pool is registered under that name."""
+
+    error_type = "pool_not_found"
+    _what = "connection pool"
+
+
+class ProtectionKeyNotFound(_NotFound):
+    """No protection is configured under that key."""
+
+    error_type = "protection_key_not_found"
+    _what = "protection key"
+
+
+class PoolTimeout(SeawallError, TimeoutError):
+    """No worker could be checked out of a pool within the timeout."""
+
+    error_type = "checkout_timeout"
+    _context_fields = ("name", "timeout", "retry_after")
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        name: str | None = None,
+        timeout: float | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.name = name
+        self.timeout = timeout
+
+    def _default_message(self) -> str:
+        return f"no worker of pool {self.name!r} became free within {_seconds(self.timeout)}"
+
+
+class PoolClosed(SeawallError):
+    """The pool is closed (or closing) and hands out nothing more."""
+
+    error_type = "pool_closed"
+    _context_fields = ("name",)
+
+    def __init__(self, message: str | None = None, *, name: str | None = None) -> None:
+        super().__init__(message)
+        self.name = name
+
+    def _default_message(self) -> str:
+        return f"connection pool {self.name!r} is closed"
+
+
+class ProtectionTimeout(SeawallError, TimeoutError):
+    """A protected call did not finish within its timeout and was cancelled."""
+
+    error_type = "timeout"
+    _context_fields = ("key", "timeout", "retry_after")
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        key: str | None = None,
+        timeout: float | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.key = key
+        self.timeout = timeout
+
+    def _default_message(self) -> str:
+        return f"protected call for key {self.key!r} timed out after {_seconds(self.timeout)}"
+
+
+class ConfigurationError(SeawallError, ValueError):
+    """A configuration value is invalid; ``path`` names the offending option."""
+
+    error_type = "invalid_config"
+    _context_fields = ("path",)
+
+    def __init__(self, message: str | None = None, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+    def _default_message(self) -> str:
+        return f"invalid configuration at {self.path!r}"

@@ -1,0 +1,29 @@
+"""Public home of the exception tree (drawn in :mod:`seawall._errors`)."""
+
+from seawall._errors import (
+    CircuitBreakerNotFound,
+    CircuitOpenError,
+    ConfigurationError,
+    PoolClosed,
+    PoolNotFound,
+    PoolTimeout,
+    ProtectionKeyNotFound,
+    ProtectionTimeout,
+    RateLimiterError,
+    RateLimitExceeded,
+    SeawallError,
+)
+
+__all__ = [
+    "CircuitBreakerNotFound",
+    "CircuitOpenError",
+    "ConfigurationError",
+    "PoolClosed",
+    "PoolNotFound",
+    "PoolTimeout",
+    "ProtectionKeyNotFound",
+    "ProtectionTimeout",
+    "RateLimitExceeded",
+    "RateLimiterError",
+    "SeawallError",
+]
