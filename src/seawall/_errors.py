@@ -135,9 +135,7 @@ class RateLimiterError(SeawallError):
     error_type = "rate_limiter_exception"
     _context_fields = ("key", "retry_after")
 
-    def __init__(
-        self, message: str | None = None, *, key: str | None = None, retry_after: float | None = None
-    ) -> None:
+    def __init__(self, message: str | None = None, *, key: str | None = None, retry_after: float | None = None) -> None:
         super().__init__(message, retry_after=retry_after)
         self.key = key
 

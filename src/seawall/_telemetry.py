@@ -71,9 +71,7 @@ class Topic:
                 # A broken handler must never break the protected call; it is
                 # removed so it cannot fail (and log) on every event after this.
                 detach(handler_id)
-                logger.exception(
-                    "telemetry_handler_failed", handler_id=handler_id, telemetry_event=list(self.event)
-                )
+                logger.exception("telemetry_handler_failed", handler_id=handler_id, telemetry_event=list(self.event))
 
     def __repr__(self) -> str:
         return f"Topic({self.event!r}, handlers={[handler_id for handler_id, _ in self.handlers]!r})"

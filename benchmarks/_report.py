@@ -1,0 +1,87 @@
+"""Turn a benchmark report (``latest.json``'s content) into markdown and a chart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _cases(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    cases: dict[str, list[dict[str, Any]]] = {}
+    for module in report["modules"].values():
+        for row in module["per_call"]:
+            cases.setdefault(row["case"], []).append(row)
+    return cases
+
+
+def write_markdown(report: dict[str, Any], path: Path) -> None:
+    """Write the tables: per-call cases, other figures, targets."""
+    machine = report["machine"]
+    lines = [
+        "# seawall benchmark results",
+        "",
+        f"Run of {report['date']} ({report['mode']} mode, {report['seconds']} s) on {machine['cpu']},",
+        f"{machine['cores']} cores, Python {machine['python']} ({machine['platform']}).",
+        "Each case runs seawall and its peers in one process, interleaved, after a warm-up;",
+        "figures are medians of the repeats, with min..max. *Overhead* is the median",
+        "per-repeat difference to the case's baseline (usually a bare `await noop()`).",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v),
+        "",
+    ]
+    for case, rows in _cases(report).items():
+        lines += [f"## {case}", "", "| variant | ns/call (median) | min..max | overhead ns |", "|---|---:|---:|---:|"]
+        for r in rows:
+            overhead = "" if r["overhead_ns"] is None else f"{r['overhead_ns']:.0f}"
+            lines.append(f"| {r['label']} | {r['median_ns']:.0f} | {r['min_ns']:.0f}..{r['max_ns']:.0f} | {overhead} |")
+        lines.append("")
+    figures = [f for m in report["modules"].values() for f in m["figures"]]
+    if figures:
+        lines += ["## Other figures", "", "| case | variant | value | unit |", "|---|---|---:|---|"]
+        lines += [f"| {f['case']} | {f['label']} | {f['value']:,.2f} | {f['unit']} |" for f in figures]
+        lines.append("")
+    targets = [t for m in report["modules"].values() for t in m["targets"]]
+    if targets:
+        lines += ["## Targets", "", "| target | met | figure |", "|---|---|---|"]
+        lines += [f"| {t['description']} | {'yes' if t['met'] else '**no**'} | {t['figure']} |" for t in targets]
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def write_chart(report: dict[str, Any], path: Path) -> None:
+    """Draw each per-call case's overheads as horizontal bars on a log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = {
+        case: [r for r in rows if r["overhead_ns"] is not None and r["overhead_ns"] > 0]
+        for case, rows in _cases(report).items()
+    }
+    cases = {case: rows for case, rows in cases.items() if rows}
+    if not cases:
+        fig, ax = plt.subplots(figsize=(6, 1))
+        ax.text(0.5, 0.5, "no per-call cases", ha="center")
+        ax.axis("off")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return
+    heights = [max(1.2, 0.35 * len(rows) + 0.6) for rows in cases.values()]
+    fig, axes = plt.subplots(len(cases), 1, figsize=(10, sum(heights)), gridspec_kw={"height_ratios": heights})
+    axes_list = list(axes) if len(cases) > 1 else [axes]
+    for ax, (case, rows) in zip(axes_list, cases.items(), strict=True):
+        labels = [r["label"] for r in rows]
+        values = [r["overhead_ns"] for r in rows]
+        colors = ["tab:blue" if label.startswith("seawall") else "tab:gray" for label in labels]
+        ax.barh(labels, values, color=colors)
+        ax.set_xscale("log")
+        ax.set_title(case, fontsize=10, loc="left")
+        ax.tick_params(axis="y", labelsize=8)
+        for y, value in enumerate(values):
+            ax.text(value, y, f" {value:.0f}", va="center", fontsize=7)
+    axes_list[-1].set_xlabel("overhead over the baseline, ns per call (log scale; seawall in blue)")
+    fig.suptitle(f"seawall vs peers - {report['date']}, {report['machine']['cpu']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,76 @@
+"""The clock: monotonic in production, fake and advanceable in tests."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import pytest
+
+from seawall import Clock, FakeClock, MonotonicClock
+
+pytestmark = pytest.mark.anyio
+
+
+def test_monotonic_clock_is_time_monotonic() -> None:
+    """The production clock reads time.monotonic (asyncio's loop.time source), not the wall clock."""
+    clock = MonotonicClock()
+    before = time.monotonic()
+    assert before <= clock.now() <= time.monotonic()
+    assert isinstance(clock, Clock)
+    assert repr(clock) == "MonotonicClock()"
+
+
+async def test_monotonic_clock_sleep_waits_real_time() -> None:
+    """MonotonicClock.sleep really waits (generous bound; the real clock is the point)."""
+    clock = MonotonicClock()
+    start = clock.now()
+    await clock.sleep(0.01)
+    assert clock.now() - start >= 0.009
+
+
+async def test_fake_clock_sleepers_wake_in_deadline_order_when_time_passes() -> None:
+    """Sleepers on a FakeClock wake exactly when advance() passes their deadline."""
+    clock = FakeClock(100.0)
+    woke: list[str] = []
+
+    async def sleeper(name: str, seconds: float) -> None:
+        await clock.sleep(seconds)
+        woke.append(name)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sleeper, "late", 2.0)
+        tg.start_soon(sleeper, "early", 1.0)
+        await anyio.wait_all_tasks_blocked()
+        assert clock.sleepers == 2
+        clock.advance(0.5)
+        await anyio.wait_all_tasks_blocked()
+        assert woke == []
+        clock.advance(0.5)
+        await anyio.wait_all_tasks_blocked()
+        assert woke == ["early"]
+        clock.set(102.0)
+    assert woke == ["early", "late"]
+    assert clock.now() == 102.0
+
+
+async def test_fake_clock_zero_sleep_is_a_checkpoint() -> None:
+    """sleep(0) on a FakeClock returns without waiting for time to move."""
+    clock = FakeClock()
+    await clock.sleep(0)
+    assert clock.sleepers == 0
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_fake_clock_rejects_bad_advance(bad: float) -> None:
+    """advance() takes only finite, non-negative amounts."""
+    with pytest.raises(ValueError, match="advance"):
+        FakeClock().advance(bad)
+
+
+def test_fake_clock_cannot_go_back() -> None:
+    """set() refuses a time in the past: the clock is monotonic."""
+    clock = FakeClock(5.0)
+    with pytest.raises(ValueError, match="back in time"):
+        clock.set(4.0)
+    assert "now=5.0" in repr(clock)
