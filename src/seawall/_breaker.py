@@ -1,0 +1,569 @@
+"""CircuitBreaker: stop calling a dependency that keeps failing, probe it carefully.
+
+States and rules (the full contract is in ``docs/circuit-breaker.md``):
+
+* CLOSED: calls run. ``failure_threshold`` failures within the last
+  ``window`` seconds open the breaker; successes do not erase them.
+* OPEN: calls are rejected with :class:`~seawall.CircuitOpenError` without
+  running; after ``recovery_time`` the breaker is HALF_OPEN.
+* HALF_OPEN: at most ``half_open_max_calls`` trials run at once; a trial
+  success closes the breaker, a trial failure opens it afresh. A trial that
+  has held its slot for ``recovery_time`` no longer blocks a new one.
+
+Cancellation and other ``BaseException``s are neither success nor failure.
+
+Performance shapes the code. The closed path with no failures to record
+reads no clock and allocates nothing: ``__aenter__`` checks one attribute of
+the in-memory record, ``__aexit__`` returns at once on success. The clock is
+read only on a failure, when not closed, or when a ``call_executed`` handler
+wants a duration. Per-call bookkeeping (a trial's ticket, a start time) is
+needed only off that path; for ``async with`` it is kept per task, because
+one breaker object serves every concurrent block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import math
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from dataclasses import dataclass
+from datetime import timedelta
+from types import TracebackType
+from typing import Any, ParamSpec, Protocol, TypeVar, runtime_checkable
+
+import anyio
+
+from seawall._clock import Clock, default_clock
+from seawall._errors import CircuitOpenError, ConfigurationError
+from seawall._logging import logger
+from seawall._telemetry import (
+    BREAKER_CALL_EXECUTED,
+    BREAKER_CALL_REJECTED,
+    BREAKER_FUSE_INSTALLED,
+    BREAKER_STATE_CHANGED,
+)
+from seawall.backends._breaker_memory import BreakerRecord, MemoryBreakerBackend
+from seawall.backends._breaker_protocol import (
+    BreakerBackend,
+    BreakerPolicy,
+    BreakerState,
+    Outcome,
+    Ticket,
+    Transition,
+)
+
+__all__ = ["BreakerLike", "BreakerState", "BreakerStatus", "CircuitBreaker"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_CLOSED = BreakerState.CLOSED
+_OPEN = BreakerState.OPEN
+_HALF_OPEN = BreakerState.HALF_OPEN
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerStatus:
+    """A snapshot of a circuit breaker, from ``await breaker.status()``."""
+
+    name: str
+    state: BreakerState
+    failure_count: int
+    """Failures within the rolling window."""
+    failure_threshold: int
+    recovery_time: float
+    retry_after: float
+    """Seconds until a call would be admitted; ``0.0`` when one would be now."""
+    window: float = 0.0
+    half_open_max_calls: int = 1
+    trials_in_flight: int = 0
+    """Half-open trial slots in use."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable view (the state as its string value)."""
+        return {
+            "name": self.name,
+            "state": self.state.value,
+            "failure_count": self.failure_count,
+            "failure_threshold": self.failure_threshold,
+            "recovery_time": self.recovery_time,
+            "retry_after": self.retry_after,
+            "window": self.window,
+            "half_open_max_calls": self.half_open_max_calls,
+            "trials_in_flight": self.trials_in_flight,
+        }
+
+
+@runtime_checkable
+class BreakerLike(Protocol):
+    """What the coordinator needs of a breaker: ours, or an adapted third-party one."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def state(self) -> BreakerState: ...
+
+    async def call(self, fn: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any) -> T: ...
+
+    async def status(self) -> BreakerStatus: ...
+
+    async def reset(self) -> None: ...
+
+    async def trip(self) -> None: ...
+
+    async def __aenter__(self) -> None: ...
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None: ...
+
+
+def _seconds(parameter: str, value: object) -> float:
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{parameter} must be a number of seconds or a timedelta, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigurationError(f"{parameter} must be a finite number above 0, got {value!r}", path=parameter)
+    return float(value)
+
+
+def _count(parameter: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{parameter} must be an int, got {value!r}")
+    if value < 1:
+        raise ConfigurationError(f"{parameter} must be at least 1, got {value!r}", path=parameter)
+    return value
+
+
+def _exclusions(exclude: object) -> tuple[type[BaseException], ...]:
+    items: Iterable[object]
+    if isinstance(exclude, type):
+        items = (exclude,)
+    elif isinstance(exclude, Iterable) and not isinstance(exclude, str | bytes):
+        items = tuple(exclude)
+    else:
+        raise TypeError(f"exclude must be an exception class or a tuple of them, got {exclude!r}")
+    checked: list[type[BaseException]] = []
+    for item in items:
+        if not (isinstance(item, type) and issubclass(item, BaseException)):
+            raise TypeError(f"exclude must hold exception classes only, got {item!r}")
+        checked.append(item)
+    return tuple(checked)
+
+
+_new_error = CircuitOpenError.__new__
+
+
+def _open_error(name: str, retry_after: float) -> CircuitOpenError:
+    """``CircuitOpenError(name=name, retry_after=retry_after)``, built in a third of the time.
+
+    A rejection must cost well under a microsecond, and the generic
+    constructor chain (keyword arguments through two ``__init__`` levels) is
+    most of that. This sets the same attributes the constructor sets; a test
+    compares the two field by field, so a change in ``_errors`` shows.
+    """
+    error = _new_error(CircuitOpenError)
+    error._message = None
+    error.retry_after = retry_after
+    error.name = name
+    return error
+
+
+def _task_key() -> object:
+    # ``async with`` enters and exits in the same task; the task identifies
+    # the block. asyncio.current_task() is a C call; other anyio backends
+    # fall back to anyio's task id.
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        task = None
+    return task if task is not None else anyio.get_current_task().id
+
+
+class _Inflight:
+    """Bookkeeping of one ``async with`` block that left the fast path."""
+
+    __slots__ = ("outer", "start", "ticket")
+
+    def __init__(self, ticket: Ticket | None, start: float | None, outer: _Inflight | None) -> None:
+        self.ticket = ticket
+        self.start = start
+        # The same task may nest blocks of one breaker: a stack per task.
+        self.outer = outer
+
+
+class CircuitBreaker:
+    """A circuit breaker guarding calls to one dependency.
+
+    Args:
+        name: Identifies the breaker in errors, logs, telemetry and its backend.
+        failure_threshold: Failures within ``window`` that open the breaker.
+        window: The rolling window failures are counted in, in seconds.
+        recovery_time: How long the breaker stays open before admitting
+            trials; also how long a trial may hold its slot before it no
+            longer blocks another.
+        half_open_max_calls: Trials allowed to run at once when half-open.
+        exclude: Exception classes that are not failures (business errors):
+            they propagate and count as a success.
+        backend: Where the state lives; a private in-memory store by default.
+            Breakers sharing a backend and a name share one state.
+        clock: The monotonic clock (``seawall.FakeClock`` in tests).
+
+    Raises:
+        TypeError: a parameter has the wrong type.
+        ValueError: (``ConfigurationError``) a number is not finite and
+            positive, or a count is below 1.
+
+    Use it as ``async with breaker:``, ``await breaker.call(fn, *args)``, or
+    as a decorator ``@breaker`` on an async function. The
+    ``("seawall", "circuit_breaker", "fuse_installed")`` event is emitted once,
+    when the breaker is constructed.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_backend",
+        "_clock",
+        "_exclude",
+        "_inflight",
+        "_last_state",
+        "_now",
+        "_policy",
+        "_record",
+        "_recovery_time",
+        "half_open_max_calls",
+        "name",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        failure_threshold: int = 5,
+        window: float | timedelta = 60.0,
+        recovery_time: float | timedelta = 30.0,
+        half_open_max_calls: int = 1,
+        exclude: type[BaseException] | Iterable[type[BaseException]] = (),
+        backend: BreakerBackend | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"name must be a non-empty str, got {name!r}")
+        self.name = name
+        self._policy = BreakerPolicy(
+            _count("failure_threshold", failure_threshold),
+            _seconds("window", window),
+            _seconds("recovery_time", recovery_time),
+            _count("half_open_max_calls", half_open_max_calls),
+        )
+        self.half_open_max_calls = self._policy.half_open_max_calls
+        self._recovery_time = self._policy.recovery_time
+        self._exclude = _exclusions(exclude)
+        if clock is None:
+            clock = default_clock
+        elif not isinstance(clock, Clock):
+            raise TypeError(f"clock must provide now() and sleep(), got {clock!r}")
+        self._clock = clock
+        self._now = clock.now
+        if backend is None:
+            backend = MemoryBreakerBackend()
+        elif not isinstance(backend, BreakerBackend):
+            raise TypeError(f"backend must implement BreakerBackend, got {backend!r}")
+        self._backend = backend
+        # The in-memory store is read synchronously (the fast paths); any
+        # other store is asked through its async protocol on every call.
+        self._record: BreakerRecord | None = backend.record(name) if isinstance(backend, MemoryBreakerBackend) else None
+        self._last_state = _CLOSED
+        self._inflight: dict[object, _Inflight] = {}
+        if BREAKER_FUSE_INSTALLED.handlers:
+            BREAKER_FUSE_INSTALLED.emit(
+                {},
+                {
+                    "name": name,
+                    "failure_threshold": self._policy.failure_threshold,
+                    "window": self._policy.window,
+                    "recovery_time": self._policy.recovery_time,
+                    "half_open_max_calls": self._policy.half_open_max_calls,
+                },
+            )
+
+    # -- configuration -------------------------------------------------
+
+    @property
+    def failure_threshold(self) -> int:
+        """Failures within ``window`` that open the breaker."""
+        return self._policy.failure_threshold
+
+    @property
+    def window(self) -> float:
+        """The rolling window failures are counted in, in seconds."""
+        return self._policy.window
+
+    @property
+    def recovery_time(self) -> float:
+        """Seconds the breaker stays open before admitting trials."""
+        return self._recovery_time
+
+    @property
+    def exclude(self) -> tuple[type[BaseException], ...]:
+        """Exception classes that count as success."""
+        return self._exclude
+
+    @property
+    def backend(self) -> BreakerBackend:
+        """The state store."""
+        return self._backend
+
+    # -- state -----------------------------------------------------------
+
+    @property
+    def state(self) -> BreakerState:
+        """The state a call arriving now would meet.
+
+        With a shared (non-memory) backend this is the state seen by the
+        last operation of this instance; ``await status()`` asks the backend.
+        """
+        record = self._record
+        if record is None:
+            return self._last_state
+        return record.effective_state(self._policy, self._now())
+
+    async def status(self) -> BreakerStatus:
+        """A snapshot of the breaker's state and counts."""
+        now = self._now()
+        record = self._record
+        if record is not None:
+            snapshot = record.snapshot(self._policy, now)
+        else:
+            snapshot = await self._backend.breaker_snapshot(self.name, self._policy, now)
+            self._last_state = snapshot.state
+        policy = self._policy
+        return BreakerStatus(
+            name=self.name,
+            state=snapshot.state,
+            failure_count=snapshot.failure_count,
+            failure_threshold=policy.failure_threshold,
+            recovery_time=policy.recovery_time,
+            retry_after=snapshot.retry_after,
+            window=policy.window,
+            half_open_max_calls=policy.half_open_max_calls,
+            trials_in_flight=snapshot.trials,
+        )
+
+    async def reset(self) -> None:
+        """Close the breaker and forget its failures; trials in flight decide nothing more."""
+        await self._force(_CLOSED)
+
+    async def trip(self) -> None:
+        """Open the breaker now, for a fresh ``recovery_time``."""
+        await self._force(_OPEN)
+
+    async def _force(self, state: BreakerState) -> None:
+        now = self._now()
+        record = self._record
+        if record is not None:
+            transition = record.force(self._policy, now, state)
+        else:
+            transition = await self._backend.breaker_force(self.name, self._policy, now, state)
+            self._last_state = state
+        if transition is not None:
+            self._changed(transition)
+
+    # -- the guarded call ------------------------------------------------
+
+    async def __aenter__(self) -> None:
+        record = self._record
+        if record is not None:
+            state = record.state
+            if state is _CLOSED and not BREAKER_CALL_EXECUTED.handlers:
+                return  # the fast path: nothing to remember about this call
+            if state is _OPEN:
+                # The common rejection, inline: no helper frames in the traceback.
+                remaining = record.opened_at + self._recovery_time - self._now()
+                if remaining > 0:
+                    if BREAKER_CALL_REJECTED.handlers:
+                        self._emit_rejected(_OPEN, remaining)
+                    raise _open_error(self.name, remaining)
+            ticket = self._admit(record)
+        else:
+            ticket = await self._admit_remote()
+        start = self._now() if BREAKER_CALL_EXECUTED.handlers else None
+        key = _task_key()
+        self._inflight[key] = _Inflight(ticket, start, self._inflight.get(key))
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        inflight = self._inflight
+        if not inflight:
+            if exc_type is None and self._record is not None:
+                return  # a closed call's success changes nothing
+            ticket = start = None
+        else:
+            key = _task_key()
+            entry = inflight.get(key)
+            if entry is None:
+                ticket = start = None
+            else:
+                ticket, start = entry.ticket, entry.start
+                if entry.outer is None:
+                    del inflight[key]
+                else:
+                    inflight[key] = entry.outer
+        outcome = self._outcome(exc)
+        if self._record is not None:
+            self._settle(self._record, ticket, outcome, start)
+        else:
+            # The block may be ending because its scope was cancelled; the
+            # store must still hear of it, or a trial slot stays taken.
+            with anyio.CancelScope(shield=True):
+                await self._settle_remote(ticket, outcome, start)
+
+    async def call(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``await fn(*args, **kwargs)`` through the breaker and return its result.
+
+        Raises:
+            CircuitOpenError: the breaker is open (or its trial slots are
+                taken); ``fn`` was not called.
+        """
+        record = self._record
+        if record is not None:
+            state = record.state
+            if state is _CLOSED and not BREAKER_CALL_EXECUTED.handlers:
+                try:
+                    return await fn(*args, **kwargs)
+                except Exception as exc:
+                    if not isinstance(exc, self._exclude):
+                        self._settle(record, None, "failure", None)
+                    raise
+            if state is _OPEN:
+                remaining = record.opened_at + self._recovery_time - self._now()
+                if remaining > 0:
+                    if BREAKER_CALL_REJECTED.handlers:
+                        self._emit_rejected(_OPEN, remaining)
+                    raise _open_error(self.name, remaining)
+            ticket = self._admit(record)
+        else:
+            ticket = await self._admit_remote()
+        start = self._now() if BREAKER_CALL_EXECUTED.handlers else None
+        outcome: Outcome = "cancelled"
+        try:
+            result = await fn(*args, **kwargs)
+            outcome = "success"
+            return result
+        except Exception as exc:
+            outcome = "success" if isinstance(exc, self._exclude) else "failure"
+            raise
+        finally:
+            if record is not None:
+                self._settle(record, ticket, outcome, start)
+            else:
+                # Settling a shared store awaits; shield it so a cancelled
+                # call still frees its trial slot.
+                with anyio.CancelScope(shield=True):
+                    await self._settle_remote(ticket, outcome, start)
+
+    def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+        """Decorate an async function so every call goes through the breaker."""
+        if not inspect.iscoroutinefunction(fn):
+            raise TypeError(f"@{type(self).__name__} decorates async functions, got {fn!r}")
+        call = self.call
+
+        @functools.wraps(fn)
+        async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
+            return await call(fn, *args, **kwargs)
+
+        return guarded
+
+    # -- decisions -------------------------------------------------------
+
+    def _outcome(self, exc: BaseException | None) -> Outcome:
+        if exc is None or isinstance(exc, self._exclude):
+            return "success"
+        if isinstance(exc, Exception):
+            return "failure"
+        return "cancelled"
+
+    def _admit(self, record: BreakerRecord) -> Ticket:
+        admission = record.admit(self._policy, self._now())
+        if admission.transition is not None:
+            self._changed(admission.transition)
+        if admission.ticket is None:
+            raise self._rejected(admission.state, admission.retry_after)
+        return admission.ticket
+
+    async def _admit_remote(self) -> Ticket:
+        admission = await self._backend.breaker_admit(self.name, self._policy, self._now())
+        self._last_state = admission.state
+        if admission.transition is not None:
+            self._changed(admission.transition)
+        if admission.ticket is None:
+            raise self._rejected(admission.state, admission.retry_after)
+        return admission.ticket
+
+    def _rejected(self, state: BreakerState, retry_after: float) -> CircuitOpenError:
+        if BREAKER_CALL_REJECTED.handlers:
+            self._emit_rejected(state, retry_after)
+        return _open_error(self.name, retry_after)
+
+    def _emit_rejected(self, state: BreakerState, retry_after: float) -> None:
+        BREAKER_CALL_REJECTED.emit({"retry_after": retry_after}, {"name": self.name, "state": state.value})
+
+    def _settle(self, record: BreakerRecord, ticket: Ticket | None, outcome: Outcome, start: float | None) -> None:
+        now = self._now()
+        if ticket is not None or outcome == "failure":
+            transition = record.settle(self._policy, now, ticket, outcome)
+            if transition is not None:
+                self._changed(transition)
+        if start is not None:
+            self._executed(ticket, outcome, now - start)
+
+    async def _settle_remote(self, ticket: Ticket | None, outcome: Outcome, start: float | None) -> None:
+        now = self._now()
+        transition = await self._backend.breaker_settle(self.name, self._policy, now, ticket, outcome)
+        if transition is not None:
+            self._last_state = transition.new
+            self._changed(transition)
+        if start is not None:
+            self._executed(ticket, outcome, now - start)
+
+    def _executed(self, ticket: Ticket | None, outcome: Outcome, duration: float) -> None:
+        if BREAKER_CALL_EXECUTED.handlers:
+            BREAKER_CALL_EXECUTED.emit(
+                {"duration": duration},
+                {
+                    "name": self.name,
+                    "success": outcome == "success" if outcome != "cancelled" else None,
+                    "outcome": outcome,
+                    "trial": ticket is not None and ticket.trial is not None,
+                },
+            )
+
+    def _changed(self, transition: Transition) -> None:
+        old, new = transition
+        if new is _OPEN:
+            logger.warning(
+                "circuit_breaker_opened", name=self.name, previous=old.value, recovery_time=self._recovery_time
+            )
+        elif new is _CLOSED:
+            logger.info("circuit_breaker_closed", name=self.name, previous=old.value)
+        else:
+            logger.info("circuit_breaker_half_open", name=self.name, previous=old.value)
+        if BREAKER_STATE_CHANGED.handlers:
+            BREAKER_STATE_CHANGED.emit({}, {"name": self.name, "from": old.value, "to": new.value})
+
+    def __repr__(self) -> str:
+        record = self._record
+        if record is None:
+            return f"<CircuitBreaker {self.name!r} state={self._last_state.value} backend={self._backend!r}>"
+        snapshot = record.snapshot(self._policy, self._now())
+        policy = self._policy
+        return (
+            f"<CircuitBreaker {self.name!r} state={snapshot.state.value} "
+            f"failures={snapshot.failure_count}/{policy.failure_threshold} "
+            f"trials={snapshot.trials}/{policy.half_open_max_calls}>"
+        )

@@ -1,0 +1,207 @@
+"""The in-memory breaker store: the default, and the reference for the rules.
+
+Each breaker name maps to a :class:`BreakerRecord`. The record's methods are
+synchronous - a process-local decision needs no await - and
+:class:`MemoryBreakerBackend` wraps them in the async
+:class:`~seawall.backends._breaker_protocol.BreakerBackend` protocol for
+callers that only know the protocol. :class:`~seawall.CircuitBreaker` holds
+its record directly and peeks at ``state`` and ``opened_at`` so that its
+closed path reads no clock and its open rejection takes no backend call.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+
+from seawall.backends._breaker_protocol import (
+    Admission,
+    BreakerPolicy,
+    BreakerSnapshot,
+    BreakerState,
+    Outcome,
+    Ticket,
+    Transition,
+)
+
+__all__ = ["BreakerRecord", "MemoryBreakerBackend"]
+
+_CLOSED = BreakerState.CLOSED
+_OPEN = BreakerState.OPEN
+_HALF_OPEN = BreakerState.HALF_OPEN
+
+
+class BreakerRecord:
+    """The shared state of one breaker name, and the state machine over it.
+
+    Attributes:
+        state: The stored state. An OPEN record whose ``recovery_time`` has
+            passed stays OPEN here until the next ``admit`` turns it
+            HALF_OPEN; :meth:`effective_state` reports it as HALF_OPEN.
+        opened_at: Clock reading when it last opened.
+        generation: Moves on every state change; tickets of older
+            generations no longer decide anything.
+    """
+
+    __slots__ = ("_slot_ids", "failures", "generation", "opened_at", "state", "trials")
+
+    def __init__(self) -> None:
+        self.state = _CLOSED
+        self.opened_at = 0.0
+        self.generation = 0
+        # Failure times, oldest first. Bounded: once it holds
+        # ``failure_threshold`` recent failures the breaker opens.
+        self.failures: deque[float] = deque()
+        # Trial slot id -> the time the trial was admitted.
+        self.trials: dict[int, float] = {}
+        self._slot_ids = itertools.count(1)
+
+    def _move(self, new: BreakerState) -> Transition:
+        old = self.state
+        self.state = new
+        self.generation += 1
+        # Slots belong to one half-open episode; tickets of the old
+        # generation are stale now and free nothing.
+        self.trials.clear()
+        return Transition(old, new)
+
+    def _open(self, now: float) -> Transition:
+        self.opened_at = now
+        return self._move(_OPEN)
+
+    def _close(self) -> Transition:
+        self.failures.clear()
+        return self._move(_CLOSED)
+
+    @staticmethod
+    def _prune(failures: deque[float], cutoff: float) -> None:
+        while failures and failures[0] <= cutoff:
+            failures.popleft()
+
+    def effective_state(self, policy: BreakerPolicy, now: float) -> BreakerState:
+        """The state a call arriving at ``now`` would meet (OPEN past recovery is HALF_OPEN)."""
+        if self.state is _OPEN and now - self.opened_at >= policy.recovery_time:
+            return _HALF_OPEN
+        return self.state
+
+    def _live_trials(self, policy: BreakerPolicy, now: float) -> list[float]:
+        cutoff = now - policy.recovery_time
+        return [start for start in self.trials.values() if start > cutoff]
+
+    def admit(self, policy: BreakerPolicy, now: float) -> Admission:
+        """Admit a call or reject it (rules in :mod:`seawall.backends._breaker_protocol`)."""
+        state = self.state
+        if state is _CLOSED:
+            return Admission(Ticket(self.generation, None), 0.0, state, None)
+        transition = None
+        if state is _OPEN:
+            remaining = self.opened_at + policy.recovery_time - now
+            if remaining > 0:
+                return Admission(None, remaining, state, None)
+            transition = self._move(_HALF_OPEN)
+        trials = self.trials
+        if len(trials) >= policy.half_open_max_calls:
+            # A trial that has held its slot for recovery_time or longer no
+            # longer blocks: it is presumed hung (resilience4j issue #935).
+            cutoff = now - policy.recovery_time
+            for slot, start in list(trials.items()):
+                if start <= cutoff:
+                    del trials[slot]
+            if len(trials) >= policy.half_open_max_calls:
+                retry_after = min(trials.values()) + policy.recovery_time - now
+                return Admission(None, retry_after, _HALF_OPEN, transition)
+        slot = next(self._slot_ids)
+        trials[slot] = now
+        return Admission(Ticket(self.generation, slot), 0.0, _HALF_OPEN, transition)
+
+    def settle(self, policy: BreakerPolicy, now: float, ticket: Ticket | None, outcome: Outcome) -> Transition | None:
+        """Record how an admitted call ended (rules in :mod:`seawall.backends._breaker_protocol`)."""
+        if ticket is not None and ticket.trial is not None and ticket.generation == self.generation:
+            self.trials.pop(ticket.trial, None)
+            if outcome == "success":
+                return self._close()
+            if outcome == "failure":
+                self.failures.append(now)
+                return self._open(now)
+            return None
+        if outcome != "failure" or self.state is not _CLOSED:
+            return None
+        failures = self.failures
+        failures.append(now)
+        self._prune(failures, now - policy.window)
+        if len(failures) >= policy.failure_threshold:
+            return self._open(now)
+        return None
+
+    def force(self, policy: BreakerPolicy, now: float, state: BreakerState) -> Transition | None:
+        """Force the state to CLOSED (failures cleared) or OPEN (fresh recovery time)."""
+        if state is _CLOSED:
+            if self.state is _CLOSED:
+                self.failures.clear()
+                return None
+            return self._close()
+        if state is _OPEN:
+            if self.state is _OPEN:
+                self.opened_at = now
+                return None
+            return self._open(now)
+        raise ValueError(f"a breaker can be forced to closed or open, not {state!r}")
+
+    def snapshot(self, policy: BreakerPolicy, now: float) -> BreakerSnapshot:
+        """Report the state at ``now`` without changing it."""
+        cutoff = now - policy.window
+        failure_count = sum(1 for at in self.failures if at > cutoff)
+        state = self.effective_state(policy, now)
+        if state is _OPEN:
+            return BreakerSnapshot(state, failure_count, self.opened_at + policy.recovery_time - now, 0)
+        if state is _HALF_OPEN and self.state is _HALF_OPEN:
+            live = self._live_trials(policy, now)
+            retry_after = 0.0
+            if len(live) >= policy.half_open_max_calls:
+                retry_after = min(live) + policy.recovery_time - now
+            return BreakerSnapshot(state, failure_count, retry_after, len(live))
+        return BreakerSnapshot(state, failure_count, 0.0, 0)
+
+    def __repr__(self) -> str:
+        return (
+            f"BreakerRecord(state={self.state.value!r}, failures={len(self.failures)}, "
+            f"trials={len(self.trials)}, generation={self.generation})"
+        )
+
+
+class MemoryBreakerBackend:
+    """Breaker state in this process's memory (the default backend).
+
+    Breakers given the same instance and the same name share one state.
+    """
+
+    __slots__ = ("_records",)
+
+    def __init__(self) -> None:
+        self._records: dict[str, BreakerRecord] = {}
+
+    def record(self, name: str) -> BreakerRecord:
+        """The record of ``name``, created (closed) on first use."""
+        found = self._records.get(name)
+        if found is None:
+            found = self._records[name] = BreakerRecord()
+        return found
+
+    async def breaker_admit(self, name: str, policy: BreakerPolicy, now: float) -> Admission:
+        return self.record(name).admit(policy, now)
+
+    async def breaker_settle(
+        self, name: str, policy: BreakerPolicy, now: float, ticket: Ticket | None, outcome: Outcome
+    ) -> Transition | None:
+        return self.record(name).settle(policy, now, ticket, outcome)
+
+    async def breaker_force(
+        self, name: str, policy: BreakerPolicy, now: float, state: BreakerState
+    ) -> Transition | None:
+        return self.record(name).force(policy, now, state)
+
+    async def breaker_snapshot(self, name: str, policy: BreakerPolicy, now: float) -> BreakerSnapshot:
+        return self.record(name).snapshot(policy, now)
+
+    def __repr__(self) -> str:
+        return f"MemoryBreakerBackend(breakers={sorted(self._records)!r})"

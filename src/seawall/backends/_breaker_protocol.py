@@ -1,0 +1,149 @@
+"""The state store of a circuit breaker, behind a small protocol.
+
+A :class:`~seawall.CircuitBreaker` keeps its policy (thresholds, times) and
+its per-task bookkeeping itself; everything that several processes must agree
+on lives in a :class:`BreakerBackend`, keyed by the breaker's name:
+
+* the state (closed / open / half-open) and a *generation* number that moves
+  on every state change,
+* the recent failure times (the rolling window),
+* when the breaker opened,
+* the half-open trial slots in use, each with its start time.
+
+Every operation is one self-contained decision taking the policy and the
+time, so a shared backend can run each as a single atomic server-side script
+(a Redis ``EVAL``) in one round trip. A shared backend should time with its
+own (server) clock and may ignore the ``now`` it is given; the in-memory
+backend uses the breaker's injected clock.
+
+The rules every backend implements:
+
+``admit``
+    CLOSED admits a plain call. OPEN rejects until ``recovery_time`` has
+    passed since it opened, then turns HALF_OPEN. HALF_OPEN first forgets
+    trial slots held for ``recovery_time`` or longer (a hung trial must not
+    block recovery forever), then admits a trial if fewer than
+    ``half_open_max_calls`` slots are in use, else rejects.
+``settle``
+    A trial of the current generation frees its slot; its success closes
+    the breaker (failures cleared), its failure opens it afresh. Any other
+    outcome - a plain call, or a trial of an older generation - matters only
+    if the breaker is CLOSED and it is a failure: it joins the rolling
+    window, and ``failure_threshold`` failures within ``window`` seconds open
+    the breaker. Successes never erase failures. ``"cancelled"`` only frees
+    the slot.
+``force``
+    ``reset()`` (to CLOSED, failures cleared) and ``trip()`` (to OPEN for a
+    fresh ``recovery_time``).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Literal, NamedTuple, Protocol, runtime_checkable
+
+__all__ = [
+    "Admission",
+    "BreakerBackend",
+    "BreakerPolicy",
+    "BreakerSnapshot",
+    "BreakerState",
+    "Outcome",
+    "Ticket",
+    "Transition",
+]
+
+
+class BreakerState(enum.StrEnum):
+    """The state of a circuit breaker."""
+
+    CLOSED = "closed"
+    """Calls run; failures are counted."""
+    OPEN = "open"
+    """Calls are rejected at once until ``recovery_time`` has passed."""
+    HALF_OPEN = "half_open"
+    """A bounded number of trial calls run; their outcome closes or re-opens the breaker."""
+
+
+#: How a call ended: ``"success"`` (excluded exceptions included), ``"failure"``,
+#: or ``"cancelled"`` (cancellation and other ``BaseException``s: neither).
+Outcome = Literal["success", "failure", "cancelled"]
+
+
+class BreakerPolicy(NamedTuple):
+    """The rule a breaker applies; passed with every operation (plain values, script-friendly)."""
+
+    failure_threshold: int
+    window: float
+    recovery_time: float
+    half_open_max_calls: int
+
+
+class Ticket(NamedTuple):
+    """What ``admit`` hands to an admitted call, and the call hands back to ``settle``."""
+
+    generation: int
+    """The generation the call was admitted in."""
+    trial: int | None
+    """The half-open trial slot held, or ``None`` for a plain (closed-state) call."""
+
+
+class Transition(NamedTuple):
+    """A state change made by an operation."""
+
+    old: BreakerState
+    new: BreakerState
+
+
+class Admission(NamedTuple):
+    """The answer of ``admit``."""
+
+    ticket: Ticket | None
+    """The admitted call's ticket, or ``None`` when rejected."""
+    retry_after: float
+    """When rejected: seconds until a call could be admitted (``0.0`` when admitted)."""
+    state: BreakerState
+    """The state after the decision."""
+    transition: Transition | None
+    """The state change the decision made (OPEN to HALF_OPEN), if any."""
+
+
+class BreakerSnapshot(NamedTuple):
+    """The state of one breaker at one instant, for ``status()``."""
+
+    state: BreakerState
+    failure_count: int
+    """Failures within the rolling window."""
+    retry_after: float
+    """Seconds until a call could be admitted; ``0.0`` when one would be now."""
+    trials: int
+    """Trial slots in use (hung ones past ``recovery_time`` not counted)."""
+
+
+@runtime_checkable
+class BreakerBackend(Protocol):
+    """Where breaker state lives; one store may hold many breakers, keyed by name.
+
+    Every method is one atomic decision. ``now`` is the breaker's clock
+    reading; a backend shared between hosts should use its own clock instead.
+    """
+
+    async def breaker_admit(self, name: str, policy: BreakerPolicy, now: float) -> Admission:
+        """Admit a call or reject it (see the module docstring for the rules)."""
+        ...
+
+    async def breaker_settle(
+        self, name: str, policy: BreakerPolicy, now: float, ticket: Ticket | None, outcome: Outcome
+    ) -> Transition | None:
+        """Record how an admitted call ended; ``ticket=None`` is a plain call admitted without asking."""
+        ...
+
+    async def breaker_force(
+        self, name: str, policy: BreakerPolicy, now: float, state: BreakerState
+    ) -> Transition | None:
+        """Force the state: CLOSED (failures cleared) or OPEN (for a fresh ``recovery_time``)."""
+        ...
+
+    async def breaker_snapshot(self, name: str, policy: BreakerPolicy, now: float) -> BreakerSnapshot:
+        """Report the state without changing it."""
+        ...
