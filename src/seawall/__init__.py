@@ -21,10 +21,15 @@ from seawall._version import __version__
 
 # -- rate limiter (issue 3) --
 # -- circuit breaker (issue 4) --
+from seawall._breaker import BreakerState, BreakerStatus, CircuitBreaker
+
 # -- connection pool (issue 5) --
 # -- coordinator (issue 6) --
 
 __all__ = [
+    "BreakerState",
+    "BreakerStatus",
+    "CircuitBreaker",
     "CircuitBreakerNotFound",
     "CircuitOpenError",
     "Clock",
