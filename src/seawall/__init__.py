@@ -24,6 +24,7 @@ from seawall._version import __version__
 from seawall._breaker import BreakerState, BreakerStatus, CircuitBreaker
 
 # -- connection pool (issue 5) --
+from seawall._pool import ConnectionPool, PoolStatus
 # -- coordinator (issue 6) --
 
 __all__ = [
@@ -34,10 +35,12 @@ __all__ = [
     "CircuitOpenError",
     "Clock",
     "ConfigurationError",
+    "ConnectionPool",
     "FakeClock",
     "MonotonicClock",
     "PoolClosed",
     "PoolNotFound",
+    "PoolStatus",
     "PoolTimeout",
     "ProtectionKeyNotFound",
     "ProtectionTimeout",

@@ -1,0 +1,811 @@
+"""ConnectionPool: a Poolboy-style pool of workers with a size and an overflow.
+
+The pool keeps ``size`` workers (connections, clients...) made by a factory,
+lends them out one task at a time, and may create up to ``max_overflow`` extra
+workers under load, which it closes again when they come back and nobody is
+waiting for them (Poolboy's overflow). The decisions, in order:
+
+* checkout: the most recently returned idle worker (LIFO, so surplus workers at
+  the bottom of the stack age out under ``max_idle``), else a new worker while
+  fewer than ``size + max_overflow`` exist, else wait in FIFO order up to the
+  timeout and raise :class:`~seawall.PoolTimeout`.
+* return: the worker goes straight to the oldest waiter (a newcomer never barges
+  past a waiter), else back onto the idle stack, else - an overflow worker nobody
+  needs - it is closed.
+
+The uncontended path is plain bookkeeping: a ``list`` as the idle stack, a
+``set`` of lent workers, no task, future or lock. Waiting uses one asyncio
+future per waiter in a ``deque`` and one loop timer for its timeout.
+
+Every path that gives a worker back survives cancellation: awaited cleanup runs
+in a shielded anyio cancel scope, and if a native asyncio cancellation cuts
+into it anyway, the worker is closed in a background task and the counts are
+settled before the cancellation propagates. So a task cancelled while waiting,
+while holding a worker or while its worker is being created loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from types import TracebackType
+from typing import Any, Final, Generic, Protocol, TypeVar, cast, runtime_checkable
+
+import anyio
+
+from seawall._clock import Clock, MonotonicClock, default_clock
+from seawall._errors import PoolClosed, PoolTimeout
+from seawall._logging import logger
+from seawall._telemetry import POOL_CHECKIN, POOL_CHECKOUT, POOL_TIMEOUT
+
+__all__ = ["ConnectionPool", "PoolCheckout", "PoolFactory", "PoolStatus"]
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+
+@runtime_checkable
+class PoolFactory(Protocol[T]):
+    """What a pool needs to make and dispose of its workers.
+
+    Required: ``async create() -> T`` and ``async close(worker)``. Optional
+    attributes, looked up once when the pool is built (absent or ``None``
+    means "not supported"):
+
+    * ``async reset(worker)``: run on every return, e.g. roll back an open
+      transaction. A reset that raises marks the worker dead.
+    * ``async check(worker) -> bool``: run on return when the block that held
+      the worker raised; ``False`` (or an exception) marks it dead.
+    * ``is_closed(worker) -> bool``: a cheap synchronous test, without I/O, run
+      on every checkout and return; ``True`` marks the worker dead (asyncpg's
+      ``Connection.is_closed()``, httpx's ``AsyncClient.is_closed``).
+
+    Dead workers are closed and never handed out again; their slot is free for
+    a replacement.
+    """
+
+    async def create(self) -> T:
+        """Make a new worker."""
+        ...
+
+    async def close(self, worker: T) -> None:
+        """Dispose of ``worker``; it is not used again."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStatus:
+    """A snapshot of a pool's counts.
+
+    Attributes:
+        name: The pool's name (``None`` if it has none).
+        size: Workers the pool keeps.
+        max_overflow: Extra workers it may create under load.
+        idle: Workers ready to be checked out.
+        in_use: Workers checked out (or being created for a checkout).
+        overflow: Workers beyond ``size`` that exist right now.
+        waiting: Tasks waiting for a worker.
+    """
+
+    name: str | None
+    size: int
+    max_overflow: int
+    idle: int
+    in_use: int
+    overflow: int
+    waiting: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The snapshot as a plain dict."""
+        return {
+            "name": self.name,
+            "size": self.size,
+            "max_overflow": self.max_overflow,
+            "idle": self.idle,
+            "in_use": self.in_use,
+            "overflow": self.overflow,
+            "waiting": self.waiting,
+        }
+
+
+class _Worker:
+    """One pooled worker and the times the pool tracks for it."""
+
+    __slots__ = ("conn", "created", "idle_since", "orphaned")
+
+    def __init__(self, conn: Any, created: float) -> None:
+        self.conn = conn
+        self.created = created
+        self.idle_since = created
+        # Set when close() gave up waiting for the holder and closed the
+        # worker under it: the holder's return then has nothing left to do.
+        self.orphaned = False
+
+
+class _NullFactory:
+    """The bulkhead's factory: slots without a resource behind them."""
+
+    __slots__ = ()
+
+    async def create(self) -> None:
+        return None
+
+    async def close(self, worker: None) -> None:
+        return None
+
+
+class _CallableFactory:
+    """Adapt a zero-argument async callable to the factory protocol.
+
+    Closing tries the worker's own ``aclose()``, then ``close()`` (awaited if it
+    returns an awaitable); ``is_closed`` reads the worker's ``is_closed``
+    (attribute or method) when it has one.
+    """
+
+    __slots__ = ("_create",)
+
+    def __init__(self, create: Callable[[], Awaitable[Any]]) -> None:
+        self._create = create
+
+    async def create(self) -> Any:
+        return await self._create()
+
+    async def close(self, worker: Any) -> None:
+        closer = getattr(worker, "aclose", None) or getattr(worker, "close", None)
+        if closer is not None:
+            result = closer()
+            if inspect.isawaitable(result):
+                await result
+
+    def is_closed(self, worker: Any) -> bool:
+        flag = getattr(worker, "is_closed", False)
+        return bool(flag() if callable(flag) else flag)
+
+
+# What a waiter's future can be resolved with, besides a worker.
+_SLOT: Final = object()  # "a slot is yours: create your own worker"
+_TIMEOUT: Final = object()
+_CLOSED: Final = object()
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_result(_TIMEOUT)
+
+
+def _seconds(name: str, value: float | timedelta | None, *, allow_none: bool) -> float | None:
+    """Validate a duration option: a finite positive float (or timedelta), maybe None."""
+    if value is None:
+        if allow_none:
+            return None
+        raise ValueError(f"{name} must be a positive number of seconds, got None")
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number of seconds (float or timedelta), got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
+    return float(value)
+
+
+def _count(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return value
+
+
+class ConnectionPool(Generic[T]):
+    """A pool of ``size`` workers plus up to ``max_overflow`` temporary ones.
+
+    Args:
+        factory: Makes the workers: an object with ``async create()`` and
+            ``async close(worker)`` (optionally ``reset``, ``check`` and
+            ``is_closed``, see :class:`PoolFactory`), or an async callable with
+            no arguments, or ``None`` for a bulkhead whose workers are ``None``.
+        size: Workers kept open (created by :meth:`start`). ``0`` is allowed
+            when ``max_overflow > 0``: every worker is then created on demand
+            and closed on return.
+        max_overflow: Extra workers created under load, closed again on return
+            when nobody waits (or after ``max_idle``, if set).
+        timeout: Default seconds a checkout waits before :class:`PoolTimeout`;
+            ``None`` waits without limit.
+        name: A name for errors, logs, telemetry and status.
+        max_idle: Seconds after which an idle overflow worker is closed. With
+            ``None`` (default) overflow workers close as soon as they come back
+            with nobody waiting; workers within ``size`` are always kept.
+        max_lifetime: Seconds after which a worker is closed (on return or on
+            checkout) and replaced, so connections rotate. ``None``: no limit.
+        clock: The clock for timeouts and ages; tests inject a ``FakeClock``.
+
+    Raises:
+        ValueError: a count or duration out of range.
+        TypeError: a value of the wrong type, or a factory without
+            ``create``/``close`` that is not callable either.
+    """
+
+    __slots__ = (
+        "_busy",
+        "_check",
+        "_clock",
+        "_close_done",
+        "_closed",
+        "_closing",
+        "_deadlines",
+        "_drained",
+        "_factory",
+        "_idle",
+        "_is_closed",
+        "_limit",
+        "_max_idle",
+        "_max_lifetime",
+        "_name",
+        "_overflow",
+        "_plain_return",
+        "_real_clock",
+        "_reaper",
+        "_reset",
+        "_size",
+        "_started",
+        "_tasks",
+        "_timeout",
+        "_timer",
+        "_timer_at",
+        "_total",
+        "_waiters",
+    )
+
+    def __init__(
+        self,
+        factory: PoolFactory[T] | Callable[[], Awaitable[T]] | None = None,
+        *,
+        size: int = 10,
+        max_overflow: int = 0,
+        timeout: float | timedelta | None = 5.0,
+        name: str | None = None,
+        max_idle: float | timedelta | None = None,
+        max_lifetime: float | timedelta | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self._size = _count("size", size, 0)
+        self._overflow = _count("max_overflow", max_overflow, 0)
+        if self._size + self._overflow < 1:
+            raise ValueError(f"size must be >= 1 (or max_overflow >= 1 when size is 0), got size={size!r}")
+        self._timeout = _seconds("timeout", timeout, allow_none=True)
+        self._max_idle = _seconds("max_idle", max_idle, allow_none=True)
+        self._max_lifetime = _seconds("max_lifetime", max_lifetime, allow_none=True)
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str or None, got {name!r}")
+        self._name = name
+        if clock is not None and not isinstance(clock, Clock):
+            raise TypeError(f"clock must be a seawall Clock (now() and sleep()), got {clock!r}")
+        self._clock: Clock = clock or default_clock
+        # The default clock's time is the event loop's time, so a plain loop
+        # timer serves for timeouts; any other clock gets a sleeper task.
+        self._real_clock = isinstance(self._clock, MonotonicClock)
+
+        resolved: Any
+        if factory is None:
+            resolved = _NullFactory()
+        elif callable(getattr(factory, "create", None)) and callable(getattr(factory, "close", None)):
+            resolved = factory
+        elif callable(factory) and not hasattr(factory, "create"):
+            resolved = _CallableFactory(factory)
+        else:
+            missing = [m for m in ("create", "close") if not callable(getattr(factory, m, None))]
+            raise TypeError(
+                f"factory must have async create() and close(worker) methods or be an async callable "
+                f"with no arguments; {factory!r} lacks {' and '.join(missing)}"
+            )
+        self._factory = resolved
+        self._reset: Callable[[Any], Awaitable[None]] | None = getattr(resolved, "reset", None)
+        self._check: Callable[[Any], Awaitable[bool]] | None = getattr(resolved, "check", None)
+        self._is_closed: Callable[[Any], bool] | None = getattr(resolved, "is_closed", None)
+        # A return with nothing to await (no reset, no age limit) is pure
+        # bookkeeping; __aexit__ does it inline.
+        self._plain_return = self._reset is None and self._max_lifetime is None
+
+        self._limit = self._size + self._overflow
+        self._idle: list[_Worker] = []  # a stack: the top is the most recently returned
+        self._busy: set[_Worker] = set()
+        self._waiters: deque[asyncio.Future[Any]] = deque()
+        # Deadlines of the waiters that have one. One timer serves them all,
+        # armed for the earliest: a loop timer per waiter would cost a heap
+        # push and pop on every contended checkout.
+        self._deadlines: dict[asyncio.Future[Any], float] = {}
+        self._timer: asyncio.TimerHandle | asyncio.Task[None] | None = None
+        self._timer_at: float | None = None
+        self._total = 0  # workers that exist or are being created or closed
+        self._closing = 0  # of those, being closed right now
+        self._started = False
+        self._closed = False
+        self._drained: asyncio.Future[None] | None = None
+        self._close_done: asyncio.Event | None = None
+        self._reaper: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()  # background closes, kept alive here
+
+    # -- public API --------------------------------------------------------
+
+    @property
+    def name(self) -> str | None:
+        """The pool's name."""
+        return self._name
+
+    @property
+    def size(self) -> int:
+        """Workers the pool keeps."""
+        return self._size
+
+    @property
+    def max_overflow(self) -> int:
+        """Extra workers the pool may create under load."""
+        return self._overflow
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has been called."""
+        return self._closed
+
+    def status(self) -> PoolStatus:
+        """A snapshot of the counts (exact at the moment of the call)."""
+        idle = len(self._idle)
+        live = self._total - self._closing
+        return PoolStatus(
+            name=self._name,
+            size=self._size,
+            max_overflow=self._overflow,
+            idle=idle,
+            in_use=live - idle,
+            overflow=max(0, live - self._size),
+            waiting=sum(1 for fut in self._waiters if not fut.done()),
+        )
+
+    def checkout(self, timeout: float | timedelta | None = None) -> PoolCheckout[T]:
+        """Borrow a worker for an ``async with`` block.
+
+        Args:
+            timeout: Seconds to wait when every worker is busy; the pool's
+                ``timeout`` when ``None``.
+
+        Returns:
+            An async context manager yielding the worker.
+
+        Raises:
+            PoolTimeout: No worker became free in time (on entering the block).
+            PoolClosed: The pool is closed.
+        """
+        if timeout is None:
+            return PoolCheckout(self, self._timeout)
+        return PoolCheckout(self, _seconds("timeout", timeout, allow_none=False))
+
+    async def start(self) -> None:
+        """Create the ``size`` workers (concurrently); idempotent.
+
+        Raises:
+            PoolClosed: The pool was closed.
+            Exception: The first error of the factory's ``create()``, as
+                itself; the workers created so far are closed again.
+        """
+        if self._closed:
+            raise PoolClosed(name=self._name)
+        if self._started:
+            return
+        errors: list[Exception] = []
+        created: list[_Worker] = []
+
+        async def make_one() -> None:
+            # The slot is reserved here, not by the spawner, so a child that is
+            # cancelled before it ever runs reserves nothing.
+            self._total += 1
+            try:
+                worker = await self._create_reserved()
+            except Exception as exc:
+                errors.append(exc)
+            else:
+                created.append(worker)
+
+        ok = False
+        try:
+            async with anyio.create_task_group() as tg:
+                for _ in range(self._size - self._total):
+                    tg.start_soon(make_one)
+            ok = not errors
+        finally:
+            for worker in created:
+                self._busy.discard(worker)
+            if ok:
+                for worker in created:
+                    self._give_back(worker)
+            else:
+                # A failed start leaves nothing open: ``async with pool`` will
+                # not reach __aexit__ to close what was made.
+                with anyio.CancelScope(shield=True):
+                    for worker in created:
+                        await self._dispose(worker)
+        if errors:
+            raise errors[0]
+        self._started = True
+
+    async def close(self, *, grace: float | timedelta = 10.0) -> None:
+        """Close the pool: no more checkouts, every worker closed.
+
+        Waiters fail with :class:`PoolClosed` at once. Idle workers are closed
+        now; workers still checked out are closed when they come back, or -
+        after ``grace`` seconds - under their holders. Calling it again waits
+        for the first call to finish.
+
+        Args:
+            grace: Seconds to wait for checked-out workers to come back.
+        """
+        grace_s = cast(float, _seconds("grace", grace, allow_none=False))
+        if self._close_done is not None:
+            await self._close_done.wait()
+            return
+        self._close_done = asyncio.Event()
+        self._closed = True
+        try:
+            if self._reaper is not None:
+                self._reaper.cancel()
+            if self._timer is not None:
+                self._timer.cancel()
+            waiters = self._waiters
+            while waiters:
+                fut = waiters.popleft()
+                if not fut.done():
+                    fut.set_result(_CLOSED)
+            with anyio.CancelScope(shield=True):
+                while self._idle:
+                    await self._dispose(self._idle.pop())
+            if self._busy:
+                self._drained = asyncio.get_running_loop().create_future()
+                cancel_timer = self._arm(self._drained, grace_s)
+                try:
+                    await self._drained
+                finally:
+                    cancel_timer()
+                if self._busy:
+                    logger.warning("pool_close_grace_expired", pool=self._name, in_use=len(self._busy))
+                    with anyio.CancelScope(shield=True):
+                        for worker in list(self._busy):
+                            worker.orphaned = True
+                            self._busy.discard(worker)
+                            await self._dispose(worker)
+            if self._tasks:
+                with anyio.CancelScope(shield=True):
+                    await asyncio.gather(*self._tasks, return_exceptions=True)
+        finally:
+            self._close_done.set()
+
+    async def __aenter__(self) -> ConnectionPool[T]:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        s = self.status()
+        state = "closed" if self._closed else "open"
+        return (
+            f"<ConnectionPool name={self._name!r} {state} size={self._size} max_overflow={self._overflow} "
+            f"idle={s.idle} in_use={s.in_use} waiting={s.waiting}>"
+        )
+
+    # -- internals -------------------------------------------------------------
+
+    def _usable(self, worker: _Worker) -> bool:
+        """Whether an idle or returned worker may be handed out (no I/O)."""
+        if self._is_closed is not None and self._is_closed(worker.conn):
+            return False
+        return self._max_lifetime is None or self._clock.now() - worker.created < self._max_lifetime
+
+    async def _acquire(self, max_wait: float | None) -> _Worker:
+        """The slow path of checkout: retire dead idle workers, create, or wait."""
+        if self._closed:
+            raise PoolClosed(name=self._name)
+        idle = self._idle
+        while idle:
+            worker = idle.pop()
+            if self._usable(worker):
+                self._busy.add(worker)
+                return worker
+            self._retire(worker)
+        if self._total < self._limit:
+            self._total += 1
+            return await self._create_reserved()
+        got = await self._wait(max_wait)
+        if got is _SLOT:
+            return await self._create_reserved()
+        return cast(_Worker, got)
+
+    async def _wait(self, max_wait: float | None) -> object:
+        """Queue up (FIFO) for a worker or a free slot."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        if max_wait is not None:
+            deadline = self._clock.now() + max_wait
+            self._deadlines[fut] = deadline
+            if self._timer_at is None or deadline < self._timer_at:
+                self._arm_timer(deadline)
+        try:
+            got = await fut
+        except BaseException:
+            self._abandon(fut)
+            raise
+        finally:
+            if max_wait is not None:
+                del self._deadlines[fut]
+        if got is _TIMEOUT:
+            self._forget(fut)
+            if POOL_TIMEOUT.handlers:
+                POOL_TIMEOUT.emit({"duration": max_wait}, {"pool": self._name, "timeout": max_wait})
+            logger.warning("pool_checkout_timeout", pool=self._name, timeout=max_wait)
+            raise PoolTimeout(name=self._name, timeout=max_wait)
+        if got is _CLOSED:
+            raise PoolClosed(name=self._name)
+        return got
+
+    def _arm_timer(self, deadline: float) -> None:
+        """(Re)arm the one waiter timer for ``deadline``."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        if self._real_clock:
+            self._timer = asyncio.get_running_loop().call_at(deadline, self._on_timer)
+        else:
+            self._timer = asyncio.get_running_loop().create_task(self._fake_timer(deadline))
+
+    async def _fake_timer(self, deadline: float) -> None:
+        await self._clock.sleep(deadline - self._clock.now())
+        self._on_timer()
+
+    def _on_timer(self) -> None:
+        """Time out every waiter that is due; re-arm for the next deadline."""
+        self._timer = self._timer_at = None
+        now = self._clock.now()
+        upcoming: float | None = None
+        for fut, deadline in self._deadlines.items():
+            if fut.done():
+                continue
+            if deadline <= now:
+                fut.set_result(_TIMEOUT)
+            elif upcoming is None or deadline < upcoming:
+                upcoming = deadline
+        if upcoming is not None and not self._closed:
+            self._arm_timer(upcoming)
+
+    def _arm(self, fut: asyncio.Future[Any], timeout: float) -> Callable[[], object]:
+        """Resolve ``fut`` with the timeout marker after ``timeout``; return a canceller."""
+        loop = fut.get_loop()
+        if self._real_clock:
+            return loop.call_later(timeout, _expire, fut).cancel
+
+        async def timer() -> None:
+            await self._clock.sleep(timeout)
+            _expire(fut)
+
+        return loop.create_task(timer()).cancel
+
+    def _forget(self, fut: asyncio.Future[Any]) -> None:
+        try:
+            self._waiters.remove(fut)
+        except ValueError:
+            pass  # already popped by a hand-off that skipped it
+
+    def _abandon(self, fut: asyncio.Future[Any]) -> None:
+        """A waiter left (cancelled): pass on whatever it was handed meanwhile."""
+        self._forget(fut)
+        if not fut.done():
+            fut.cancel()
+            return
+        if fut.cancelled():
+            return
+        got = fut.result()
+        if isinstance(got, _Worker):
+            # Handed a worker just as it was cancelled: it goes to the next
+            # waiter or back to the stack, untouched (it was reset already).
+            self._busy.discard(got)
+            self._give_back(got)
+        elif got is _SLOT:
+            self._total -= 1
+            self._slot_freed()
+
+    async def _create_reserved(self) -> _Worker:
+        """Create a worker in a slot already counted in ``_total``."""
+        try:
+            conn = await self._factory.create()
+        except BaseException:
+            self._total -= 1
+            self._slot_freed()
+            raise
+        worker = _Worker(conn, self._clock.now())
+        if self._closed:
+            self._spawn_dispose(worker)
+            raise PoolClosed(name=self._name)
+        self._busy.add(worker)
+        return worker
+
+    def _give_back(self, worker: _Worker) -> None:
+        """Hand a healthy, not-lent worker to the oldest waiter, the stack, or close it."""
+        waiters = self._waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                self._busy.add(worker)
+                fut.set_result(worker)
+                return
+        if self._closed or (self._total - self._closing > self._size and self._max_idle is None):
+            self._spawn_dispose(worker)
+            return
+        if self._max_idle is not None:
+            worker.idle_since = self._clock.now()
+            if self._reaper is None and self._total - self._closing > self._size:
+                self._reaper = asyncio.get_running_loop().create_task(self._reap(self._max_idle))
+        self._idle.append(worker)
+
+    def _slot_freed(self) -> None:
+        """``_total`` went down: let the oldest waiter create a worker in the slot."""
+        waiters = self._waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                self._total += 1
+                fut.set_result(_SLOT)
+                return
+        if self._drained is not None and not self._busy and not self._drained.done():
+            self._drained.set_result(None)
+
+    def _retire(self, worker: _Worker) -> None:
+        """Close a dead or expired worker in the background; its slot frees when done."""
+        self._spawn_dispose(worker)
+
+    def _spawn_dispose(self, worker: _Worker) -> None:
+        # Counted as closing from now, so status() never shows it as in use.
+        self._closing += 1
+        self._spawn(self._closed_counted(worker))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _dispose(self, worker: _Worker) -> None:
+        """Close a worker that is in neither the stack nor the lent set; free its slot."""
+        self._closing += 1
+        await self._closed_counted(worker)
+
+    async def _closed_counted(self, worker: _Worker) -> None:
+        # The slot stays counted in ``_total`` until the close is done, so the
+        # server never sees more than size + max_overflow connections.
+        try:
+            await self._factory.close(worker.conn)
+        except Exception as exc:
+            logger.warning("pool_worker_close_failed", pool=self._name, error=repr(exc))
+        except BaseException:
+            # Cancelled mid-close by a native asyncio cancellation: finish the
+            # close in the background so the connection cannot leak.
+            self._spawn(self._close_quietly(worker.conn))
+            raise
+        finally:
+            self._closing -= 1
+            self._total -= 1
+            self._slot_freed()
+
+    async def _close_quietly(self, conn: Any) -> None:
+        try:
+            await self._factory.close(conn)
+        except Exception as exc:
+            logger.warning("pool_worker_close_failed", pool=self._name, error=repr(exc))
+
+    async def _check_in(self, worker: _Worker, raised: bool) -> None:
+        """The return path that awaits (reset, check, close); shielded from cancellation."""
+        with anyio.CancelScope(shield=True):
+            if worker.orphaned:
+                return  # close() closed it after the grace period
+            try:
+                dead = not self._usable(worker)
+                if not dead and raised and self._check is not None:
+                    try:
+                        dead = not await self._check(worker.conn)
+                    except Exception as exc:
+                        logger.warning("pool_worker_check_failed", pool=self._name, error=repr(exc))
+                        dead = True
+                surplus = not self._waiters and self._total - self._closing > self._size and self._max_idle is None
+                if not dead and not self._closed and not surplus and self._reset is not None:
+                    try:
+                        await self._reset(worker.conn)
+                    except Exception as exc:
+                        logger.warning("pool_worker_reset_failed", pool=self._name, error=repr(exc))
+                        dead = True
+            except BaseException:
+                self._busy.discard(worker)
+                self._spawn_dispose(worker)
+                raise
+            self._busy.discard(worker)
+            if dead:
+                await self._dispose(worker)
+            else:
+                self._give_back(worker)
+
+    async def _reap(self, max_idle: float) -> None:
+        """Close idle workers beyond ``size`` once they have idled ``max_idle``."""
+        clock = self._clock
+        idle = self._idle
+        while True:
+            now = clock.now()
+            # The stack is ordered by idle_since, oldest at the bottom.
+            while idle and self._total - self._closing > self._size and idle[0].idle_since + max_idle <= now:
+                self._spawn_dispose(idle.pop(0))
+            wake = max_idle
+            if idle and self._total - self._closing > self._size:
+                wake = idle[0].idle_since + max_idle - now
+            await clock.sleep(wake)
+
+
+class PoolCheckout(Generic[T_co]):
+    """The ``async with pool.checkout():`` context manager; single use."""
+
+    __slots__ = ("_pool", "_started", "_timeout", "_worker")
+
+    def __init__(self, pool: ConnectionPool[Any], timeout: float | None) -> None:
+        self._pool = pool
+        self._timeout = timeout
+        self._worker: _Worker | None = None
+        self._started: float | None = None
+
+    async def __aenter__(self) -> T_co:
+        if self._worker is not None:
+            raise RuntimeError("this checkout is in use already; call pool.checkout() for another")
+        pool = self._pool
+        # Timestamps only when someone listens: the idle cost stays at two reads.
+        self._started = pool._clock.now() if (POOL_CHECKOUT.handlers or POOL_CHECKIN.handlers) else None
+        idle = pool._idle
+        # Fast path: an idle worker, taken with bookkeeping only.
+        if idle and not pool._closed:
+            worker = idle.pop()
+            if pool._usable(worker):
+                pool._busy.add(worker)
+            else:
+                pool._retire(worker)
+                worker = await pool._acquire(self._timeout)
+        else:
+            worker = await pool._acquire(self._timeout)
+        self._worker = worker
+        if self._started is not None:
+            now = pool._clock.now()
+            if POOL_CHECKOUT.handlers:
+                wait = now - self._started
+                POOL_CHECKOUT.emit({"duration": wait, "wait": wait}, {"pool": pool._name})
+            self._started = now
+        return cast(T_co, worker.conn)
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        worker = self._worker
+        if worker is None:
+            raise RuntimeError("checkout exited without being entered")
+        self._worker = None
+        pool = self._pool
+        if POOL_CHECKIN.handlers and self._started is not None:
+            held = pool._clock.now() - self._started
+            POOL_CHECKIN.emit({"duration": held, "held": held}, {"pool": pool._name, "raised": exc_type is not None})
+        # Fast path: nothing to await, so nothing can be cancelled halfway.
+        if (
+            exc_type is None
+            and pool._plain_return
+            and not worker.orphaned
+            and (pool._is_closed is None or not pool._is_closed(worker.conn))
+        ):
+            pool._busy.discard(worker)
+            pool._give_back(worker)
+            return
+        await pool._check_in(worker, exc_type is not None)

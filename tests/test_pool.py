@@ -1,0 +1,819 @@
+"""ConnectionPool with an in-memory factory: ordering, overflow, waiting, cancellation, lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from datetime import timedelta
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from seawall import ConnectionPool, PoolClosed, PoolStatus, PoolTimeout
+from seawall._pool import PoolCheckout, PoolFactory
+from seawall.testing import FakeClock, capture_events
+
+pytestmark = pytest.mark.anyio
+
+
+class Conn:
+    """A fake worker that remembers whether it was closed."""
+
+    def __init__(self, ident: int) -> None:
+        self.ident = ident
+        self.closed = False
+        self.resets = 0
+
+    def __repr__(self) -> str:
+        return f"Conn({self.ident})"
+
+
+class Factory:
+    """An in-memory factory with switches for failures, gates and health."""
+
+    def __init__(self) -> None:
+        self.ids = itertools.count(1)
+        self.made: list[Conn] = []
+        self.closed: list[Conn] = []
+        self.fail_create: list[BaseException] = []
+        self.create_gate: anyio.Event | None = None
+        self.healthy = True
+
+    async def create(self) -> Conn:
+        if self.create_gate is not None:
+            await self.create_gate.wait()
+        if self.fail_create:
+            raise self.fail_create.pop(0)
+        conn = Conn(next(self.ids))
+        self.made.append(conn)
+        return conn
+
+    async def close(self, worker: Conn) -> None:
+        worker.closed = True
+        self.closed.append(worker)
+
+    def is_closed(self, worker: Conn) -> bool:
+        return worker.closed
+
+    def open_count(self) -> int:
+        return sum(1 for conn in self.made if not conn.closed)
+
+
+class ResettingFactory(Factory):
+    """Adds reset and check hooks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reset_gate: anyio.Event | None = None
+        self.reset_error: Exception | None = None
+        self.checked: list[Conn] = []
+
+    async def reset(self, worker: Conn) -> None:
+        if self.reset_gate is not None:
+            await self.reset_gate.wait()
+        if self.reset_error is not None:
+            raise self.reset_error
+        worker.resets += 1
+
+    async def check(self, worker: Conn) -> bool:
+        self.checked.append(worker)
+        return self.healthy
+
+
+def counts(pool: ConnectionPool[Any]) -> tuple[int, int, int, int]:
+    s = pool.status()
+    return (s.idle, s.in_use, s.overflow, s.waiting)
+
+
+async def settle() -> None:
+    await anyio.wait_all_tasks_blocked()
+
+
+async def test_start_creates_size_workers_and_close_closes_them() -> None:
+    """`async with pool` opens `size` workers and closes every one on exit."""
+    factory = Factory()
+    async with ConnectionPool(factory, size=3, name="db") as pool:
+        assert pool.status() == PoolStatus("db", 3, 0, 3, 0, 0, 0)
+        await pool.start()  # idempotent
+        assert len(factory.made) == 3
+    assert factory.open_count() == 0
+    assert pool.closed
+
+
+async def test_checkout_is_lifo() -> None:
+    """The most recently returned idle worker is handed out first."""
+    factory = Factory()
+    async with ConnectionPool(factory, size=3) as pool:
+        async with pool.checkout() as a, pool.checkout() as b:
+            assert a is not b
+        async with pool.checkout() as again:
+            assert again is a  # b went back first, a on top of it
+
+
+async def test_overflow_is_created_under_load_and_closed_on_return() -> None:
+    """Beyond `size`, overflow workers are made and closed when they come back unneeded."""
+    factory = Factory()
+    async with ConnectionPool(factory, size=1, max_overflow=2) as pool:
+        async with pool.checkout(), pool.checkout() as second, pool.checkout():
+            assert counts(pool) == (0, 3, 2, 0)
+        await settle()
+        assert counts(pool) == (1, 0, 0, 0)
+        assert second.closed
+        assert factory.open_count() == 1
+
+
+async def test_waiters_are_served_in_fifo_order() -> None:
+    """Tasks waiting for a worker get it in the order they asked."""
+    factory = Factory()
+    order: list[int] = []
+    async with ConnectionPool(factory, size=1) as pool:
+        release = anyio.Event()
+
+        async def holder() -> None:
+            async with pool.checkout():
+                await release.wait()
+
+        async def waiter(i: int) -> None:
+            async with pool.checkout():
+                order.append(i)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(holder)
+            await settle()
+            for i in range(4):
+                tg.start_soon(waiter, i)
+                await settle()
+            assert pool.status().waiting == 4
+            release.set()
+        assert order == [0, 1, 2, 3]
+        assert counts(pool) == (1, 0, 0, 0)
+
+
+async def test_returned_worker_goes_to_the_waiter_not_a_newcomer() -> None:
+    """A newcomer arriving right after a return queues behind the waiter (no barging)."""
+    factory = Factory()
+    got: list[str] = []
+    async with ConnectionPool(factory, size=1) as pool:
+        cm = pool.checkout()
+        await cm.__aenter__()
+
+        async def take(label: str) -> None:
+            async with pool.checkout():
+                got.append(label)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(take, "waiter")
+            await settle()
+            await cm.__aexit__(None, None, None)
+            # The worker is promised to the waiter even before it runs.
+            assert counts(pool) == (0, 1, 0, 0)
+            tg.start_soon(take, "newcomer")
+        assert got == ["waiter", "newcomer"]
+
+
+async def test_checkout_times_out_with_injected_clock() -> None:
+    """A waiter raises PoolTimeout exactly when its timeout passes on the pool's clock."""
+    clock = FakeClock()
+    factory = Factory()
+    async with ConnectionPool(factory, size=1, timeout=2.0, name="p", clock=clock) as pool, pool.checkout():
+        with capture_events() as events:
+            async with anyio.create_task_group() as tg:
+                outcome: list[BaseException] = []
+
+                async def wait() -> None:
+                    try:
+                        async with pool.checkout():
+                            pass
+                    except PoolTimeout as exc:
+                        outcome.append(exc)
+
+                tg.start_soon(wait)
+                await settle()
+                clock.advance(1.9)
+                await settle()
+                assert not outcome
+                assert pool.status().waiting == 1
+                clock.advance(0.1)
+        assert len(outcome) == 1
+        assert outcome[0].timeout == 2.0
+        assert outcome[0].name == "p"
+        assert [e.name for e in events] == ["timeout"]
+        assert events[0].measurements["duration"] == 2.0
+        assert counts(pool) == (0, 1, 0, 0)
+
+
+async def test_per_checkout_timeout_overrides_and_real_clock_fires() -> None:
+    """`checkout(timeout=)` overrides the default, on the real clock too."""
+    async with ConnectionPool(Factory(), size=1, timeout=None) as pool, pool.checkout():
+        with pytest.raises(PoolTimeout):
+            async with pool.checkout(timeout=timedelta(milliseconds=5)):
+                pass
+        assert counts(pool) == (0, 1, 0, 0)
+
+
+async def test_timer_serves_waiters_with_different_deadlines() -> None:
+    """One timer times out each waiter at its own deadline, earliest first."""
+    clock = FakeClock()
+    async with ConnectionPool(Factory(), size=1, timeout=None, clock=clock) as pool, pool.checkout():
+        timed_out: list[float] = []
+
+        async def wait(t: float) -> None:
+            with pytest.raises(PoolTimeout):
+                async with pool.checkout(timeout=t):
+                    pass
+            timed_out.append(t)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait, 5.0)
+            await settle()
+            tg.start_soon(wait, 1.0)
+            await settle()
+            tg.start_soon(wait, 3.0)
+            await settle()
+            for _ in range(5):
+                clock.advance(1.0)
+                await settle()
+        assert timed_out == [1.0, 3.0, 5.0]
+
+
+async def test_cancelled_waiter_leaves_no_trace_and_others_proceed() -> None:
+    """Cancelling a waiter removes it; the next waiter still gets the worker."""
+    factory = Factory()
+    async with ConnectionPool(factory, size=1) as pool:
+        cm = pool.checkout()
+        await cm.__aenter__()
+        served: list[str] = []
+
+        async def take(label: str) -> None:
+            async with pool.checkout():
+                served.append(label)
+
+        async with anyio.create_task_group() as tg:
+            async with anyio.create_task_group() as inner:
+                inner.start_soon(take, "doomed")
+                await settle()
+                tg.start_soon(take, "second")
+                await settle()
+                assert pool.status().waiting == 2
+                inner.cancel_scope.cancel()
+            assert pool.status().waiting == 1
+            await cm.__aexit__(None, None, None)
+        assert served == ["second"]
+        assert counts(pool) == (1, 0, 0, 0)
+
+
+async def test_waiter_cancelled_after_handoff_passes_worker_on() -> None:
+    """A waiter cancelled just after being handed a worker gives it to the next waiter."""
+    factory = Factory()
+    async with ConnectionPool(factory, size=1) as pool:
+        cm = pool.checkout()
+        await cm.__aenter__()
+        served: list[str] = []
+
+        async def take(label: str) -> None:
+            async with pool.checkout():
+                served.append(label)
+
+        async with anyio.create_task_group() as tg:
+            doomed = asyncio.get_running_loop().create_task(take("doomed"))
+            await settle()
+            tg.start_soon(take, "next")
+            await settle()
+            # Hand the worker to "doomed", then cancel it before it runs
+            # (a native cancel: anyio would defer it to the next checkpoint).
+            await cm.__aexit__(None, None, None)
+            doomed.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await doomed
+        assert served == ["next"]
+        assert counts(pool) == (1, 0, 0, 0)
+        assert factory.open_count() == 1
+
+
+async def test_holder_cancelled_mid_use_is_checked_and_kept_when_healthy() -> None:
+    """A holder cancelled mid-block returns its worker: checked, reset, counts exact."""
+    factory = ResettingFactory()
+    async with ConnectionPool(factory, size=1) as pool:
+        async with anyio.create_task_group() as tg:
+
+            async def hold() -> None:
+                async with pool.checkout():
+                    await anyio.sleep_forever()
+
+            tg.start_soon(hold)
+            await settle()
+            assert counts(pool) == (0, 1, 0, 0)
+            tg.cancel_scope.cancel()
+        assert counts(pool) == (1, 0, 0, 0)
+        assert factory.checked == factory.made
+        assert factory.made[0].resets == 1
+
+
+async def test_failed_check_replaces_worker() -> None:
+    """A worker whose block raised and whose check fails is closed, and a fresh one follows."""
+    factory = ResettingFactory()
+    async with ConnectionPool(factory, size=1) as pool:
+        factory.healthy = False
+        with pytest.raises(RuntimeError, match="boom"):
+            async with pool.checkout():
+                raise RuntimeError("boom")
+        assert factory.made[0].closed
+        assert counts(pool) == (0, 0, 0, 0)
+        async with pool.checkout() as conn:
+            assert conn is factory.made[1]
+
+
+async def test_check_that_raises_counts_as_dead() -> None:
+    """A check that raises marks the worker dead."""
+
+    class Broken(ResettingFactory):
+        async def check(self, worker: Conn) -> bool:
+            raise OSError("gone")
+
+    factory = Broken()
+    async with ConnectionPool(factory, size=1) as pool:
+        with pytest.raises(ValueError, match="x"):
+            async with pool.checkout():
+                raise ValueError("x")
+        assert factory.closed == factory.made[:1]
+        assert counts(pool) == (0, 0, 0, 0)
+
+
+async def test_reset_runs_on_return_and_a_failing_reset_kills_the_worker() -> None:
+    """Reset runs on each return; a reset error closes the worker instead of pooling it."""
+    factory = ResettingFactory()
+    async with ConnectionPool(factory, size=1) as pool:
+        async with pool.checkout() as conn:
+            pass
+        assert conn.resets == 1
+        factory.reset_error = OSError("reset failed")
+        async with pool.checkout() as conn:
+            pass
+        assert conn.closed
+        assert counts(pool) == (0, 0, 0, 0)
+
+
+async def test_dead_idle_worker_is_never_handed_out() -> None:
+    """A worker closed while idle (e.g. by the server) is replaced on checkout."""
+    factory = Factory()
+    async with ConnectionPool(factory, size=2) as pool:
+        for conn in factory.made:
+            conn.closed = True
+        async with pool.checkout() as conn:
+            assert not conn.closed
+            assert conn is factory.made[2]
+        await settle()
+        assert counts(pool) == (1, 0, 0, 0)
+
+
+async def test_worker_dead_on_return_is_replaced_for_a_waiter() -> None:
+    """A worker that died in use frees its slot; a waiter creates the replacement."""
+    factory = Factory()
+    async with ConnectionPool(factory, size=1) as pool:
+        got: list[Conn] = []
+        cm = pool.checkout()
+        conn = await cm.__aenter__()
+
+        async def take() -> None:
+            async with pool.checkout() as c:
+                got.append(c)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(take)
+            await settle()
+            conn.closed = True
+            await cm.__aexit__(None, None, None)
+        assert got == [factory.made[1]]
+        assert counts(pool) == (1, 0, 0, 0)
+
+
+async def test_create_failure_reaches_caller_as_itself_and_does_not_shrink_pool() -> None:
+    """A failing create() raises its own error, frees the slot, and the next checkout retries."""
+    factory = Factory()
+    async with ConnectionPool(factory, size=1, max_overflow=1) as pool, pool.checkout():
+        factory.fail_create.append(ConnectionRefusedError("db down"))
+        with pytest.raises(ConnectionRefusedError, match="db down"):
+            async with pool.checkout():
+                pass
+        assert counts(pool) == (0, 1, 0, 0)
+        async with pool.checkout() as again:
+            assert again is factory.made[1]
+
+
+async def test_create_failure_passes_slot_to_next_waiter() -> None:
+    """When a replacement cannot be made, the waiting task gets the error and the slot is not lost."""
+    factory = Factory()
+    async with ConnectionPool(factory, size=1) as pool:
+        cm = pool.checkout()
+        conn = await cm.__aenter__()
+        errors: list[BaseException] = []
+
+        async def take() -> None:
+            try:
+                async with pool.checkout():
+                    pass
+            except OSError as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(take)
+            tg.start_soon(take)
+            await settle()
+            conn.closed = True
+            factory.fail_create.append(OSError("no"))
+            await cm.__aexit__(None, None, None)
+        assert len(errors) == 1
+        assert counts(pool) == (1, 0, 0, 0)
+
+
+async def test_cancel_during_create_frees_the_slot() -> None:
+    """Cancelling a checkout while its worker is being created leaves counts exact."""
+    factory = Factory()
+    async with ConnectionPool(factory, size=1) as pool:
+        async with pool.checkout():
+            pass
+        factory.made[0].closed = True  # force a create on next checkout
+        factory.create_gate = anyio.Event()
+        async with anyio.create_task_group() as tg:
+
+            async def take() -> None:
+                async with pool.checkout():
+                    pass
+
+            tg.start_soon(take)
+            await settle()
+            assert counts(pool) == (0, 1, 0, 0)
+            tg.cancel_scope.cancel()
+        await settle()
+        assert counts(pool) == (0, 0, 0, 0)
+        factory.create_gate.set()
+        async with pool.checkout() as conn:
+            assert not conn.closed
+
+
+async def test_native_cancel_during_reset_settles_counts_and_closes_worker() -> None:
+    """An asyncio task.cancel() that cuts into the return path still leaks nothing."""
+    factory = ResettingFactory()
+    async with ConnectionPool(factory, size=1) as pool:
+        factory.reset_gate = anyio.Event()
+
+        async def use() -> None:
+            async with pool.checkout():
+                pass
+
+        task = asyncio.get_running_loop().create_task(use())
+        await settle()
+        task.cancel()  # native cancellation is not stopped by anyio's shield
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await settle()
+        assert counts(pool) == (0, 0, 0, 0)
+        assert factory.made[0].closed
+
+
+async def test_max_lifetime_rotates_workers() -> None:
+    """A worker older than max_lifetime is closed on return and on checkout."""
+    clock = FakeClock()
+    factory = Factory()
+    async with ConnectionPool(factory, size=1, max_lifetime=10.0, clock=clock) as pool:
+        async with pool.checkout() as first:
+            clock.advance(11.0)
+        await settle()
+        assert first.closed
+        async with pool.checkout() as second:
+            assert second is factory.made[1]
+        clock.advance(11.0)
+        async with pool.checkout() as third:
+            assert third is factory.made[2]
+        await settle()
+        assert second.closed
+        assert counts(pool) == (1, 0, 0, 0)
+
+
+async def test_max_idle_keeps_overflow_then_closes_it() -> None:
+    """With max_idle, overflow workers stay idle for a while, then only the surplus closes."""
+    clock = FakeClock()
+    factory = Factory()
+    async with ConnectionPool(factory, size=1, max_overflow=2, max_idle=30.0, clock=clock) as pool:
+        async with pool.checkout(), pool.checkout(), pool.checkout():
+            pass
+        await settle()
+        assert counts(pool) == (3, 0, 2, 0)
+        clock.advance(29.0)
+        await settle()
+        assert pool.status().idle == 3
+        clock.advance(1.0)
+        await settle()
+        assert counts(pool) == (1, 0, 0, 0)
+        assert factory.open_count() == 1
+        # The reaper keeps working for later surpluses.
+        async with pool.checkout(), pool.checkout():
+            pass
+        clock.advance(31.0)
+        await settle()
+        clock.advance(31.0)
+        await settle()
+        assert counts(pool) == (1, 0, 0, 0)
+
+
+async def test_bulkhead_without_factory_limits_concurrency() -> None:
+    """`factory=None` yields None and admits at most size + max_overflow at once."""
+    pool: ConnectionPool[None] = ConnectionPool(None, size=2, max_overflow=1, timeout=None)
+    active = peak = 0
+    async with pool:
+
+        async def job() -> None:
+            nonlocal active, peak
+            async with pool.checkout() as conn:
+                assert conn is None
+                active += 1
+                peak = max(peak, active)
+                await anyio.lowlevel.checkpoint()
+                await anyio.lowlevel.checkpoint()
+                active -= 1
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                tg.start_soon(job)
+        assert peak == 3
+        assert counts(pool) == (2, 0, 0, 0)
+
+
+async def test_async_callable_serves_as_factory() -> None:
+    """A zero-argument async callable makes workers; close uses their aclose()/close()."""
+
+    class Client:
+        def __init__(self) -> None:
+            self.is_closed = False
+
+        async def aclose(self) -> None:
+            self.is_closed = True
+
+    class SyncClose:
+        def __init__(self) -> None:
+            self.shut = False
+
+        def is_closed(self) -> bool:
+            return self.shut
+
+        def close(self) -> None:
+            self.shut = True
+
+    made: list[Any] = []
+
+    async def make_client() -> Client:
+        made.append(Client())
+        return made[-1]
+
+    async with ConnectionPool(make_client, size=1) as pool:
+        async with pool.checkout() as client:
+            assert isinstance(client, Client)
+        client.is_closed = True
+        async with pool.checkout() as fresh:
+            assert fresh is made[1]
+    assert all(c.is_closed for c in made)
+
+    async def make_sync() -> SyncClose:
+        return SyncClose()
+
+    async with ConnectionPool(make_sync, size=1) as other, other.checkout() as worker:
+        pass
+    assert worker.shut
+
+    async def make_plain() -> object:
+        return object()
+
+    async with ConnectionPool(make_plain, size=1) as plain, plain.checkout():
+        pass
+
+
+async def test_close_waits_for_holders_and_later_checkout_fails() -> None:
+    """close() waits for a held worker, closes it on return, then checkout raises PoolClosed."""
+    factory = Factory()
+    pool = ConnectionPool(factory, size=2, max_overflow=1)
+    await pool.start()
+    release = anyio.Event()
+    closed_at: list[bool] = []
+
+    async def hold() -> None:
+        async with pool.checkout():
+            await release.wait()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(hold)
+        await settle()
+
+        async def close() -> None:
+            await pool.close()
+            closed_at.append(True)
+
+        tg.start_soon(close)
+        await settle()
+        assert not closed_at
+        assert factory.open_count() == 1
+        release.set()
+    assert closed_at == [True]
+    assert factory.open_count() == 0
+    assert counts(pool) == (0, 0, 0, 0)
+    with pytest.raises(PoolClosed):
+        async with pool.checkout():
+            pass
+    with pytest.raises(PoolClosed):
+        await pool.start()
+    await pool.close()  # again: a no-op
+    assert "closed" in repr(pool)
+
+
+async def test_close_gives_up_after_grace_and_fails_waiters() -> None:
+    """Waiters fail with PoolClosed at once; a holder past the grace period has its worker closed."""
+    clock = FakeClock()
+    factory = ResettingFactory()
+    pool = ConnectionPool(factory, size=1, clock=clock)
+    await pool.start()
+    outcomes: list[str] = []
+
+    async def hold() -> None:
+        async with pool.checkout() as conn:
+            await anyio.sleep_forever()
+        outcomes.append(f"returned {conn.closed}")
+
+    async def wait() -> None:
+        try:
+            async with pool.checkout():
+                pass
+        except PoolClosed:
+            outcomes.append("closed")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(hold)
+        await settle()
+        tg.start_soon(wait)
+        await settle()
+        tg.start_soon(pool.close)
+        await settle()
+        assert outcomes == ["closed"]
+        clock.advance(10.0)
+        await settle()
+        assert factory.open_count() == 0
+        assert counts(pool) == (0, 0, 0, 0)
+        tg.cancel_scope.cancel()
+    assert factory.reset_gate is None
+    assert counts(pool) == (0, 0, 0, 0)
+
+
+async def test_worker_created_while_closing_is_closed() -> None:
+    """A worker whose creation finishes after close() is closed, and the caller gets PoolClosed."""
+    factory = Factory()
+    pool = ConnectionPool(factory, size=1)
+    factory.create_gate = anyio.Event()
+    errors: list[BaseException] = []
+
+    async def take() -> None:
+        try:
+            async with pool.checkout():
+                pass
+        except PoolClosed as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(take)
+        await settle()
+        await pool.close()
+        factory.create_gate.set()
+    await settle()
+    assert len(errors) == 1
+    assert factory.open_count() == 0
+
+
+async def test_failed_start_closes_what_it_made_and_raises_the_error() -> None:
+    """If one worker cannot be created, start() closes the others and raises the error itself."""
+    factory = Factory()
+    factory.fail_create.append(ConnectionResetError("nope"))
+    pool = ConnectionPool(factory, size=3)
+    with pytest.raises(ConnectionResetError):
+        await pool.start()
+    assert factory.open_count() == 0
+    assert counts(pool) == (0, 0, 0, 0)
+    await pool.start()  # a retry works
+    assert counts(pool) == (3, 0, 0, 0)
+    await pool.close()
+
+
+async def test_close_failures_are_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    """A factory.close() that raises is logged; the pool still frees the slot."""
+
+    class BadClose(Factory):
+        async def close(self, worker: Conn) -> None:
+            raise OSError("close failed")
+
+    pool = ConnectionPool(BadClose(), size=1)
+    await pool.start()
+    await pool.close()
+    assert counts(pool) == (0, 0, 0, 0)
+    assert "pool_worker_close_failed" in caplog.text
+
+
+async def test_telemetry_checkout_and_checkin_carry_durations() -> None:
+    """Checkout reports the wait, checkin the time held, both in seconds."""
+    clock = FakeClock()
+    async with ConnectionPool(Factory(), size=1, name="t", clock=clock) as pool:
+        with capture_events() as events:
+            async with pool.checkout():
+                clock.advance(0.5)
+        assert [e.name for e in events] == ["checkout", "checkin"]
+        assert events[0].measurements["wait"] == 0.0
+        assert events[1].measurements["held"] == 0.5
+        assert events[1].measurements["duration"] == 0.5
+        assert events[1].metadata == {"pool": "t", "raised": False}
+
+
+async def test_status_to_dict_and_repr_show_live_state() -> None:
+    """status().to_dict() has the contract's keys; repr shows the counts."""
+    async with ConnectionPool(Factory(), size=2, max_overflow=1, name="r") as pool, pool.checkout():
+        assert pool.status().to_dict() == {
+            "name": "r",
+            "size": 2,
+            "max_overflow": 1,
+            "idle": 1,
+            "in_use": 1,
+            "overflow": 0,
+            "waiting": 0,
+        }
+        assert "in_use=1" in repr(pool)
+        assert (pool.name, pool.size, pool.max_overflow) == ("r", 2, 1)
+
+
+async def test_checkout_context_misuse_is_an_error() -> None:
+    """A checkout object cannot be entered twice at once or exited before entering."""
+    async with ConnectionPool(Factory(), size=2) as pool:
+        cm: PoolCheckout[Conn] = pool.checkout()
+        with pytest.raises(RuntimeError):
+            await cm.__aexit__(None, None, None)
+        await cm.__aenter__()
+        with pytest.raises(RuntimeError):
+            await cm.__aenter__()
+        await cm.__aexit__(None, None, None)
+
+
+async def test_size_zero_is_a_pure_overflow_pool() -> None:
+    """size=0 with overflow creates on demand and closes every worker on return."""
+    factory = Factory()
+    async with ConnectionPool(factory, size=0, max_overflow=2) as pool:
+        async with pool.checkout():
+            assert counts(pool) == (0, 1, 1, 0)
+        await settle()
+        assert counts(pool) == (0, 0, 0, 0)
+        assert factory.open_count() == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"size": 0}, ValueError, "size must be >= 1"),
+        ({"size": -1}, ValueError, "size must be >= 0, got -1"),
+        ({"size": 1.5}, TypeError, "size must be an int"),
+        ({"size": True}, TypeError, "size must be an int"),
+        ({"max_overflow": -1}, ValueError, "max_overflow must be >= 0"),
+        ({"timeout": 0}, ValueError, "timeout must be a finite number of seconds > 0, got 0"),
+        ({"timeout": float("inf")}, ValueError, "timeout"),
+        ({"timeout": "5"}, TypeError, "timeout must be a number"),
+        ({"max_idle": -1.0}, ValueError, "max_idle"),
+        ({"max_lifetime": 0.0}, ValueError, "max_lifetime"),
+        ({"name": 3}, TypeError, "name must be a str"),
+        ({"clock": object()}, TypeError, "clock must be a seawall Clock"),
+    ],
+)
+def test_bad_configuration_is_rejected_with_a_clear_message(kwargs: dict[str, Any], error: type, match: str) -> None:
+    """Bad options fail at construction, naming the parameter and the value."""
+    with pytest.raises(error, match=match):
+        ConnectionPool(Factory(), **kwargs)
+
+
+def test_factory_missing_methods_is_rejected() -> None:
+    """A factory without create/close that is not callable is a TypeError naming what is missing."""
+
+    class OnlyCreate:
+        async def create(self) -> None:
+            return None
+
+    with pytest.raises(TypeError, match="lacks close"):
+        ConnectionPool(OnlyCreate(), size=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="lacks create and close"):
+        ConnectionPool(42, size=1)  # type: ignore[arg-type]
+
+
+async def test_checkout_timeout_argument_is_validated() -> None:
+    """checkout(timeout=) must be a positive number of seconds."""
+    pool = ConnectionPool(Factory(), size=1)
+    with pytest.raises(ValueError, match="timeout"):
+        pool.checkout(timeout=-1)
+    with pytest.raises(ValueError, match="grace"):
+        await pool.close(grace=0)
+
+
+def test_factory_protocol_is_runtime_checkable() -> None:
+    """The factory protocol recognises objects with create and close."""
+    assert isinstance(Factory(), PoolFactory)
+    assert not isinstance(object(), PoolFactory)
