@@ -243,7 +243,7 @@ async def run_scenario(recorder: Recorder, report: Callable[[Tick], None], annou
     """
     from seawall._demo._app import build_app
     from seawall._infrastructure import AsyncInfrastructure
-    from seawall.integrations._httpx_transport import ProtectedTransport
+    from seawall.integrations.httpx import ProtectedTransport
 
     plan = recorder.plan
     upstream = Upstream(lambda: plan.phase_at(recorder.elapsed()), slow_delay=plan.slow_delay)

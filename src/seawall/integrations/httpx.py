@@ -1,5 +1,7 @@
 """httpx integration: ``httpx.AsyncClient`` workers for :class:`seawall.ConnectionPool`.
 
+:class:`ProtectedTransport` sends every request of a client through ``infra.protect(key)``.
+
 Importing this module imports httpx: it is only imported by code that uses it.
 """
 
@@ -9,7 +11,9 @@ from typing import Any
 
 import httpx
 
-__all__ = ["HttpxFactory"]
+from seawall.integrations._httpx_transport import ProtectedTransport, parse_retry_after
+
+__all__ = ["HttpxFactory", "ProtectedTransport", "parse_retry_after"]
 
 
 class HttpxFactory:
