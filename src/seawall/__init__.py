@@ -20,6 +20,8 @@ from seawall._errors import (
 from seawall._version import __version__
 
 # -- rate limiter (issue 3) --
+from seawall._limiter import RateLimiter, RateLimitStatus
+
 # -- circuit breaker (issue 4) --
 from seawall._breaker import BreakerState, BreakerStatus, CircuitBreaker
 
@@ -45,6 +47,8 @@ __all__ = [
     "ProtectionKeyNotFound",
     "ProtectionTimeout",
     "RateLimitExceeded",
+    "RateLimitStatus",
+    "RateLimiter",
     "RateLimiterError",
     "SeawallError",
     "__version__",

@@ -1,0 +1,564 @@
+"""RateLimiter: a rule of ``limit`` hits per ``window`` seconds, kept per key.
+
+Two ways through a limiter:
+
+* :meth:`RateLimiter.hit` decides at once: it admits, or raises
+  :class:`~seawall.RateLimitExceeded` with the exact ``retry_after`` and
+  consumes nothing. With the in-memory backend it never suspends: the
+  decision is one dict lookup and a few float operations on the caller's
+  clock (see ``backends/_limiter_memory.py``).
+* :meth:`RateLimiter.acquire` waits its turn. For GCRA buckets in memory the
+  waiting is aiolimiter's own machinery (a heap of futures woken by one timer
+  per waiting key), driven by the same bucket that :meth:`~RateLimiter.hit`
+  reads, and by the limiter's clock: aiolimiter schedules its timer with
+  ``loop.call_at`` on ``loop.time()``, which *is* ``time.monotonic`` for
+  asyncio, so production uses the real loop unchanged while an injected
+  clock (a :class:`~seawall.FakeClock` in tests) gets a view of the loop
+  whose ``time()`` and timers come from that clock. Other buckets (fixed
+  windows, remote backends) wait in a FIFO lock per key and retry after the
+  ``retry_after`` the backend reports.
+
+The status returned by :meth:`~RateLimiter.hit` is a frozen dataclass whose
+fields are computed on first access: building eight fields of a frozen
+dataclass costs about as much as the whole decision, and most callers never
+look at them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from datetime import timedelta
+from types import TracebackType
+from typing import Any, Final, NoReturn, cast
+
+import anyio
+from aiolimiter import AsyncLimiter
+
+from seawall._clock import Clock, MonotonicClock, default_clock
+from seawall._errors import ConfigurationError, RateLimitExceeded
+from seawall._logging import logger
+from seawall._telemetry import LIMITER_REQUEST_ALLOWED, LIMITER_REQUEST_DENIED
+from seawall.backends._limiter_memory import GcraTable, MemoryRateLimitBackend
+from seawall.backends._limiter_protocol import (
+    Algorithm,
+    BucketTable,
+    LocalRateLimitBackend,
+    RateLimitBackend,
+    RateLimitRule,
+)
+
+__all__ = ["RateLimitStatus", "RateLimiter"]
+
+_ALGORITHMS: Final = ("gcra", "fixed_window")
+
+
+class _Lazy:
+    """Holds what a lazily built status is computed from, until first read."""
+
+    __slots__ = ("_source",)
+
+
+_new: Final = object.__new__
+_set_source: Final = _Lazy._source.__set__  # type: ignore[attr-defined]
+_get_source: Final = _Lazy._source.__get__  # type: ignore[attr-defined]
+_setattr: Final = object.__setattr__
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitStatus(_Lazy):
+    """A snapshot of one bucket.
+
+    Attributes:
+        key: The bucket's key.
+        allowed: Whether a hit of cost 1 would be admitted at the time of the snapshot.
+        current_count: The bucket's level (GCRA: may be fractional while it drains)
+            or the count of the current window (fixed window).
+        limit: The rule's limit.
+        window: The rule's window, in seconds.
+        remaining: How many hits of cost 1 would be admitted at once.
+        retry_after: Seconds until a hit of cost 1 would be admitted (``0.0`` if now).
+        reset_after: Seconds until the bucket is empty again (``0.0`` if it is).
+    """
+
+    key: str
+    allowed: bool
+    current_count: float
+    limit: float
+    window: float
+    remaining: int
+    retry_after: float
+    reset_after: float
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached while the fields are unset: a status from ``hit()``
+        # carries ``(table, key, state, now)`` and fills them all on first read.
+        try:
+            table, key, state, now = _get_source(self)
+        except AttributeError:
+            raise AttributeError(name) from None
+        if name not in _STATUS_FIELDS:
+            raise AttributeError(name)
+        count, remaining, next_after, reset_after = cast("BucketTable", table).describe(state, now)
+        rule = table.rule
+        for field_name, value in zip(
+            _STATUS_FIELDS,
+            (key, next_after == 0.0, count, rule.limit, rule.window, remaining, next_after, reset_after),
+            strict=True,
+        ):
+            _setattr(self, field_name, value)
+        return object.__getattribute__(self, name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-serialisable dict."""
+        return {name: getattr(self, name) for name in _STATUS_FIELDS}
+
+
+_STATUS_FIELDS: Final = tuple(field.name for field in fields(RateLimitStatus))
+
+
+def _number(name: str, value: object) -> float:
+    """Return ``value`` if it is a finite positive number, else raise naming ``name``."""
+    if isinstance(value, timedelta) and name == "window":
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a finite positive number, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigurationError(f"{name} must be a finite positive number, got {value!r}", path=name)
+    return value
+
+
+def _bad_key(key: object) -> str:
+    if isinstance(key, str):
+        return key
+    raise TypeError(f"key must be a str, got {key!r}")
+
+
+class _ClockTimer:
+    """A ``call_at`` handle whose time is a seawall clock's."""
+
+    __slots__ = ("_task", "_when")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, clock: Clock, when: float, callback: Callable[[], None]):
+        self._when = when
+        self._task = loop.create_task(self._fire(clock, when, callback))
+
+    @staticmethod
+    async def _fire(clock: Clock, when: float, callback: Callable[[], None]) -> None:
+        await clock.sleep(when - clock.now())
+        callback()
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+    def cancelled(self) -> bool:
+        return self._task.cancelled()
+
+    def when(self) -> float:
+        return self._when
+
+
+class _ClockLoop:
+    """The event loop as aiolimiter sees it, with ``time()`` and ``call_at`` on an injected clock.
+
+    aiolimiter only calls ``time``, ``create_future``, ``call_soon``,
+    ``call_at`` and ``is_closed``; the futures and callbacks stay on the
+    real loop, only the timer is moved onto the clock (a task sleeping on it).
+    """
+
+    __slots__ = ("_clock", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, clock: Clock) -> None:
+        self._loop = loop
+        self._clock = clock
+
+    def time(self) -> float:
+        return self._clock.now()
+
+    def create_future(self) -> asyncio.Future[None]:
+        return self._loop.create_future()
+
+    def call_soon(self, callback: Callable[..., object], *args: object) -> asyncio.Handle:
+        return self._loop.call_soon(callback, *args)
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> _ClockTimer:
+        return _ClockTimer(self._loop, self._clock, when, callback)
+
+    def is_closed(self) -> bool:
+        return self._loop.is_closed()
+
+
+class _GcraWaiters(AsyncLimiter):
+    """aiolimiter's waiting queue for one GCRA bucket held in a :class:`GcraTable`.
+
+    aiolimiter keeps its own ``_level``; here the level is read from the
+    table, and the admission test (``has_capacity``) *is* the table's atomic
+    ``take``, the very operation :meth:`RateLimiter.hit` performs, so both
+    paths share one bucket and one rule of admission. aiolimiter's
+    ``acquire`` then adds the amount to ``_level``, which is a no-op here
+    because the take already happened.
+    """
+
+    __slots__ = ("_bucket", "_now", "_table", "_time_loop", "queued", "users")
+
+    def __init__(self, table: GcraTable, key: str, clock: Clock) -> None:
+        self._table = table
+        self._bucket = key
+        self._now = clock.now
+        loop = asyncio.get_running_loop()
+        # MonotonicClock reads time.monotonic, the very clock of asyncio's
+        # loop.time(): aiolimiter can use the loop as it is.
+        self._time_loop = loop if isinstance(clock, MonotonicClock) else _ClockLoop(loop, clock)
+        self.users = 0
+        self.queued = 0.0
+        super().__init__(table.rule.limit, table.rule.window)
+
+    @property
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        return cast("asyncio.AbstractEventLoop", self._time_loop)
+
+    @property
+    def _level(self) -> float:
+        return self._table.level(self._bucket, self._last_check)
+
+    @_level.setter
+    def _level(self, value: float) -> None:
+        pass  # the amount was taken by has_capacity(), atomically with the test
+
+    def _leak(self) -> None:
+        self._last_check = self._now()
+
+    def has_capacity(self, amount: float = 1) -> bool:
+        """Take ``amount`` from the bucket if it fits now (so 'has capacity' means 'took it')."""
+        self._leak()
+        return self._table.take(self._bucket, amount, self._last_check) is not None
+
+    def close(self) -> None:
+        handle = self._waker_handle
+        if handle is not None:
+            handle.cancel()
+
+
+class _RetryQueue:
+    """FIFO waiting for any backend: one waiter at a time asks, sleeping ``retry_after`` between tries."""
+
+    __slots__ = ("_key", "_limiter", "_lock", "queued", "users")
+
+    def __init__(self, limiter: RateLimiter, key: str) -> None:
+        self._limiter = limiter
+        self._key = key
+        self._lock = anyio.Lock()
+        self.users = 0
+        self.queued = 0.0
+
+    async def acquire(self, cost: float) -> None:
+        limiter = self._limiter
+        async with self._lock:
+            while True:
+                delay = await limiter._try_take(self._key, cost)
+                if delay is None:
+                    return
+                await limiter.clock.sleep(delay)
+
+    def close(self) -> None:
+        pass
+
+
+class _Admission:
+    """What ``async with limiter(key, cost=..., wait=...)`` enters."""
+
+    __slots__ = ("_cost", "_key", "_limiter", "_wait")
+
+    def __init__(self, limiter: RateLimiter, key: str, cost: float, wait: bool) -> None:
+        self._limiter = limiter
+        self._key = key
+        self._cost = cost
+        self._wait = wait
+
+    async def __aenter__(self) -> None:
+        if self._wait:
+            await self._limiter.acquire(self._key, self._cost)
+        else:
+            await self._limiter.hit(self._key, self._cost)
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        return None
+
+
+class RateLimiter:
+    """At most ``limit`` hits per ``window`` seconds, per key.
+
+    Args:
+        limit: The capacity of a bucket: hits (units of cost) per window.
+        window: The window in seconds (a ``timedelta`` is accepted).
+        algorithm: ``"gcra"`` (default): a leaky bucket of capacity ``limit``
+            draining at ``limit / window`` per second, so a burst of ``limit``
+            passes at once and then hits pass at the drain rate.
+            ``"fixed_window"``: at most ``limit`` hits in each window aligned
+            to a multiple of ``window`` on the limiter's clock.
+        backend: Where buckets live; a new :class:`~seawall.backends.MemoryRateLimitBackend`
+            when ``None``.
+        name: A name for logs and telemetry; also namespaces the buckets in a shared backend.
+        clock: The clock for decisions and waiting (tests inject a
+            :class:`~seawall.FakeClock`); by default the backend's clock, else
+            the monotonic clock of the event loop.
+
+    Raises:
+        TypeError: ``limit`` or ``window`` is not a number, ``name`` not a str.
+        ValueError: ``limit`` or ``window`` is not finite and positive, or
+            ``algorithm`` is unknown (a :class:`~seawall.ConfigurationError`).
+    """
+
+    __slots__ = ("_rule", "_table", "_take", "_waiting", "algorithm", "backend", "clock", "limit", "name", "window")
+
+    def __init__(
+        self,
+        limit: float,
+        window: float | timedelta,
+        *,
+        algorithm: Algorithm = "gcra",
+        backend: RateLimitBackend | None = None,
+        name: str | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.limit: Final = _number("limit", limit)
+        self.window: Final = _number("window", window)
+        if algorithm not in _ALGORITHMS:
+            raise ConfigurationError(
+                f"algorithm must be one of {', '.join(map(repr, _ALGORITHMS))}, got {algorithm!r}", path="algorithm"
+            )
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str or None, got {name!r}")
+        self.algorithm: Final = algorithm
+        self.name: Final = name
+        if clock is None:
+            clock = cast("Clock", getattr(backend, "clock", default_clock))
+        elif not isinstance(clock, Clock):
+            raise TypeError(f"clock must be a seawall Clock (now() and sleep()), got {clock!r}")
+        self.clock: Final = clock
+        if backend is None:
+            backend = MemoryRateLimitBackend(clock=clock)
+        elif not isinstance(backend, RateLimitBackend):
+            raise TypeError(f"backend must implement RateLimitBackend (take, peek, reset), got {backend!r}")
+        self.backend: Final = backend
+        self._rule = RateLimitRule(self.limit, self.window, algorithm, name)
+        # The in-process fast path: a synchronous table, decided on our clock.
+        self._table = backend.table(self._rule) if isinstance(backend, LocalRateLimitBackend) else None
+        self._take = None if self._table is None else self._table.take
+        # Keys with tasks in acquire(): their waiting machinery, dropped with the last waiter.
+        self._waiting: dict[str, _GcraWaiters | _RetryQueue] = {}
+
+    # -- deciding ---------------------------------------------------------
+
+    async def hit(self, key: str = "default", cost: float = 1) -> RateLimitStatus:
+        """Admit one hit of ``cost`` on bucket ``key`` now, or raise; never waits.
+
+        Args:
+            key: The bucket.
+            cost: What the hit takes from the bucket (a finite positive number up to ``limit``).
+
+        Returns:
+            The bucket's status after the hit (its fields are computed when first read).
+
+        Raises:
+            RateLimitExceeded: the hit does not fit now (nothing was taken);
+                ``retry_after`` is when it would. Tasks waiting in
+                :meth:`acquire` on the same key go first.
+            TypeError: ``key`` is not a str or ``cost`` not a number.
+            ValueError: ``cost`` is not finite and positive, or above ``limit``.
+        """
+        if type(key) is not str:
+            key = _bad_key(key)
+        if cost != 1:
+            cost = self._check_cost(cost)
+        take = self._take
+        if take is None:
+            return await self._hit_remote(key, cost)
+        now = self.clock.now()
+        if self._waiting and key in self._waiting:
+            self._deny_queued(key, cost, now)
+        state = take(key, cost, now)
+        if state is None:
+            self._deny(key, cost, cast("BucketTable", self._table).retry_after(key, cost, now))
+        if LIMITER_REQUEST_ALLOWED.handlers:
+            self._emit_allowed(key, cost)
+        status = _new(RateLimitStatus)
+        _set_source(status, (self._table, key, state, now))
+        return status
+
+    async def _hit_remote(self, key: str, cost: float) -> RateLimitStatus:
+        queue = self._waiting.get(key)
+        if queue is not None:
+            # Waiters go first; a remote bucket's retry time is only known by asking.
+            decision = await self.backend.peek(key, self._rule)
+            limit_wait = (queue.queued + cost) / self.limit * self.window
+            self._deny(key, cost, max(decision.next_after, limit_wait))
+        decision = await self.backend.take(key, cost, self._rule)
+        if not decision.admitted:
+            self._deny(key, cost, decision.retry_after)
+        if LIMITER_REQUEST_ALLOWED.handlers:
+            self._emit_allowed(key, cost)
+        return RateLimitStatus(
+            key,
+            decision.next_after == 0.0,
+            decision.current_count,
+            self.limit,
+            self.window,
+            decision.remaining,
+            decision.next_after,
+            decision.reset_after,
+        )
+
+    async def _try_take(self, key: str, cost: float) -> float | None:
+        """Take ``cost`` if it fits now; return ``None``, else the seconds to wait."""
+        table = self._table
+        if table is None:
+            decision = await self.backend.take(key, cost, self._rule)
+            # A remote store that denies with no retry time must not make us spin.
+            return None if decision.admitted else max(decision.retry_after, 1e-3)
+        now = self.clock.now()
+        if table.take(key, cost, now) is not None:
+            return None
+        return table.retry_after(key, cost, now)
+
+    async def acquire(self, key: str = "default", cost: float = 1) -> None:
+        """Wait until a hit of ``cost`` on bucket ``key`` is admitted, then take it.
+
+        Waiters on a key are served in arrival order (for GCRA buckets in
+        memory, aiolimiter's order: arrival order among equal costs, a
+        smaller cost that fits may pass a larger one). Cancelling a waiter
+        (anyio cancel scope, ``asyncio.timeout``, ``task.cancel()``) takes
+        nothing from the bucket and lets the waiters behind it move up.
+
+        Raises:
+            TypeError: ``key`` is not a str or ``cost`` not a number.
+            ValueError: ``cost`` is not finite and positive, or above ``limit``.
+        """
+        if type(key) is not str:
+            key = _bad_key(key)
+        if cost != 1:
+            cost = self._check_cost(cost)
+        waiting = self._waiting.get(key)
+        if waiting is None:
+            take = self._take
+            if take is not None and take(key, cost, self.clock.now()) is not None:
+                if LIMITER_REQUEST_ALLOWED.handlers:
+                    self._emit_allowed(key, cost)
+                return
+            table = self._table
+            waiting = _GcraWaiters(table, key, self.clock) if isinstance(table, GcraTable) else _RetryQueue(self, key)
+            self._waiting[key] = waiting
+        waiting.users += 1
+        waiting.queued += cost
+        try:
+            await waiting.acquire(cost)
+        finally:
+            waiting.queued -= cost
+            waiting.users -= 1
+            if not waiting.users:
+                if self._waiting.get(key) is waiting:
+                    del self._waiting[key]
+                waiting.close()
+        if LIMITER_REQUEST_ALLOWED.handlers:
+            self._emit_allowed(key, cost)
+
+    def __call__(self, key: str = "default", *, cost: float = 1, wait: bool = True) -> _Admission:
+        """``async with limiter(key, cost=..., wait=...):`` waits (``acquire``) or denies (``hit``)."""
+        return _Admission(self, key, cost, wait)
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        return None
+
+    # -- inspecting -------------------------------------------------------
+
+    async def status(self, key: str = "default") -> RateLimitStatus:
+        """The status of bucket ``key`` now; an unknown key is an empty bucket."""
+        if type(key) is not str:
+            key = _bad_key(key)
+        table = self._table
+        if table is None:
+            decision = await self.backend.peek(key, self._rule)
+            count, remaining, next_after, reset_after = (
+                decision.current_count,
+                decision.remaining,
+                decision.next_after,
+                decision.reset_after,
+            )
+        else:
+            now = self.clock.now()
+            count, remaining, next_after, reset_after = table.describe(table.peek(key, now), now)
+        return RateLimitStatus(
+            key, next_after == 0.0, count, self.limit, self.window, remaining, next_after, reset_after
+        )
+
+    async def reset(self, key: str = "default") -> None:
+        """Empty bucket ``key``. Tasks waiting on it are woken if they now fit."""
+        if type(key) is not str:
+            key = _bad_key(key)
+        await self.backend.reset(key, self._rule)
+        waiting = self._waiting.get(key)
+        if isinstance(waiting, _GcraWaiters):
+            waiting._wake_next()
+
+    @property
+    def resident_buckets(self) -> int | None:
+        """How many buckets the in-process backend holds for this rule (``None`` for remote ones)."""
+        return None if self._table is None else len(self._table)
+
+    # -- internals --------------------------------------------------------
+
+    def _check_cost(self, cost: object) -> float:
+        value = _number("cost", cost)
+        if value > self.limit:
+            raise ValueError(f"cost {cost!r} is above the limit {self.limit!r}: it could never be admitted")
+        return value
+
+    def _metadata(self, key: str, cost: float) -> dict[str, Any]:
+        return {
+            "key": key,
+            "limit": self.limit,
+            "window": self.window,
+            "cost": cost,
+            "algorithm": self.algorithm,
+            "name": self.name,
+        }
+
+    def _emit_allowed(self, key: str, cost: float) -> None:
+        LIMITER_REQUEST_ALLOWED.emit({"cost": cost}, self._metadata(key, cost))
+
+    def _deny_queued(self, key: str, cost: float, now: float) -> NoReturn:
+        # Waiters in acquire() go first: the hit fits once the bucket has room
+        # for everything queued ahead of it too.
+        # For GCRA that is exact (the level may exceed ``limit`` in the formula);
+        # a fixed window reports the end of the current window, a lower bound.
+        table = cast("BucketTable", self._table)
+        ahead = cost + self._waiting[key].queued
+        if not isinstance(table, GcraTable):
+            ahead = min(ahead, self.limit)
+        self._deny(key, cost, table.retry_after(key, ahead, now))
+
+    def _deny(self, key: str, cost: float, retry_after: float) -> NoReturn:
+        if LIMITER_REQUEST_DENIED.handlers:
+            LIMITER_REQUEST_DENIED.emit({"cost": cost, "retry_after": retry_after}, self._metadata(key, cost))
+        if logger.is_enabled_for(logging.DEBUG):
+            logger.debug(
+                "rate_limit_denied", key=key, limit=self.limit, window=self.window, cost=cost, retry_after=retry_after
+            )
+        raise RateLimitExceeded(key=key, limit=self.limit, window=self.window, retry_after=retry_after)
+
+    def __repr__(self) -> str:
+        resident = "" if self._table is None else f", buckets={len(self._table)}"
+        return (
+            f"RateLimiter(limit={self.limit!r}, window={self.window!r}, algorithm={self.algorithm!r}, "
+            f"name={self.name!r}{resident}, waiting_keys={len(self._waiting)})"
+        )

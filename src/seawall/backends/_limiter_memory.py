@@ -1,0 +1,242 @@
+"""The in-process rate-limit backend: plain dicts, bounded by sweeping.
+
+One :class:`BucketTable` per rule holds the buckets of that rule:
+
+* :class:`GcraTable` stores, per key, one float: the bucket's *theoretical
+  arrival time* (GCRA's TAT), the instant at which the bucket will have drained
+  back to empty. The level at time ``now`` is ``(tat - now) / interval``; a
+  hit of ``cost`` fits when the level after it is at most ``limit``, i.e.
+  when ``tat + cost * interval - now <= window``. This is exactly the leaky
+  bucket of aiolimiter (capacity ``limit``, draining ``limit / window`` per
+  second) in one number instead of two, so a bucket costs one dict entry and
+  one float, and the retry time of a denial is one subtraction.
+* :class:`FixedWindowTable` counts hits per key in the current aligned window
+  (``[k * window, (k + 1) * window)`` on the caller's clock) and drops the
+  whole dict when the window rolls over.
+
+Memory stays bounded without a timer per key. A GCRA bucket is never more than
+``window`` seconds from empty, so once per window (on the first operation
+after the window elapsed) the table rebuilds its dict without the buckets that
+have drained: a key hit once is gone at most one window after its bucket
+emptied. The sweep also moves the epoch the stored times are measured from to
+``now``, so the floats stay small and a burst of ``limit`` hits at one
+instant adds up exactly, whatever the magnitude of the monotonic clock.
+"""
+
+from __future__ import annotations
+
+import math
+
+from seawall._clock import Clock, default_clock
+from seawall.backends._limiter_protocol import BucketTable, RateLimitDecision, RateLimitRule, check_rule
+
+__all__ = ["FixedWindowTable", "GcraTable", "MemoryRateLimitBackend"]
+
+#: Relative tolerance of the admission test. Costs are added as floats, so a
+#: bucket filled to exactly ``limit`` may read a few ulps over; a hit retried
+#: after exactly ``retry_after`` must still pass.
+_SLACK = 1e-9
+
+
+class GcraTable:
+    """The GCRA (leaky bucket) buckets of one rule.
+
+    Args:
+        rule: The rule; its ``algorithm`` is not consulted.
+    """
+
+    __slots__ = ("_buckets", "_epoch", "_horizon", "_interval", "_limit", "_next_sweep", "_window", "rule")
+
+    def __init__(self, rule: RateLimitRule) -> None:
+        self.rule = rule
+        self._limit = rule.limit
+        self._window = rule.window
+        self._interval = rule.window / rule.limit
+        self._horizon = rule.window * (1.0 + _SLACK)
+        # Stored TATs are relative to ``_epoch``; the first take() sweeps the
+        # (empty) dict and sets the epoch to its ``now``.
+        self._buckets: dict[str, float] = {}
+        self._epoch = 0.0
+        self._next_sweep = -math.inf
+
+    def take(self, key: str, cost: float, now: float) -> float | None:
+        """Take ``cost`` if it fits; return the backlog in seconds (the state), or ``None``."""
+        if now >= self._next_sweep:
+            self._sweep(now)
+        now -= self._epoch
+        buckets = self._buckets
+        tat = buckets.get(key, now)
+        if tat < now:
+            tat = now
+        tat += cost * self._interval
+        backlog = tat - now
+        if backlog > self._horizon:
+            return None
+        buckets[key] = tat
+        return backlog
+
+    def _backlog(self, key: str, now: float) -> float:
+        tat = self._buckets.get(key)
+        if tat is None:
+            return 0.0
+        backlog = tat - (now - self._epoch)
+        return backlog if backlog > 0.0 else 0.0
+
+    def retry_after(self, key: str, cost: float, now: float) -> float:
+        wait = self._backlog(key, now) + cost * self._interval - self._window
+        return wait if wait > 0.0 else 0.0
+
+    def peek(self, key: str, now: float) -> float:
+        return self._backlog(key, now)
+
+    def level(self, key: str, now: float) -> float:
+        """The bucket's level (units of cost) at ``now``, as aiolimiter counts it."""
+        return self._backlog(key, now) / self._interval
+
+    def describe(self, state: float, now: float) -> tuple[float, int, float, float]:
+        # ``state`` is the backlog (seconds until empty) at the time it was read,
+        # so ``now`` is not needed: the description is of that moment.
+        interval = self._interval
+        level = state / interval
+        remaining = math.floor((self._window - state) / interval + _SLACK * self._limit)
+        next_after = state + interval - self._window
+        return (level, max(remaining, 0), next_after if next_after > 0.0 else 0.0, state)
+
+    def reset(self, key: str) -> None:
+        self._buckets.pop(key, None)
+
+    def _sweep(self, now: float) -> None:
+        # Rebuilding (not deleting in place) also gives the memory back: a dict
+        # never shrinks on deletion. Every survivor is rebased on the new epoch.
+        shift = now - self._epoch
+        self._buckets = {key: tat - shift for key, tat in self._buckets.items() if tat > shift}
+        self._epoch = now
+        self._next_sweep = now + self._window
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def __repr__(self) -> str:
+        return f"GcraTable({self.rule!r}, buckets={len(self._buckets)})"
+
+
+class FixedWindowTable:
+    """The fixed-window counters of one rule: a count per key in the current window.
+
+    Args:
+        rule: The rule; its ``algorithm`` is not consulted.
+    """
+
+    __slots__ = ("_counts", "_limit", "_window", "_window_end", "rule")
+
+    def __init__(self, rule: RateLimitRule) -> None:
+        self.rule = rule
+        self._window = rule.window
+        self._limit = rule.limit * (1.0 + _SLACK)
+        self._counts: dict[str, float] = {}
+        self._window_end = -math.inf
+
+    def window_end(self, now: float) -> float:
+        """The end of the aligned window that contains ``now``."""
+        window = self._window
+        end = (math.floor(now / window) + 1) * window
+        # ``now / window`` may round up across a boundary; the window must contain ``now``.
+        return end if end > now else end + window
+
+    def take(self, key: str, cost: float, now: float) -> float | None:
+        """Count ``cost`` if the window has room; return the new count (the state), or ``None``."""
+        if now >= self._window_end:
+            # A new window: every count belongs to an old one, drop them all at once.
+            self._counts = {}
+            self._window_end = self.window_end(now)
+        counts = self._counts
+        count = counts.get(key, 0) + cost
+        if count > self._limit:
+            return None
+        counts[key] = count
+        return count
+
+    def peek(self, key: str, now: float) -> float:
+        return self._counts.get(key, 0) if now < self._window_end else 0
+
+    def retry_after(self, key: str, cost: float, now: float) -> float:
+        if self.peek(key, now) + cost <= self._limit:
+            return 0.0
+        return self.window_end(now) - now
+
+    def describe(self, state: float, now: float) -> tuple[float, int, float, float]:
+        until_end = self.window_end(now) - now
+        remaining = max(math.floor(self._limit - state), 0)
+        return (
+            state,
+            remaining,
+            0.0 if remaining >= 1 else until_end,
+            until_end if state > 0 else 0.0,
+        )
+
+    def reset(self, key: str) -> None:
+        self._counts.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+    def __repr__(self) -> str:
+        return f"FixedWindowTable({self.rule!r}, buckets={len(self._counts)})"
+
+
+class MemoryRateLimitBackend:
+    """Buckets in this process's memory (the default backend).
+
+    Args:
+        clock: The clock the coroutine methods read; a :class:`~seawall.RateLimiter`
+            using this backend reads its own clock and uses the synchronous
+            :meth:`table` fast path, so pass the same clock to both (or only
+            to this backend: the limiter adopts it).
+    """
+
+    __slots__ = ("_tables", "clock")
+
+    def __init__(self, *, clock: Clock | None = None) -> None:
+        self.clock: Clock = default_clock if clock is None else clock
+        self._tables: dict[RateLimitRule, GcraTable | FixedWindowTable] = {}
+
+    def table(self, rule: RateLimitRule) -> BucketTable:
+        """The bucket table of ``rule``, created on first use."""
+        found = self._tables.get(rule)
+        if found is None:
+            check_rule(rule)
+            found = self._tables[rule] = GcraTable(rule) if rule.algorithm == "gcra" else FixedWindowTable(rule)
+        return found
+
+    async def take(self, key: str, cost: float, rule: RateLimitRule) -> RateLimitDecision:
+        table = self.table(rule)
+        now = self.clock.now()
+        state = table.take(key, cost, now)
+        if state is None:
+            return decide(
+                table, table.peek(key, now), now, admitted=False, retry_after=table.retry_after(key, cost, now)
+            )
+        return decide(table, state, now, admitted=True, retry_after=0.0)
+
+    async def peek(self, key: str, rule: RateLimitRule) -> RateLimitDecision:
+        table = self.table(rule)
+        now = self.clock.now()
+        state = table.peek(key, now)
+        decision = decide(table, state, now, admitted=True, retry_after=0.0)
+        return decision._replace(admitted=decision.next_after == 0.0)
+
+    async def reset(self, key: str, rule: RateLimitRule) -> None:
+        self.table(rule).reset(key)
+
+    def __len__(self) -> int:
+        """How many buckets are resident, over all rules."""
+        return sum(len(table) for table in self._tables.values())
+
+    def __repr__(self) -> str:
+        return f"MemoryRateLimitBackend(rules={len(self._tables)}, buckets={len(self)}, clock={self.clock!r})"
+
+
+def decide(table: BucketTable, state: float, now: float, *, admitted: bool, retry_after: float) -> RateLimitDecision:
+    """Build the decision for a bucket of ``table`` in ``state`` at ``now``."""
+    count, remaining, next_after, reset_after = table.describe(state, now)
+    return RateLimitDecision(admitted, retry_after, count, remaining, reset_after, next_after)

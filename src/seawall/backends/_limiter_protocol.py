@@ -1,0 +1,167 @@
+"""The interface between :class:`~seawall.RateLimiter` and the stores of its buckets.
+
+A rate-limit backend answers one question atomically: *may bucket ``key``,
+under rule ``rule``, give up ``cost`` now?* If yes the cost is taken; if not
+nothing changes and the answer says when the same request would pass. That
+single operation (:meth:`RateLimitBackend.take`) is all a store must provide,
+plus :meth:`~RateLimitBackend.peek` and :meth:`~RateLimitBackend.reset`, so a
+shared store such as Redis plugs in by running the operation as one
+server-side script timed by the server's clock: one round trip per decision.
+
+The methods are coroutines because a remote store needs a round trip. An
+in-process store may additionally offer the synchronous
+:class:`LocalRateLimitBackend` face; the limiter then decides without a
+single suspension point and reads time from its own (injectable) clock, which
+is what makes the in-memory limiter both fast and deterministic under test.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, Protocol, runtime_checkable
+
+__all__ = [
+    "Algorithm",
+    "BucketTable",
+    "LocalRateLimitBackend",
+    "RateLimitBackend",
+    "RateLimitDecision",
+    "RateLimitRule",
+]
+
+Algorithm = Literal["gcra", "fixed_window"]
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitRule:
+    """A rule: at most ``limit`` per ``window`` seconds, counted per key.
+
+    Buckets in a shared backend are namespaced by the whole rule, so two
+    limiters with the same rule and ``name`` share their buckets (across
+    processes too, with a shared store) and limiters with different rules
+    never collide.
+
+    Attributes:
+        limit: The capacity of a bucket (hits per window).
+        window: The window in seconds.
+        algorithm: ``"gcra"`` (leaky bucket) or ``"fixed_window"``.
+        name: An optional namespace for the buckets.
+    """
+
+    limit: float
+    window: float
+    algorithm: Algorithm = "gcra"
+    name: str | None = None
+
+    @property
+    def interval(self) -> float:
+        """Seconds for one unit of cost to drain from a GCRA bucket (``window / limit``)."""
+        return self.window / self.limit
+
+
+class RateLimitDecision(NamedTuple):
+    """The outcome of one backend operation, and the bucket's state after it.
+
+    Attributes:
+        admitted: Whether ``cost`` was taken (always ``True`` for :meth:`RateLimitBackend.peek`
+            when a hit of cost 1 would pass, ``False`` when it would not).
+        retry_after: Seconds until the same request would be admitted; ``0.0`` when admitted.
+        current_count: The bucket's level (GCRA) or the window's count (fixed window) after the operation.
+        remaining: How many hits of cost 1 the bucket would admit right now.
+        reset_after: Seconds until the bucket is back to empty.
+        next_after: Seconds until a hit of cost 1 would be admitted; ``0.0`` if it would be now.
+    """
+
+    admitted: bool
+    retry_after: float
+    current_count: float
+    remaining: int
+    reset_after: float
+    next_after: float
+
+
+@runtime_checkable
+class RateLimitBackend(Protocol):
+    """Where a rate limiter keeps its buckets.
+
+    Every method must be atomic with respect to every other caller of the
+    same store: two processes taking the last unit of a bucket at once must
+    see one admission and one denial.
+    """
+
+    async def take(self, key: str, cost: float, rule: RateLimitRule) -> RateLimitDecision:
+        """Take ``cost`` from bucket ``key`` under ``rule`` if it fits now, else change nothing.
+
+        Args:
+            key: The bucket.
+            cost: A finite positive amount, at most ``rule.limit`` (the limiter checks).
+            rule: The rule the bucket obeys.
+
+        Returns:
+            Whether ``cost`` was taken, and the bucket's state after the operation.
+        """
+        ...
+
+    async def peek(self, key: str, rule: RateLimitRule) -> RateLimitDecision:
+        """Report bucket ``key`` as a hit of cost 1 would find it now, without taking anything."""
+        ...
+
+    async def reset(self, key: str, rule: RateLimitRule) -> None:
+        """Empty bucket ``key`` (forget it)."""
+        ...
+
+
+class BucketTable(Protocol):
+    """The synchronous buckets of one rule in an in-process backend.
+
+    ``now`` is passed in by the limiter (read from its clock), so a table is a
+    pure function of its calls; ``state`` is an opaque per-key value that
+    :meth:`describe` turns into the numbers a status reports.
+    """
+
+    rule: RateLimitRule
+
+    def take(self, key: str, cost: float, now: float) -> float | None:
+        """Take ``cost`` if it fits at ``now``; return the new state, or ``None`` (nothing taken)."""
+        ...
+
+    def retry_after(self, key: str, cost: float, now: float) -> float:
+        """Seconds after ``now`` until ``take(key, cost)`` would succeed."""
+        ...
+
+    def peek(self, key: str, now: float) -> float:
+        """The state of ``key`` at ``now`` (that of an empty bucket for an unknown key)."""
+        ...
+
+    def describe(self, state: float, now: float) -> tuple[float, int, float, float]:
+        """``(count, remaining, next_after, reset_after)`` of a bucket in ``state`` at ``now``."""
+        ...
+
+    def reset(self, key: str) -> None:
+        """Forget ``key``."""
+        ...
+
+    def __len__(self) -> int:
+        """How many buckets are resident."""
+        ...
+
+
+@runtime_checkable
+class LocalRateLimitBackend(RateLimitBackend, Protocol):
+    """A backend in this process, with a synchronous fast path per rule."""
+
+    def table(self, rule: RateLimitRule) -> BucketTable:
+        """The (long-lived) bucket table of ``rule``."""
+        ...
+
+
+def check_rule(rule: RateLimitRule) -> RateLimitRule:
+    """Return ``rule`` if its numbers are usable, else raise ``ValueError``."""
+    for name in ("limit", "window"):
+        value = getattr(rule, name)
+        if not (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
+            raise ValueError(f"rule {name} must be a finite positive number, got {value!r}")
+    if rule.algorithm not in ("gcra", "fixed_window"):
+        raise ValueError(f"rule algorithm must be 'gcra' or 'fixed_window', got {rule.algorithm!r}")
+    return rule

@@ -1,0 +1,670 @@
+"""RateLimiter: GCRA and fixed windows per key, deny or wait, bounded memory, on an injected clock."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import gc
+import logging
+import math
+import pickle
+from datetime import timedelta
+from typing import Any
+
+import anyio
+import pytest
+
+from seawall import ConfigurationError, FakeClock, MonotonicClock, RateLimiter, RateLimitExceeded, RateLimitStatus
+from seawall.backends import (
+    LocalRateLimitBackend,
+    MemoryRateLimitBackend,
+    RateLimitBackend,
+    RateLimitDecision,
+    RateLimitRule,
+)
+from seawall.backends._limiter_memory import FixedWindowTable, GcraTable
+from seawall.backends._limiter_protocol import check_rule
+from seawall.testing import capture_events
+
+pytestmark = pytest.mark.anyio
+
+
+async def denied(limiter: RateLimiter, key: str = "k", cost: float = 1) -> RateLimitExceeded:
+    with pytest.raises(RateLimitExceeded) as info:
+        await limiter.hit(key, cost)
+    return info.value
+
+
+class RemoteBackend:
+    """A backend with only the async protocol (as Redis will be), backed by a memory store."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self._store = MemoryRateLimitBackend(clock=clock)
+        self.calls: list[str] = []
+
+    async def take(self, key: str, cost: float, rule: RateLimitRule) -> RateLimitDecision:
+        self.calls.append("take")
+        return await self._store.take(key, cost, rule)
+
+    async def peek(self, key: str, rule: RateLimitRule) -> RateLimitDecision:
+        self.calls.append("peek")
+        return await self._store.peek(key, rule)
+
+    async def reset(self, key: str, rule: RateLimitRule) -> None:
+        self.calls.append("reset")
+        await self._store.reset(key, rule)
+
+
+# -- configuration ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [0, -1, math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("param", ["limit", "window"])
+def test_non_positive_or_non_finite_numbers_are_value_errors(param: str, bad: float) -> None:
+    """limit/window that are not finite and positive raise ConfigurationError naming the parameter."""
+    options: dict[str, Any] = {"limit": 10, "window": 1.0, param: bad}
+    with pytest.raises(ConfigurationError, match=param) as info:
+        RateLimiter(options["limit"], options["window"])
+    assert info.value.path == param
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("bad", ["10", None, True, [1]])
+@pytest.mark.parametrize("param", ["limit", "window"])
+def test_non_numbers_are_type_errors(param: str, bad: object) -> None:
+    """A limit/window that is not a number (a string, a bool) is a TypeError naming it."""
+    options: dict[str, Any] = {"limit": 10, "window": 1.0, param: bad}
+    with pytest.raises(TypeError, match=param):
+        RateLimiter(options["limit"], options["window"])
+
+
+def test_other_options_are_checked() -> None:
+    """An unknown algorithm, a non-str name, a non-clock or a non-backend fail at construction."""
+    with pytest.raises(ConfigurationError, match="algorithm"):
+        RateLimiter(1, 1.0, algorithm="sliding")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="name"):
+        RateLimiter(1, 1.0, name=3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="clock"):
+        RateLimiter(1, 1.0, clock=object())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="backend"):
+        RateLimiter(1, 1.0, backend=object())  # type: ignore[arg-type]
+
+
+def test_rule_is_exposed_and_timedelta_accepted() -> None:
+    """The rule is in limit and window; a timedelta window is converted to seconds once."""
+    limiter = RateLimiter(5, timedelta(minutes=1), name="api")
+    assert (limiter.limit, limiter.window, limiter.algorithm, limiter.name) == (5, 60.0, "gcra", "api")
+    assert "limit=5" in repr(limiter)
+    assert "window=60.0" in repr(limiter)
+
+
+def test_default_clock_is_the_monotonic_clock_and_a_backend_clock_is_adopted() -> None:
+    """Without a clock the limiter uses the backend's clock, by default the monotonic one."""
+    assert isinstance(RateLimiter(1, 1.0).clock, MonotonicClock)
+    clock = FakeClock()
+    assert RateLimiter(1, 1.0, backend=MemoryRateLimitBackend(clock=clock)).clock is clock
+
+
+@pytest.mark.parametrize("algorithm", ["gcra", "fixed_window"])
+async def test_bad_call_arguments(algorithm: str) -> None:
+    """A non-str key is a TypeError; a cost that is not finite, positive and at most limit is a ValueError."""
+    limiter = RateLimiter(5, 1.0, algorithm=algorithm, clock=FakeClock())  # type: ignore[arg-type]
+    for call in (limiter.hit, limiter.acquire):
+        with pytest.raises(TypeError, match="key"):
+            await call(b"k")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="cost"):
+            await call("k", "1")  # type: ignore[arg-type]
+        for bad in (0, -1, math.nan, math.inf):
+            with pytest.raises(ValueError, match="cost"):
+                await call("k", bad)
+        with pytest.raises(ValueError, match="above the limit"):
+            await call("k", 6)
+    with pytest.raises(TypeError, match="key"):
+        await limiter.status(1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="key"):
+        await limiter.reset(None)  # type: ignore[arg-type]
+    assert limiter.resident_buckets == 0
+
+
+async def test_str_subclass_keys_are_accepted() -> None:
+    """A key of a str subclass is a key."""
+
+    class Key(str):
+        __slots__ = ()
+
+    limiter = RateLimiter(1, 1.0, clock=FakeClock())
+    await limiter.hit(Key("k"))
+    await denied(limiter, "k")
+
+
+# -- GCRA -----------------------------------------------------------------------
+
+
+async def test_gcra_admits_a_burst_of_limit_then_the_drain_rate() -> None:
+    """A burst of limit passes at once; then one hit per window/limit."""
+    clock = FakeClock(1_000_000.0)  # a large epoch, as time.monotonic() has on a long-running host
+    limiter = RateLimiter(4, 2.0, clock=clock)
+    for _ in range(4):
+        await limiter.hit("k")
+    error = await denied(limiter)
+    assert error.retry_after == pytest.approx(0.5)
+    assert (error.key, error.limit, error.window) == ("k", 4, 2.0)
+    clock.advance(0.5)
+    await limiter.hit("k")
+    await denied(limiter)
+    clock.advance(1.0)
+    await limiter.hit("k")
+    await limiter.hit("k")
+    await denied(limiter)
+
+
+async def test_a_denial_consumes_nothing_and_retry_after_is_exact() -> None:
+    """Denied hits take nothing; just before retry_after the hit is denied, at retry_after it passes."""
+    clock = FakeClock(12.345)
+    limiter = RateLimiter(10, 1.0, clock=clock)
+    await limiter.hit("k", 10)
+    before = await limiter.status("k")
+    for _ in range(5):
+        error = await denied(limiter, cost=3)
+    assert await limiter.status("k") == before
+    assert error.retry_after == pytest.approx(0.3)
+    assert error.retry_after is not None
+    clock.advance(error.retry_after * 0.999)
+    await denied(limiter, cost=3)
+    clock.advance(error.retry_after * 0.001)
+    await limiter.hit("k", 3)
+
+
+async def test_keys_are_independent() -> None:
+    """Each key has its own bucket."""
+    limiter = RateLimiter(1, 1.0, clock=FakeClock())
+    await limiter.hit("a")
+    await limiter.hit("b")
+    await denied(limiter, "a")
+    await limiter.hit()  # the "default" key
+
+
+async def test_gcra_status_reports_the_bucket() -> None:
+    """status(): level, remaining, retry_after and reset_after of a draining bucket."""
+    clock = FakeClock()
+    limiter = RateLimiter(4, 4.0, clock=clock)
+    status = await limiter.status("k")
+    assert status == RateLimitStatus("k", True, 0.0, 4, 4.0, 4, 0.0, 0.0)
+    await limiter.hit("k", 4)
+    clock.advance(0.5)
+    status = await limiter.status("k")
+    assert status.current_count == pytest.approx(3.5)
+    assert (status.allowed, status.remaining) == (False, 0)
+    assert status.retry_after == pytest.approx(0.5)
+    assert status.reset_after == pytest.approx(3.5)
+    clock.advance(2.0)
+    status = await limiter.status("k")
+    assert (status.allowed, status.remaining, status.retry_after) == (True, 2, 0.0)
+
+
+async def test_hit_returns_a_lazy_status_equal_to_an_eager_one() -> None:
+    """hit()'s status is a frozen dataclass; its fields equal status() taken at the same instant."""
+    clock = FakeClock(5.0)
+    limiter = RateLimiter(3, 1.0, clock=clock)
+    status = await limiter.hit("k")
+    assert status == await limiter.status("k")
+    assert dataclasses.is_dataclass(status)
+    assert status.to_dict() == dataclasses.asdict(status)
+    assert status.to_dict()["remaining"] == 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        status.remaining = 9  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        _ = status.nonexistent
+    with pytest.raises(AttributeError):
+        _ = RateLimitStatus.__new__(RateLimitStatus).nonexistent
+    # The snapshot is of the moment of the hit, whenever it is first read.
+    later = await limiter.hit("k")
+    clock.advance(10.0)
+    assert later.current_count == pytest.approx(2.0)
+    assert pickle.loads(pickle.dumps(later)) == later
+    assert hash(later) == hash(dataclasses.replace(later))
+    assert "remaining=1" in repr(later)
+
+
+async def test_large_clock_values_keep_a_burst_exact() -> None:
+    """A burst of exactly limit passes at one instant even on a clock reading ~1e9 s."""
+    clock = FakeClock(987_654_321.123)
+    limiter = RateLimiter(1000, 1.0, clock=clock)
+    for _ in range(1000):
+        await limiter.hit("k")
+    await denied(limiter)
+
+
+# -- fixed window -------------------------------------------------------------
+
+
+async def test_fixed_windows_are_aligned_to_the_clock() -> None:
+    """fixed_window counts per aligned window [k*window, (k+1)*window); a denial waits for the next one."""
+    clock = FakeClock(10.5)
+    limiter = RateLimiter(3, 1.0, algorithm="fixed_window", clock=clock)
+    for _ in range(3):
+        await limiter.hit("k")
+    error = await denied(limiter)
+    assert error.retry_after == pytest.approx(0.5)
+    status = await limiter.status("k")
+    assert (status.current_count, status.remaining, status.allowed) == (3, 0, False)
+    assert status.reset_after == pytest.approx(0.5)
+    clock.advance(0.5)  # 11.0: a new window
+    assert (await limiter.status("k")).current_count == 0
+    status = await limiter.hit("k", 2)
+    assert (status.current_count, status.remaining, status.allowed, status.retry_after) == (2, 1, True, 0.0)
+    assert status.reset_after == pytest.approx(1.0)
+    await denied(limiter, cost=2)
+
+
+async def test_fixed_window_allows_limit_per_window_even_across_a_boundary() -> None:
+    """At most limit per window (Hammer's semantics): a full window then a full next one."""
+    clock = FakeClock(0.9)
+    limiter = RateLimiter(2, 1.0, algorithm="fixed_window", clock=clock)
+    await limiter.hit("k", 2)
+    clock.advance(0.1)
+    await limiter.hit("k", 2)
+    await denied(limiter)
+
+
+async def test_fixed_window_status_of_an_unknown_key() -> None:
+    """status() of an unknown key is an empty window, not an error."""
+    limiter = RateLimiter(2, 1.0, algorithm="fixed_window", clock=FakeClock(3.25))
+    assert await limiter.status("nobody") == RateLimitStatus("nobody", True, 0, 2, 1.0, 2, 0.0, 0.0)
+
+
+def test_window_end_never_rounds_back_onto_now() -> None:
+    """The aligned window containing now ends after now, even when now / window rounds up."""
+    table = FixedWindowTable(RateLimitRule(1, 0.1, "fixed_window"))
+    for now in (0.3, 0.7, 1.0, 2.9999999999999996, 1e6 + 0.1):
+        assert table.window_end(now) > now
+        assert table.window_end(now) - now <= 0.1 + 1e-9
+
+
+# -- reset and memory ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("algorithm", ["gcra", "fixed_window"])
+async def test_reset_empties_a_bucket(algorithm: str) -> None:
+    """reset(key) forgets the bucket; the next hit passes."""
+    limiter = RateLimiter(1, 1.0, algorithm=algorithm, clock=FakeClock())  # type: ignore[arg-type]
+    await limiter.hit("k")
+    await denied(limiter)
+    await limiter.reset("k")
+    await limiter.hit("k")
+    await limiter.reset("unknown")
+
+
+@pytest.mark.parametrize("algorithm", ["gcra", "fixed_window"])
+async def test_one_off_keys_do_not_stay_resident(algorithm: str) -> None:
+    """Buckets of one-off keys are dropped once drained: one window after the run, none is left."""
+    clock = FakeClock(100.0)
+    limiter = RateLimiter(10, 1.0, algorithm=algorithm, clock=clock)  # type: ignore[arg-type]
+    for i in range(10_000):
+        await limiter.hit(f"user-{i}", 10)
+        clock.advance(0.5 / 10_000)
+    assert limiter.resident_buckets == 10_000
+    clock.advance(1.0)
+    await limiter.hit("late")
+    assert limiter.resident_buckets == 1
+
+
+async def test_sweep_keeps_buckets_that_have_not_drained() -> None:
+    """The GCRA sweep drops only empty buckets; a bucket still draining keeps its level."""
+    clock = FakeClock()
+    limiter = RateLimiter(2, 10.0, clock=clock)  # one unit drains in 5 s
+    await limiter.hit("full", 2)  # empty at 10 s
+    await limiter.hit("quick", 0.5)  # empty at 2.5 s
+    clock.advance(6.0)
+    await limiter.hit("late", 2)  # empty at 16 s
+    assert limiter.resident_buckets == 3
+    clock.advance(4.5)  # 10.5 s: a window after the first hit, the next hit sweeps
+    await limiter.hit("other")
+    assert limiter.resident_buckets == 2  # "late" and "other"
+    await denied(limiter, "late")  # level 1.1: one more unit does not fit
+    await limiter.hit("full", 2)
+
+
+# -- concurrency ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algorithm", ["gcra", "fixed_window"])
+async def test_a_thousand_tasks_on_one_key_admit_exactly_limit(algorithm: str) -> None:
+    """1,000 concurrent tasks hitting one key with limit 100 at one instant: exactly 100 pass."""
+    limiter = RateLimiter(100, 1.0, algorithm=algorithm, clock=FakeClock(7.0))  # type: ignore[arg-type]
+    admitted: list[int] = []
+    denials: list[RateLimitExceeded] = []
+
+    async def one(i: int) -> None:
+        await anyio.lowlevel.checkpoint()  # interleave the tasks
+        try:
+            await limiter.hit("hot")
+        except RateLimitExceeded as error:
+            denials.append(error)
+        else:
+            admitted.append(i)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(1000):
+            tg.start_soon(one, i)
+    assert len(admitted) == 100
+    assert len(denials) == 900
+    assert all(error.retry_after is not None and error.retry_after > 0 for error in denials)
+
+
+async def test_acquire_waits_fifo_at_the_drain_rate() -> None:
+    """acquire() beyond the burst waits; waiters pass in arrival order, one per window/limit."""
+    clock = FakeClock(50.0)
+    limiter = RateLimiter(2, 1.0, clock=clock)
+    order: list[tuple[int, float]] = []
+
+    async def waiter(i: int) -> None:
+        await limiter.acquire("k")
+        order.append((i, clock.now()))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(5):
+            tg.start_soon(waiter, i)
+            await anyio.wait_all_tasks_blocked()
+        assert [i for i, _ in order] == [0, 1]
+        assert "waiting_keys=1" in repr(limiter)
+        for expected in (2, 3, 4):
+            clock.advance(0.25)
+            await anyio.wait_all_tasks_blocked()
+            assert len(order) == expected
+            clock.advance(0.25)
+            await anyio.wait_all_tasks_blocked()
+            assert order[-1][0] == expected
+    assert [t for _, t in order] == pytest.approx([50.0, 50.0, 50.5, 51.0, 51.5])
+    assert "waiting_keys=0" in repr(limiter)
+
+
+@pytest.mark.parametrize("algorithm", ["gcra", "fixed_window"])
+async def test_a_cancelled_waiter_consumes_nothing_and_blocks_nobody(algorithm: str) -> None:
+    """Cancelling a queued acquire() takes nothing; the waiter behind it is served on time."""
+    clock = FakeClock(0.0)
+    limiter = RateLimiter(1, 1.0, algorithm=algorithm, clock=clock)  # type: ignore[arg-type]
+    await limiter.acquire("k")
+    served: list[str] = []
+
+    async def waiter(name: str, scope: anyio.CancelScope) -> None:
+        with scope:
+            await limiter.acquire("k")
+            served.append(name)
+
+    first, second = anyio.CancelScope(), anyio.CancelScope()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter, "first", first)
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(waiter, "second", second)
+        await anyio.wait_all_tasks_blocked()
+        first.cancel()
+        await anyio.wait_all_tasks_blocked()
+        clock.advance(1.0)
+        await anyio.wait_all_tasks_blocked()
+        assert served == ["second"]
+    status = await limiter.status("k")
+    assert status.current_count == pytest.approx(1.0)
+    assert "waiting_keys=0" in repr(limiter)
+
+
+async def test_asyncio_timeout_cancels_a_waiter_cleanly() -> None:
+    """asyncio.timeout around acquire() on the real clock: TimeoutError, nothing taken, nothing left."""
+    limiter = RateLimiter(1, 3600.0)
+    await limiter.hit("k")
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.01):
+            await limiter.acquire("k")
+    assert "waiting_keys=0" in repr(limiter)
+    status = await limiter.status("k")
+    assert status.current_count == pytest.approx(1.0, abs=1e-3)
+
+
+async def test_acquire_on_the_monotonic_clock_uses_the_event_loop_timer() -> None:
+    """Production waiting (loop.call_at on loop.time()) admits a waiter once the bucket drains."""
+    limiter = RateLimiter(1, 0.02)
+    await limiter.acquire()
+    async with limiter:  # waits ~20 ms of real time
+        pass
+    await denied(limiter, "default")
+
+
+async def test_hit_does_not_jump_the_queue() -> None:
+    """While acquire() waiters queue on a key, hit() is denied until they and it fit."""
+    clock = FakeClock()
+    limiter = RateLimiter(2, 2.0, clock=clock)  # one unit drains per second
+    await limiter.hit("k", 2)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(limiter.acquire, "k", 1)
+        await anyio.wait_all_tasks_blocked()
+        error = await denied(limiter)
+        assert error.retry_after == pytest.approx(2.0)  # 1 s for the waiter, 1 s more for this hit
+        clock.advance(1.0)
+        await anyio.wait_all_tasks_blocked()
+    await denied(limiter)
+    clock.advance(1.0)
+    await limiter.hit("k")
+
+
+async def test_reset_wakes_waiters() -> None:
+    """reset(key) lets the waiters of the key pass at once."""
+    clock = FakeClock()
+    limiter = RateLimiter(1, 60.0, clock=clock)
+    await limiter.hit("k")
+    done = anyio.Event()
+
+    async def waiter() -> None:
+        await limiter.acquire("k")
+        done.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter)
+        await anyio.wait_all_tasks_blocked()
+        await limiter.reset("k")
+        await anyio.wait_all_tasks_blocked()
+        assert done.is_set()
+
+
+async def test_fixed_window_waiters_pass_in_the_next_window_in_order() -> None:
+    """fixed_window acquire(): waiters are served FIFO as windows open."""
+    clock = FakeClock(0.0)
+    limiter = RateLimiter(1, 1.0, algorithm="fixed_window", clock=clock)
+    order: list[int] = []
+
+    async def waiter(i: int) -> None:
+        await limiter.acquire("k")
+        order.append(i)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(3):
+            tg.start_soon(waiter, i)
+            await anyio.wait_all_tasks_blocked()
+        assert order == [0]
+        error = await denied(limiter)
+        assert error.retry_after == pytest.approx(1.0)
+        clock.advance(1.0)
+        await anyio.wait_all_tasks_blocked()
+        assert order == [0, 1]
+        clock.advance(1.0)
+        await anyio.wait_all_tasks_blocked()
+    assert order == [0, 1, 2]
+
+
+# -- context managers -----------------------------------------------------------
+
+
+async def test_context_manager_forms() -> None:
+    """Both `async with limiter` and limiter(key) wait; limiter(key, wait=False) denies like hit()."""
+    clock = FakeClock()
+    limiter = RateLimiter(1, 1.0, clock=clock)
+    async with limiter:
+        pass
+    async with limiter("other", cost=1):
+        pass
+    with pytest.raises(RateLimitExceeded):
+        async with limiter("other", wait=False):
+            pytest.fail("the block must not run")  # pragma: no cover
+    clock.advance(1.0)
+    async with limiter("other", wait=False):
+        pass
+    assert (await limiter.status()).current_count == pytest.approx(0.0)
+
+
+async def test_errors_in_the_block_propagate() -> None:
+    """An exception inside the block passes through the limiter unchanged."""
+    limiter = RateLimiter(5, 1.0, clock=FakeClock())
+    with pytest.raises(KeyError):
+        async with limiter("k"):
+            raise KeyError("mine")
+
+
+# -- telemetry and logs -----------------------------------------------------------
+
+
+async def test_telemetry_allowed_and_denied() -> None:
+    """request_allowed / request_denied carry key, limit, window and cost."""
+    clock = FakeClock()
+    limiter = RateLimiter(2, 1.0, name="api", clock=clock)
+    with capture_events() as events:
+        await limiter.hit("k", 2)
+        await denied(limiter)
+        await limiter.acquire("other")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(limiter.acquire, "k", 1)
+            await anyio.wait_all_tasks_blocked()
+            clock.advance(0.5)
+    names = [event.name for event in events]
+    assert names == ["request_allowed", "request_denied", "request_allowed", "request_allowed"]
+    allowed, rejected = events[0], events[1]
+    assert allowed.metadata == {
+        "key": "k",
+        "limit": 2,
+        "window": 1.0,
+        "cost": 2,
+        "algorithm": "gcra",
+        "name": "api",
+    }
+    assert rejected.metadata["cost"] == 1
+    assert rejected.measurements["retry_after"] == pytest.approx(0.5)
+
+
+async def test_denials_are_logged_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    """A denial is logged at debug level with its key and retry time."""
+    limiter = RateLimiter(1, 1.0, clock=FakeClock())
+    await limiter.hit("k")
+    with caplog.at_level(logging.DEBUG, logger="seawall"):
+        await denied(limiter)
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("rate_limit_denied" in message and "key='k'" in message for message in messages)
+
+
+# -- backends ---------------------------------------------------------------------
+
+
+def test_memory_backend_implements_both_protocols() -> None:
+    """The memory backend is a RateLimitBackend with the local fast path."""
+    backend = MemoryRateLimitBackend()
+    assert isinstance(backend, RateLimitBackend)
+    assert isinstance(backend, LocalRateLimitBackend)
+    rule = RateLimitRule(3, 1.0)
+    assert backend.table(rule) is backend.table(rule)
+    assert isinstance(backend.table(RateLimitRule(3, 1.0, "fixed_window")), FixedWindowTable)
+    assert rule.interval == pytest.approx(1 / 3)
+    assert "rules=2" in repr(backend)
+    assert "GcraTable" in repr(backend.table(rule))
+    assert "FixedWindowTable" in repr(backend.table(RateLimitRule(3, 1.0, "fixed_window")))
+
+
+def test_rules_are_checked() -> None:
+    """A rule with unusable numbers or algorithm is refused by the backend."""
+    for bad in (RateLimitRule(0, 1.0), RateLimitRule(1, math.nan), RateLimitRule(1, 1.0, "leaky")):  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="rule"):
+            check_rule(bad)
+        with pytest.raises(ValueError, match="rule"):
+            MemoryRateLimitBackend().table(bad)
+
+
+@pytest.mark.parametrize("algorithm", ["gcra", "fixed_window"])
+async def test_memory_backend_async_protocol(algorithm: str) -> None:
+    """take/peek/reset through the async protocol return decisions with the bucket's state."""
+    clock = FakeClock(4.0)
+    backend = MemoryRateLimitBackend(clock=clock)
+    rule = RateLimitRule(2, 1.0, algorithm)  # type: ignore[arg-type]
+    first = await backend.take("k", 2, rule)
+    assert (first.admitted, first.retry_after, first.current_count, first.remaining) == (True, 0.0, 2, 0)
+    second = await backend.take("k", 1, rule)
+    assert not second.admitted
+    assert second.retry_after == pytest.approx(0.5 if algorithm == "gcra" else 1.0)
+    peeked = await backend.peek("k", rule)
+    assert (peeked.admitted, peeked.remaining) == (False, 0)
+    assert len(backend) == 1
+    await backend.reset("k", rule)
+    assert (await backend.peek("k", rule)).admitted
+    assert len(backend) == 0
+
+
+async def test_a_remote_backend_plugs_in_without_the_fast_path() -> None:
+    """A backend with only the async protocol serves hit, acquire, status and reset."""
+    clock = FakeClock()
+    backend = RemoteBackend(clock)
+    limiter = RateLimiter(2, 1.0, backend=backend, name="remote")
+    assert limiter.clock is clock
+    assert limiter.resident_buckets is None
+    assert "buckets" not in repr(limiter)
+    status = await limiter.hit("k")
+    assert (status.current_count, status.remaining, status.allowed) == (1.0, 1, True)
+    await limiter.hit("k")
+    error = await denied(limiter)
+    assert error.retry_after == pytest.approx(0.5)
+    assert (await limiter.status("k")).remaining == 0
+    done: list[str] = []
+
+    async def waiter() -> None:
+        await limiter.acquire("k")
+        done.append("waiter")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter)
+        await anyio.wait_all_tasks_blocked()
+        queued = await denied(limiter)  # the waiter goes first
+        assert queued.retry_after == pytest.approx(1.0)
+        clock.advance(0.5)
+        await anyio.wait_all_tasks_blocked()
+    assert done == ["waiter"]
+    await limiter.reset("k")
+    assert (await limiter.status("k")).remaining == 2
+    assert {"take", "peek", "reset"} <= set(backend.calls)
+
+
+async def test_a_remote_backend_that_denies_without_retry_time_does_not_spin() -> None:
+    """A denial with retry_after 0 from a remote store waits a floor delay before asking again."""
+    clock = FakeClock()
+
+    class Stubborn(RemoteBackend):
+        async def take(self, key: str, cost: float, rule: RateLimitRule) -> RateLimitDecision:
+            self.calls.append("take")
+            admitted = len(self.calls) >= 2
+            return RateLimitDecision(admitted, 0.0, 0.0, 1, 0.0, 0.0)
+
+    backend = Stubborn(clock)
+    limiter = RateLimiter(1, 1.0, backend=backend)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(limiter.acquire, "k")
+        await anyio.wait_all_tasks_blocked()
+        assert backend.calls == ["take"]
+        clock.advance(1e-3)
+    assert backend.calls == ["take", "take"]
+
+
+def test_gcra_table_details() -> None:
+    """GcraTable: level and retry_after of unknown keys, sweep of drained buckets."""
+    table = GcraTable(RateLimitRule(2, 1.0))
+    assert table.level("k", 0.0) == 0.0
+    assert table.retry_after("k", 1, 0.0) == 0.0
+    assert table.take("k", 2, 0.0) == pytest.approx(1.0)
+    assert table.level("k", 0.25) == pytest.approx(1.5)
+    assert table.take("k", 1, 0.25) is None
+    assert table.retry_after("k", 1, 0.25) == pytest.approx(0.25)
+    del table
+    gc.collect()
