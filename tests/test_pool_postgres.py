@@ -144,7 +144,9 @@ async def test_connection_killed_while_held_is_replaced(
                 await observer.execute("SELECT pg_terminate_backend($1)", conn.get_server_pid())
                 await conn.fetchval("SELECT pg_sleep(0.2)")
 
-        with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError)):
+        with pytest.raises(
+            (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, ConnectionError)
+        ):
             await use_and_get_killed()
         conn = held[0]
         assert pool.status().in_use == 0
