@@ -6,6 +6,7 @@ Re-exported by :mod:`seawall.integrations.httpx`; import it from there.
 from __future__ import annotations
 
 import email.utils
+import inspect
 import math
 from collections.abc import Awaitable, Callable, Container, Mapping
 from datetime import UTC, datetime
@@ -152,7 +153,7 @@ class ProtectedTransport(httpx.AsyncBaseTransport):
         if self._entity is None or isinstance(self._entity, str):
             return self._entity
         result = self._entity(request)
-        if not isinstance(result, str):
+        if inspect.isawaitable(result):
             result = await result
         if not isinstance(result, str):
             raise TypeError(f"ProtectedTransport(entity=...) must return a str, got {result!r}")

@@ -19,6 +19,7 @@ field names of the IETF ``draft-ietf-httpapi-ratelimit-headers``.
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -259,7 +260,7 @@ async def _entity_of(entity: str | EntityFunction | None, request: Request) -> s
     if entity is None or isinstance(entity, str):
         return entity
     result = entity(request)
-    if not isinstance(result, str):
+    if inspect.isawaitable(result):
         result = await result
     if not isinstance(result, str):
         raise TypeError(f"protect(entity=...) must return a str, got {type(result).__name__}: {result!r}")
