@@ -28,8 +28,12 @@ from seawall._breaker import BreakerState, BreakerStatus, CircuitBreaker
 # -- connection pool (issue 5) --
 from seawall._pool import ConnectionPool, PoolStatus
 # -- coordinator (issue 6) --
+from seawall._config import BreakerConfig, PoolConfig, ProtectionConfig, RateLimitConfig
+from seawall._infrastructure import AsyncInfrastructure
 
 __all__ = [
+    "AsyncInfrastructure",
+    "BreakerConfig",
     "BreakerState",
     "BreakerStatus",
     "CircuitBreaker",
@@ -41,11 +45,14 @@ __all__ = [
     "FakeClock",
     "MonotonicClock",
     "PoolClosed",
+    "PoolConfig",
     "PoolNotFound",
     "PoolStatus",
     "PoolTimeout",
+    "ProtectionConfig",
     "ProtectionKeyNotFound",
     "ProtectionTimeout",
+    "RateLimitConfig",
     "RateLimitExceeded",
     "RateLimitStatus",
     "RateLimiter",

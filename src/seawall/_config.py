@@ -1,0 +1,409 @@
+"""Validated, typed protection configuration for :class:`AsyncInfrastructure`.
+
+A protection is configured from a plain mapping (or a TOML table)::
+
+    {"rate_limiter": {"limit": 100, "window": 60},
+     "circuit_breaker": {"failure_threshold": 5, "recovery_time": 30},
+     "connection_pool": {"size": 10, "max_overflow": 5, "factory": ...},
+     "timeout": 5.0}
+
+:meth:`ProtectionConfig.from_mapping` turns it into frozen dataclasses, or
+raises :class:`~seawall.ConfigurationError` whose ``path`` names the
+offending option in full (``external_api.circuit_breaker.failure_treshold``)
+and whose message suggests the closest valid name for a misspelt one. The
+dataclasses validate on construction too, so a config built in code is held
+to the same rules as one read from a file.
+
+Pool factories may be named by import string (``"package.module:Name"``),
+which is how a TOML file refers to them; ``factory_options`` holds the
+keyword arguments the named class (or callable) is called with.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeVar
+
+from seawall._errors import ConfigurationError
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "BreakerConfig",
+    "PoolConfig",
+    "ProtectionConfig",
+    "RateLimitConfig",
+    "load_toml",
+    "resolve_factory",
+]
+
+#: The timeout of a protected call when neither the call nor its key sets one.
+DEFAULT_TIMEOUT = 5.0
+
+_ALGORITHMS = ("gcra", "fixed_window")
+
+
+def _fail(path: str, problem: str) -> ConfigurationError:
+    return ConfigurationError(f"{path}: {problem}", path=path)
+
+
+def _describe(value: object) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _seconds(value: object, path: str) -> float:
+    """A finite, positive number of seconds; ``timedelta`` is converted once."""
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _fail(path, f"expected a number of seconds, got {_describe(value)}")
+    if not (math.isfinite(value) and value > 0):
+        raise _fail(path, f"must be a finite number of seconds above 0, got {value!r}")
+    return float(value)
+
+
+def _count(value: object, path: str, *, minimum: int) -> int:
+    """An ``int`` (never a ``bool``) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(path, f"expected an integer, got {_describe(value)}")
+    if value < minimum:
+        raise _fail(path, f"must be at least {minimum}, got {value!r}")
+    return value
+
+
+def _exception_types(value: object, path: str) -> tuple[type[BaseException], ...]:
+    """A tuple of exception classes; import strings are resolved."""
+    items = [value] if isinstance(value, str | type) else value
+    if not isinstance(items, list | tuple):
+        raise _fail(path, f"expected a list of exception classes, got {_describe(value)}")
+    resolved: list[type[BaseException]] = []
+    for index, item in enumerate(items):
+        entry = _import_string(item, f"{path}[{index}]") if isinstance(item, str) else item
+        if not (isinstance(entry, type) and issubclass(entry, BaseException)):
+            raise _fail(f"{path}[{index}]", f"expected an exception class, got {_describe(entry)}")
+        resolved.append(entry)
+    return tuple(resolved)
+
+
+def _import_string(target: str, path: str) -> Any:
+    """Resolve ``"package.module:attribute"`` (or ``package.module.attribute``)."""
+    module_name, sep, attribute = target.partition(":")
+    if not sep:
+        module_name, _, attribute = target.rpartition(".")
+    if not module_name or not attribute:
+        raise _fail(path, f"expected an import string like 'package.module:Name', got {target!r}")
+    try:
+        found: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise _fail(path, f"cannot import module {module_name!r} named in {target!r}: {exc}") from exc
+    for part in attribute.split("."):
+        try:
+            found = getattr(found, part)
+        except AttributeError:
+            raise _fail(path, f"module {module_name!r} has no attribute {attribute!r}") from None
+    return found
+
+
+def resolve_factory(factory: object, options: Mapping[str, Any] | None, path: str) -> object:
+    """Turn a configured ``factory`` into the object a ``ConnectionPool`` takes.
+
+    Args:
+        factory: ``None`` (a bulkhead), a factory object, an async callable, or
+            an import string naming one of those or a class to instantiate.
+        options: Keyword arguments for the named class or callable.
+        path: The option's full path, for error messages.
+
+    Returns:
+        The factory to hand to ``ConnectionPool``.
+    """
+    if isinstance(factory, str):
+        factory = _import_string(factory, path)
+    if options is None:
+        if isinstance(factory, type):
+            # A class named without options: instantiate it with its defaults.
+            try:
+                return factory()
+            except Exception as exc:
+                raise _fail(path, f"cannot create {factory.__name__}(): {exc}") from exc
+        return factory
+    if inspect.iscoroutinefunction(factory) or not callable(factory):
+        raise _fail(
+            f"{path}_options", f"options were given but {factory!r} is not a class or function to call with them"
+        )
+    try:
+        return factory(**options)
+    except Exception as exc:
+        raise _fail(f"{path}_options", f"cannot create the factory with these options: {exc}") from exc
+
+
+def _check_names(data: Mapping[str, Any], allowed: tuple[str, ...], path: str) -> None:
+    """Reject unknown option names, suggesting the closest valid one."""
+    for name in data:
+        if not isinstance(name, str):
+            raise _fail(f"{path}.{name!r}" if path else repr(name), "option names must be strings")
+        if name in allowed:
+            continue
+        full = f"{path}.{name}" if path else name
+        close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; valid options are {', '.join(allowed)}"
+        raise _fail(full, f"unknown option {name!r}{hint}")
+
+
+def _section(value: object, path: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise _fail(path, f"expected a mapping (a TOML table) of options, got {_describe(value)}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    """The rate limiter of a protection: ``limit`` hits per ``window`` seconds, per bucket.
+
+    Attributes:
+        limit: Hits admitted per window (a positive integer).
+        window: The window in seconds (``timedelta`` accepted).
+        algorithm: ``"gcra"`` (a leaky bucket, the default) or ``"fixed_window"``.
+    """
+
+    limit: int
+    window: float
+    algorithm: Literal["gcra", "fixed_window"] = "gcra"
+
+    section: ClassVar[str] = "rate_limiter"
+
+    def __post_init__(self) -> None:
+        self._validate(self.section)
+
+    def _validate(self, path: str) -> None:
+        object.__setattr__(self, "limit", _count(self.limit, f"{path}.limit", minimum=1))
+        object.__setattr__(self, "window", _seconds(self.window, f"{path}.window"))
+        if self.algorithm not in _ALGORITHMS:
+            raise _fail(f"{path}.algorithm", f"must be one of {', '.join(_ALGORITHMS)}, got {self.algorithm!r}")
+
+    @classmethod
+    def from_mapping(cls, data: object, path: str = "rate_limiter") -> RateLimitConfig:
+        """Validate a mapping of options; errors name ``path`` and the option."""
+        options = _section(data, path)
+        _check_names(options, ("limit", "window", "algorithm"), path)
+        for required in ("limit", "window"):
+            if required not in options:
+                raise _fail(f"{path}.{required}", "this option is required")
+        return _build(cls, options, path)
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    """The circuit breaker of a protection.
+
+    Attributes:
+        failure_threshold: Failures within ``window`` that open the breaker.
+        window: Seconds over which failures are counted.
+        recovery_time: Seconds the breaker stays open before a trial call.
+        half_open_max_calls: Concurrent trial calls allowed while half-open.
+        exclude: Exception classes that are not failures (business errors);
+            import strings are accepted.
+    """
+
+    failure_threshold: int = 5
+    window: float = 60.0
+    recovery_time: float = 30.0
+    half_open_max_calls: int = 1
+    exclude: tuple[type[BaseException], ...] = ()
+
+    section: ClassVar[str] = "circuit_breaker"
+
+    def __post_init__(self) -> None:
+        self._validate(self.section)
+
+    def _validate(self, path: str) -> None:
+        set_ = object.__setattr__
+        set_(self, "failure_threshold", _count(self.failure_threshold, f"{path}.failure_threshold", minimum=1))
+        set_(self, "window", _seconds(self.window, f"{path}.window"))
+        set_(self, "recovery_time", _seconds(self.recovery_time, f"{path}.recovery_time"))
+        set_(self, "half_open_max_calls", _count(self.half_open_max_calls, f"{path}.half_open_max_calls", minimum=1))
+        set_(self, "exclude", _exception_types(self.exclude, f"{path}.exclude"))
+
+    @classmethod
+    def from_mapping(cls, data: object, path: str = "circuit_breaker") -> BreakerConfig:
+        """Validate a mapping of options; errors name ``path`` and the option."""
+        options = _section(data, path)
+        _check_names(options, tuple(f.name for f in fields(cls)), path)
+        return _build(cls, options, path)
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments for ``CircuitBreaker(name, **options)``."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """The connection pool (or, without a factory, the bulkhead) of a protection.
+
+    Attributes:
+        size: Workers created at start (concurrent slots of a bulkhead).
+        max_overflow: Extra workers created under load and closed when idle.
+        timeout: Seconds a checkout waits for a worker before ``PoolTimeout``.
+        factory: ``None`` for a bulkhead; else a factory object, an async
+            callable, or an import string (``"seawall.integrations.asyncpg:AsyncpgFactory"``).
+        factory_options: Keyword arguments for the class or callable named by
+            ``factory``.
+    """
+
+    size: int = 10
+    max_overflow: int = 0
+    timeout: float = 5.0
+    factory: Any = None
+    factory_options: Mapping[str, Any] | None = field(default=None, compare=False)
+
+    section: ClassVar[str] = "connection_pool"
+
+    def __post_init__(self) -> None:
+        self._validate(self.section)
+
+    def _validate(self, path: str) -> None:
+        object.__setattr__(self, "size", _count(self.size, f"{path}.size", minimum=1))
+        object.__setattr__(self, "max_overflow", _count(self.max_overflow, f"{path}.max_overflow", minimum=0))
+        object.__setattr__(self, "timeout", _seconds(self.timeout, f"{path}.timeout"))
+        if self.factory_options is not None:
+            _section(self.factory_options, f"{path}.factory_options")
+            if self.factory is None:
+                raise _fail(f"{path}.factory_options", "options were given without a factory")
+            object.__setattr__(self, "factory_options", dict(self.factory_options))
+        if isinstance(self.factory, str):
+            # Resolved (imported, instantiated) now, so a typo fails at configuration time.
+            resolved = resolve_factory(self.factory, self.factory_options, f"{path}.factory")
+            object.__setattr__(self, "factory", resolved)
+            object.__setattr__(self, "factory_options", None)
+        elif self.factory_options is not None:
+            resolved = resolve_factory(self.factory, self.factory_options, f"{path}.factory")
+            object.__setattr__(self, "factory", resolved)
+            object.__setattr__(self, "factory_options", None)
+        elif self.factory is not None and not (callable(self.factory) or hasattr(self.factory, "create")):
+            raise _fail(
+                f"{path}.factory",
+                f"expected a factory (an object with async create()/close(), an async callable "
+                f"or an import string), got {_describe(self.factory)}",
+            )
+
+    @classmethod
+    def from_mapping(cls, data: object, path: str = "connection_pool") -> PoolConfig:
+        """Validate a mapping of options; errors name ``path`` and the option."""
+        options = _section(data, path)
+        _check_names(options, tuple(f.name for f in fields(cls)), path)
+        return _build(cls, options, path)
+
+
+_Section = TypeVar("_Section", RateLimitConfig, BreakerConfig, PoolConfig)
+
+
+def _build(cls: type[_Section], options: Mapping[str, Any], path: str) -> _Section:
+    # Bypass __post_init__'s default path so errors carry the full one.
+    instance = object.__new__(cls)
+    for f in fields(cls):
+        value = options.get(f.name, f.default)
+        object.__setattr__(instance, f.name, value)
+    instance._validate(path)
+    return instance
+
+
+_SECTIONS: dict[str, Any] = {
+    "rate_limiter": RateLimitConfig,
+    "circuit_breaker": BreakerConfig,
+    "connection_pool": PoolConfig,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ProtectionConfig:
+    """Everything that protects one key; every section is optional.
+
+    Attributes:
+        rate_limiter: The key's rate limit, or ``None``.
+        circuit_breaker: The key's breaker, or ``None``.
+        connection_pool: The key's pool or bulkhead, or ``None``.
+        timeout: Seconds a protected call may take after its rate-limit check,
+            or ``None`` for the default (5 s).
+    """
+
+    rate_limiter: RateLimitConfig | None = None
+    circuit_breaker: BreakerConfig | None = None
+    connection_pool: PoolConfig | None = None
+    timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        for name, kind in _SECTIONS.items():
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, kind):
+                raise _fail(name, f"expected a {kind.__name__} or None, got {_describe(value)}")
+        if self.timeout is not None:
+            object.__setattr__(self, "timeout", _seconds(self.timeout, "timeout"))
+
+    @classmethod
+    def from_mapping(cls, data: object, path: str = "") -> ProtectionConfig:
+        """Validate a mapping (as in ``configure_protection``) into a config.
+
+        Args:
+            data: The mapping; sections may also be given as config objects.
+            path: Prefix of error paths, normally the protection key.
+
+        Raises:
+            ConfigurationError: An unknown option, a wrong type or a value out
+                of range; ``path`` names it in full.
+        """
+        if isinstance(data, ProtectionConfig):
+            return data
+        options = _section(data, path or "config")
+        _check_names(options, (*_SECTIONS, "timeout"), path)
+        sections: dict[str, Any] = {}
+        for name, kind in _SECTIONS.items():
+            value = options.get(name)
+            full = f"{path}.{name}" if path else name
+            if value is None or isinstance(value, kind):
+                sections[name] = value
+            else:
+                sections[name] = kind.from_mapping(value, full)
+        timeout = options.get("timeout")
+        if timeout is not None:
+            timeout = _seconds(timeout, f"{path}.timeout" if path else "timeout")
+        return cls(timeout=timeout, **sections)
+
+
+def load_toml(path: str | Path) -> dict[str, ProtectionConfig]:
+    """Read protections from a TOML file: one table per key.
+
+    Args:
+        path: The file, e.g. ``seawall.toml`` with ``[external_api.rate_limiter]``
+            tables; a top-level ``[protection]`` table, if present, holds the keys.
+
+    Returns:
+        The validated config of every key, in file order.
+
+    Raises:
+        ConfigurationError: The file cannot be read or parsed, or a key's
+            config is invalid; the message starts with the file name.
+    """
+    file = Path(path)
+    try:
+        with file.open("rb") as stream:
+            document = tomllib.load(stream)
+    except OSError as exc:
+        raise ConfigurationError(f"{file}: cannot read the configuration file: {exc}", path=None) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"{file}: not valid TOML: {exc}", path=None) from exc
+    tables = document.get("protection", document)
+    prefix = "protection." if "protection" in document else ""
+    configs: dict[str, ProtectionConfig] = {}
+    for key, table in tables.items():
+        try:
+            configs[key] = ProtectionConfig.from_mapping(table, key)
+        except ConfigurationError as exc:
+            full = f"{prefix}{exc.path}" if exc.path else None
+            raise ConfigurationError(f"{file}: {prefix}{exc.message}", path=full) from exc
+    return configs

@@ -1,0 +1,827 @@
+"""AsyncInfrastructure: rate limiter, breaker, pool and timeout, per key, in one call.
+
+A protected call goes through the key's layers in a fixed order::
+
+    rate limiter            (outside the timeout: a denial costs no scope)
+    ┌ one anyio cancel scope with the call's timeout ───────────────┐
+    │ circuit breaker  ->  pool checkout  ->  fn()                  │
+    └───────────────────────────────────────────────────────────────┘
+
+A denial never touches the breaker or the pool; a breaker rejection never
+touches the pool. Expiry of the timeout raises :class:`ProtectionTimeout`,
+which the breaker counts as a failure.
+
+The timeout is the expensive layer if done naively (an event-loop timer per
+call), so the cancel scope is entered without a deadline and registered with
+the infrastructure's :class:`~seawall._deadline.DeadlineTimer`, one task that
+cancels expired scopes (see that module for the design and its granularity).
+Outside ``async with AsyncInfrastructure()`` there is no timer task, and each
+call falls back to an ordinary anyio deadline.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import anyio
+import anyio.abc
+
+from seawall._breaker import BreakerLike, CircuitBreaker
+from seawall._clock import Clock, MonotonicClock, default_clock
+from seawall._config import DEFAULT_TIMEOUT, BreakerConfig, PoolConfig, ProtectionConfig, RateLimitConfig, load_toml
+from seawall._deadline import DeadlineTimer
+from seawall._errors import ConfigurationError, ProtectionKeyNotFound, ProtectionTimeout, SeawallError
+from seawall._limiter import RateLimiter
+from seawall._logging import logger
+from seawall._pool import ConnectionPool
+from seawall._registries import (
+    CircuitBreakerRegistry,
+    ConnectionManager,
+    RateLimiterRegistry,
+    bucket_key,
+    jsonable,
+)
+from seawall._telemetry import (
+    INFRA_EXECUTE_EXCEPTION,
+    INFRA_EXECUTE_START,
+    INFRA_EXECUTE_STOP,
+    INFRA_PROTECTION_TRIGGERED,
+)
+
+__all__ = ["AsyncInfrastructure"]
+
+T = TypeVar("T")
+
+#: The entity whose bucket a call uses when it names none.
+DEFAULT_ENTITY = "global"
+
+_CancelScopeClass: Any = None
+
+#: Plans of unconfigured keys kept at most (they are cheap to rebuild).
+_MAX_ADHOC = 1024
+
+
+def _cancel_scope_class() -> Any:
+    """The running backend's own CancelScope class.
+
+    ``anyio.CancelScope()`` dispatches to the backend on every construction
+    (measured: 40% of the scope's cost); the class it returns is the same
+    every time, so it is looked up once and called directly.
+    """
+    global _CancelScopeClass
+    if _CancelScopeClass is None:
+        _CancelScopeClass = type(anyio.CancelScope())
+    return _CancelScopeClass
+
+
+_CancelledClass: type[BaseException] | None = None
+
+
+def _cancelled_class() -> type[BaseException]:
+    """The running backend's cancellation exception (looked up once)."""
+    global _CancelledClass
+    if _CancelledClass is None:
+        _CancelledClass = anyio.get_cancelled_exc_class()
+    return _CancelledClass
+
+
+class _Plan:
+    """The compiled layers of one key (or of one call's options)."""
+
+    __slots__ = (
+        "breaker",
+        "bucket",
+        "config",
+        "drained",
+        "inflight",
+        "key",
+        "limiter",
+        "owner",
+        "pool",
+        "retired",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        key: str,
+        config: ProtectionConfig | None,
+        limiter: RateLimiter | None,
+        bucket: str,
+        breaker: BreakerLike | None,
+        pool: ConnectionPool[Any] | None,
+        timeout: float,
+    ) -> None:
+        self.key = key
+        self.config = config
+        self.limiter = limiter
+        self.bucket = bucket
+        self.breaker = breaker
+        self.pool = pool
+        self.timeout = timeout
+        # The key's plan, which counts this plan's calls (a call's options make a new plan).
+        self.owner: _Plan = self
+        # Calls in flight on this plan: a replaced pool closes once they finish.
+        self.inflight = 0
+        self.retired = False
+        self.drained: anyio.Event | None = None
+
+
+class AsyncInfrastructure:
+    """Per-key protection: rate limiting, circuit breaking, pooling and a timeout.
+
+    Args:
+        backend: Where rate-limit buckets and breaker state live; in memory
+            when ``None`` (``seawall.backends.RedisBackend`` shares them).
+        clock: The monotonic clock of the timeouts and of every primitive
+            created here (``seawall.testing.FakeClock`` in tests).
+
+    Use it as ``async with AsyncInfrastructure() as infra:``; on exit every
+    pool it started is closed (also when the body raised or was cancelled)
+    and its timer task stops.
+    """
+
+    __slots__ = (
+        "_adhoc",
+        "_backend",
+        "_clock",
+        "_entered",
+        "_now",
+        "_pending",
+        "_plans",
+        "_pools",
+        "_source",
+        "_task_group",
+        "_timer",
+        "circuit_breaker",
+        "connection_manager",
+        "rate_limiter",
+    )
+
+    def __init__(self, *, backend: Any = None, clock: Clock | None = None) -> None:
+        self._backend = backend
+        self._clock: Clock = clock if clock is not None else default_clock
+        self._now = self._clock.now
+        self._timer = DeadlineTimer(self._clock)
+        self._plans: dict[str, _Plan] = {}
+        # Plans of unconfigured keys (the timeout alone), kept so such calls allocate nothing.
+        self._adhoc: dict[str, _Plan] = {}
+        self._pools: set[ConnectionPool[Any]] = set()  # every pool started here and not yet closed
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._entered = False
+        self._pending: dict[str, ProtectionConfig] = {}
+        self._source: str | None = None
+        self.rate_limiter = RateLimiterRegistry(self)
+        self.circuit_breaker = CircuitBreakerRegistry(self)
+        self.connection_manager = ConnectionManager(self)
+
+    # -- lifecycle -------------------------------------------------------
+
+    @classmethod
+    def from_toml(cls, path: str | Path, *, backend: Any = None, clock: Clock | None = None) -> AsyncInfrastructure:
+        """An infrastructure configured from a TOML file, one table per key.
+
+        The file is read and validated now (errors name the file and the
+        option's full path); the keys are configured on ``async with``.
+        """
+        infra = cls(backend=backend, clock=clock)
+        infra._pending = load_toml(path)
+        infra._source = str(path)
+        return infra
+
+    async def __aenter__(self) -> AsyncInfrastructure:
+        if self._entered:
+            raise RuntimeError("an AsyncInfrastructure can be entered only once")
+        self._entered = True
+        _cancel_scope_class()
+        task_group = anyio.create_task_group()
+        await task_group.__aenter__()
+        self._task_group = task_group
+        try:
+            await task_group.start(self._timer.run)
+            pending, self._pending = self._pending, {}
+            for key, config in pending.items():
+                await self.configure_protection(key, config)
+        except BaseException as exc:
+            await self._shutdown(exc)
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        return await self._shutdown(exc)
+
+    async def _shutdown(self, exc: BaseException | None) -> bool | None:
+        task_group, self._task_group = self._task_group, None
+        try:
+            with anyio.CancelScope(shield=True):
+                # Pools first: their close waits for calls still holding workers.
+                for pool in list(self._pools):
+                    await self._close_pool(pool)
+        finally:
+            if task_group is not None:
+                # Only the timer task runs in the group: stop it. The body's own
+                # exception is not handed to the group, which would wrap it in
+                # an ExceptionGroup; it propagates from our __aexit__ as itself.
+                task_group.cancel_scope.cancel()
+                await task_group.__aexit__(None, None, None)
+        return None
+
+    async def aclose(self) -> None:
+        """Close every pool started here and stop the timer (what ``async with`` does on exit)."""
+        await self._shutdown(None)
+
+    # -- configuration ---------------------------------------------------
+
+    async def configure_protection(self, key: str, config: Mapping[str, Any] | ProtectionConfig) -> ProtectionConfig:
+        """Configure (or reconfigure) the protection of ``key``.
+
+        Args:
+            key: The name calls use.
+            config: A mapping with optional ``rate_limiter``, ``circuit_breaker``,
+                ``connection_pool`` sections and ``timeout``, or a
+                :class:`ProtectionConfig`.
+
+        Returns:
+            The validated configuration now in force.
+
+        Raises:
+            ConfigurationError: Something is invalid; ``path`` names it in full
+                (``key.section.option``). The earlier configuration of ``key``
+                stays in force, as it does when the new pool fails to start.
+        """
+        if not isinstance(key, str) or not key:
+            raise ConfigurationError(f"a protection key must be a non-empty str, got {key!r}", path="key")
+        validated = ProtectionConfig.from_mapping(config, key)
+        limiter = self.rate_limiter.limiter(validated.rate_limiter) if validated.rate_limiter else None
+        breaker = self._make_breaker(key, validated.circuit_breaker) if validated.circuit_breaker else None
+        pool = await self._start_pool(key, validated.connection_pool) if validated.connection_pool else None
+        # Nothing can fail from here on: swap everything in at once.
+        plan = _Plan(
+            key,
+            validated,
+            limiter,
+            bucket_key(key, DEFAULT_ENTITY),
+            breaker,
+            pool,
+            validated.timeout if validated.timeout is not None else DEFAULT_TIMEOUT,
+        )
+        old = self._plans.get(key)
+        self._plans[key] = plan
+        self.rate_limiter.bind(key, limiter)
+        if old is not None and old.breaker is not None and self.circuit_breaker._breakers.get(key) is old.breaker:
+            self.circuit_breaker._set(key, None)
+        if breaker is not None:
+            self.circuit_breaker._set(key, breaker)
+        if old is not None and old.pool is not None and self.connection_manager._pools.get(key) is old.pool:
+            self.connection_manager._set(key, None)
+        if pool is not None:
+            self.connection_manager._set(key, pool)
+        if old is not None and old.pool is not None:
+            await self._retire_pool(old.pool, old)
+        return validated
+
+    async def configure_from_mapping(self, configs: Mapping[str, Any]) -> dict[str, ProtectionConfig]:
+        """Configure several keys from ``{key: config}``; all are validated before any is applied."""
+        if not isinstance(configs, Mapping):
+            raise ConfigurationError(f"expected a mapping of key -> config, got {configs!r}", path=None)
+        validated = {key: ProtectionConfig.from_mapping(config, key) for key, config in configs.items()}
+        for key, config in validated.items():
+            await self.configure_protection(key, config)
+        return validated
+
+    async def configure_from_toml(self, path: str | Path) -> dict[str, ProtectionConfig]:
+        """Configure the keys of a TOML file (see :meth:`from_toml`)."""
+        return await self.configure_from_mapping(load_toml(path))
+
+    async def remove_protection(self, key: str) -> None:
+        """Forget ``key``; its pool closes once calls in flight on it finish.
+
+        Raises:
+            ProtectionKeyNotFound: ``key`` is not configured.
+        """
+        plan = self._plans.pop(key, None)
+        if plan is None:
+            raise ProtectionKeyNotFound(name=key)
+        if self.rate_limiter.for_operation(key) is plan.limiter:
+            self.rate_limiter.bind(key, None)
+        if plan.breaker is not None and self.circuit_breaker._breakers.get(key) is plan.breaker:
+            self.circuit_breaker._set(key, None)
+        if plan.pool is not None:
+            if self.connection_manager._pools.get(key) is plan.pool:
+                self.connection_manager._set(key, None)
+            await self._retire_pool(plan.pool, plan)
+
+    def list_protection_keys(self) -> list[str]:
+        """The configured keys, sorted."""
+        return sorted(self._plans)
+
+    # -- the protected call ----------------------------------------------
+
+    async def execute_protected(
+        self,
+        key: str,
+        fn: Callable[[], Awaitable[T]],
+        *,
+        rate_limiter: str | tuple[str, str] | None = None,
+        circuit_breaker: str | None = None,
+        connection_pool: str | None = None,
+        timeout: float | timedelta | None = None,  # noqa: ASYNC109 - the contract's API; it is the scope's deadline
+    ) -> T:
+        """Run ``await fn()`` through ``key``'s layers and return its result.
+
+        Args:
+            key: The protection key; an unknown key with no options runs
+                ``fn`` under the default timeout alone.
+            fn: A zero-argument async callable.
+            rate_limiter: The entity whose bucket is counted (default
+                ``"global"``), or an ``(operation, entity_id)`` pair.
+            circuit_breaker: A breaker registered on ``infra.circuit_breaker``
+                to use instead of the key's own.
+            connection_pool: A pool registered on ``infra.connection_manager``
+                to use instead of the key's own.
+            timeout: Seconds for everything after the rate-limit check;
+                default the key's timeout, else 5 s.
+
+        Raises:
+            RateLimitExceeded: The bucket is full.
+            CircuitOpenError: The breaker rejected the call.
+            PoolTimeout: No connection became free within the pool's timeout.
+            ProtectionTimeout: The call did not finish within ``timeout``.
+            Exception: Whatever ``fn`` raised, unchanged.
+        """
+        plan = self._plans.get(key)
+        if (
+            plan is None
+            or rate_limiter is not None
+            or circuit_breaker is not None
+            or connection_pool is not None
+            or timeout is not None
+        ):
+            plan = self._call_plan(key, plan, rate_limiter, circuit_breaker, connection_pool, timeout)
+        if INFRA_EXECUTE_START.handlers or INFRA_EXECUTE_STOP.handlers or INFRA_EXECUTE_EXCEPTION.handlers:
+            async with Protection(self, plan):
+                return await fn()
+        # The unobserved hot path, written out flat: every coroutine frame and
+        # object saved here is a measurable share of the whole chain's cost.
+        # ``Protection`` is the same logic spread over __aenter__/__aexit__.
+        limiter = plan.limiter
+        if limiter is not None:
+            try:
+                await limiter.hit(plan.bucket)
+            except SeawallError as exc:
+                self._triggered(plan.key, "rate_limiter", exc)
+                raise
+        pool = plan.pool
+        if pool is not None:
+            plan.owner.inflight += 1  # a replaced pool waits for this call
+        scope = (_CancelScopeClass or _cancel_scope_class())()
+        group: dict[Any, float] | None = None
+        with scope:
+            timer = self._timer
+            if timer.running:
+                group = timer.groups.get(plan.timeout) or timer.group(plan.timeout)
+                group[scope] = self._now() + plan.timeout
+            else:
+                scope.deadline = anyio.current_time() + plan.timeout
+            try:
+                breaker = plan.breaker
+                if breaker is not None:
+                    try:
+                        await breaker.__aenter__()
+                    except SeawallError as exc:
+                        self._triggered(plan.key, "circuit_breaker", exc)
+                        raise
+                try:
+                    if pool is None:
+                        result = await fn()
+                    else:
+                        checkout = pool.checkout()
+                        try:
+                            await checkout.__aenter__()
+                        except SeawallError as exc:
+                            self._triggered(plan.key, "connection_pool", exc)
+                            raise
+                        try:
+                            result = await fn()
+                        except BaseException as exc:
+                            await checkout.__aexit__(type(exc), exc, exc.__traceback__)
+                            raise
+                        await checkout.__aexit__(None, None, None)
+                except BaseException as exc:
+                    if breaker is None:
+                        raise
+                    if scope.cancel_called and isinstance(exc, _cancelled_class()):
+                        # Our deadline fired: the breaker must see a timeout, a failure.
+                        timed_out = self._timed_out(plan)
+                        await breaker.__aexit__(ProtectionTimeout, timed_out, None)
+                        raise timed_out from None
+                    await breaker.__aexit__(type(exc), exc, exc.__traceback__)
+                    raise
+                if breaker is not None:
+                    await breaker.__aexit__(None, None, None)
+                return result
+            finally:
+                if group is not None:
+                    group.pop(scope, None)
+                if pool is not None:
+                    owner = plan.owner
+                    owner.inflight -= 1
+                    if owner.drained is not None and owner.inflight == 0:
+                        owner.drained.set()
+        # Only reached when the scope swallowed its own cancellation.
+        raise self._timed_out(plan)
+
+    def _timed_out(self, plan: _Plan) -> ProtectionTimeout:
+        error = ProtectionTimeout(key=plan.key, timeout=plan.timeout)
+        self._triggered(plan.key, "timeout", error)
+        logger.warning("protection_timeout", key=plan.key, timeout=plan.timeout)
+        return error
+
+    def protect(
+        self,
+        key: str,
+        *,
+        rate_limiter: str | tuple[str, str] | None = None,
+        circuit_breaker: str | None = None,
+        connection_pool: str | None = None,
+        timeout: float | timedelta | None = None,
+    ) -> Protection:
+        """``async with infra.protect(key) as conn:`` protects a block like :meth:`execute_protected`.
+
+        Yields the pool's connection (``None`` without a pool). The options are
+        those of :meth:`execute_protected`.
+        """
+        plan = self._plans.get(key)
+        if (
+            plan is None
+            or rate_limiter is not None
+            or circuit_breaker is not None
+            or connection_pool is not None
+            or timeout is not None
+        ):
+            plan = self._call_plan(key, plan, rate_limiter, circuit_breaker, connection_pool, timeout)
+        return Protection(self, plan)
+
+    def _call_plan(
+        self,
+        key: str,
+        base: _Plan | None,
+        rate_limiter: str | tuple[str, str] | None,
+        circuit_breaker: str | None,
+        connection_pool: str | None,
+        timeout: float | timedelta | None,
+    ) -> _Plan:
+        """A one-call plan: the key's layers with the call's options applied."""
+        if (
+            base is None
+            and rate_limiter is None
+            and circuit_breaker is None
+            and connection_pool is None
+            and timeout is None
+        ):
+            adhoc = self._adhoc.get(key)
+            if adhoc is None:
+                if len(self._adhoc) >= _MAX_ADHOC:
+                    self._adhoc.clear()  # many one-off keys: start over rather than grow
+                adhoc = self._adhoc[key] = _Plan(key, None, None, "", None, None, DEFAULT_TIMEOUT)
+            return adhoc
+        limiter = base.limiter if base is not None else None
+        bucket = base.bucket if base is not None else bucket_key(key, DEFAULT_ENTITY)
+        if rate_limiter is not None:
+            if isinstance(rate_limiter, str):
+                bucket = bucket_key(key, rate_limiter)
+            elif (
+                isinstance(rate_limiter, tuple)
+                and len(rate_limiter) == 2
+                and all(isinstance(part, str) for part in rate_limiter)
+            ):
+                operation, entity = rate_limiter
+                limiter = self.rate_limiter.for_operation(operation) or limiter
+                bucket = bucket_key(operation, entity)
+            else:
+                raise ConfigurationError(
+                    f"{key}.rate_limiter: expected an entity id (str) or an (operation, entity_id) pair, "
+                    f"got {rate_limiter!r}",
+                    path=f"{key}.rate_limiter",
+                )
+            if limiter is None:
+                raise ConfigurationError(
+                    f"{key}.rate_limiter: no rate limit is configured for this key or operation",
+                    path=f"{key}.rate_limiter",
+                )
+        breaker = base.breaker if base is not None else None
+        if circuit_breaker is not None:
+            breaker = self.circuit_breaker.get(circuit_breaker)
+        pool = base.pool if base is not None else None
+        if connection_pool is not None:
+            pool = self.connection_manager.get(connection_pool)
+        if timeout is not None:
+            seconds = _timeout(timeout, f"{key}.timeout")
+        else:
+            seconds = base.timeout if base is not None else DEFAULT_TIMEOUT
+        if base is not None and _same(limiter, bucket, breaker, pool, seconds, base):
+            return base
+        plan = _Plan(key, None, limiter, bucket, breaker, pool, seconds)
+        if base is not None:
+            # Count the call against the key's plan, whose pool it may use.
+            plan.owner = base
+        return plan
+
+    # -- status ----------------------------------------------------------
+
+    async def get_protection_status(self, key: str) -> dict[str, Any]:
+        """The state of each of ``key``'s layers as a JSON-ready dict.
+
+        Raises:
+            ProtectionKeyNotFound: ``key`` is not configured.
+        """
+        plan = self._plans.get(key)
+        if plan is None:
+            raise ProtectionKeyNotFound(name=key)
+        status: dict[str, Any] = {"key": key, "timeout": plan.timeout}
+        if plan.limiter is not None:
+            status["rate_limiter"] = jsonable((await plan.limiter.status(plan.bucket)).to_dict())
+        if plan.breaker is not None:
+            status["circuit_breaker"] = jsonable((await plan.breaker.status()).to_dict())
+        if plan.pool is not None:
+            status["connection_pool"] = jsonable(plan.pool.status().to_dict())
+        return status
+
+    async def get_infrastructure_status(self) -> dict[str, Any]:
+        """Health of everything: every pool and breaker, the keys, the timer; JSON-ready.
+
+        ``"status"`` is ``"healthy"`` when every pool is open and every
+        breaker closed, else ``"degraded"``.
+        """
+        pools: dict[str, Any] = {}
+        for name in self.connection_manager.list_pools():
+            pool = self.connection_manager.get(name)
+            healthy = not pool.closed
+            pools[name] = {"healthy": healthy, **jsonable(pool.status().to_dict())}
+        breakers: dict[str, Any] = {}
+        for name in self.circuit_breaker.names():
+            snapshot = jsonable((await self.circuit_breaker.get(name).status()).to_dict())
+            breakers[name] = {"healthy": snapshot.get("state") != "open", **snapshot}
+        healthy = all(p["healthy"] for p in pools.values()) and all(b["healthy"] for b in breakers.values())
+        return {
+            "status": "healthy" if healthy else "degraded",
+            "keys": len(self._plans),
+            "protection_keys": self.list_protection_keys(),
+            "pools": pools,
+            "circuit_breakers": breakers,
+            "timer": {"running": self._timer.running, "pending": self._timer.pending, "expired": self._timer.expired},
+        }
+
+    health = get_infrastructure_status
+
+    # -- internals used by the registries and Protection -----------------------
+
+    def _make_limiter(self, config: RateLimitConfig) -> RateLimiter:
+        options: dict[str, Any] = {"algorithm": config.algorithm, "backend": self._backend}
+        if not isinstance(self._clock, MonotonicClock):
+            options["clock"] = self._clock
+        return RateLimiter(config.limit, config.window, **options)
+
+    def _make_breaker(self, name: str, config: BreakerConfig) -> CircuitBreaker:
+        return CircuitBreaker(name, **config.options(), backend=self._backend, clock=self._clock)
+
+    async def _start_pool(self, name: str, config: PoolConfig) -> ConnectionPool[Any]:
+        pool: ConnectionPool[Any] = ConnectionPool(
+            config.factory,
+            size=config.size,
+            max_overflow=config.max_overflow,
+            timeout=config.timeout,
+            name=name,
+            clock=self._clock,
+        )
+        await pool.start()
+        self._pools.add(pool)
+        return pool
+
+    async def _close_pool(self, pool: ConnectionPool[Any]) -> None:
+        self._pools.discard(pool)
+        with anyio.CancelScope(shield=True):
+            await pool.close()
+
+    async def _retire_pool(self, pool: ConnectionPool[Any], plan: _Plan | None) -> None:
+        """Close ``pool`` once the calls in flight on ``plan`` are done, without waiting here."""
+        if plan is not None:
+            plan.retired = True
+            if plan.inflight and plan.drained is None:
+                plan.drained = anyio.Event()
+        if pool in (self.connection_manager._pools.get(name) for name in self.connection_manager.list_pools()):
+            return  # still registered under another name: it stays open
+        task_group = self._task_group
+        if task_group is None:
+            if plan is not None and plan.drained is not None:
+                await plan.drained.wait()
+            await self._close_pool(pool)
+            return
+
+        async def close_when_drained() -> None:
+            if plan is not None and plan.drained is not None:
+                await plan.drained.wait()
+            await self._close_pool(pool)
+
+        task_group.start_soon(close_when_drained)
+
+    def _triggered(self, key: str, layer: str, exc: BaseException, metadata: Mapping[str, Any] | None = None) -> None:
+        """Report that ``layer`` stopped a call (telemetry; the layer logs it itself)."""
+        if INFRA_PROTECTION_TRIGGERED.handlers:
+            meta: dict[str, Any] = {
+                "key": key,
+                "layer": layer,
+                "error_type": getattr(exc, "error_type", type(exc).__name__),
+                "retry_after": getattr(exc, "retry_after", None),
+            }
+            if metadata:
+                meta["metadata"] = dict(metadata)
+            INFRA_PROTECTION_TRIGGERED.emit({}, meta)
+
+    def __repr__(self) -> str:
+        return (
+            f"AsyncInfrastructure(keys={self.list_protection_keys()!r}, "
+            f"running={self._task_group is not None}, timer={self._timer!r})"
+        )
+
+
+def _same(
+    limiter: RateLimiter | None,
+    bucket: str,
+    breaker: BreakerLike | None,
+    pool: ConnectionPool[Any] | None,
+    timeout: float,
+    base: _Plan,
+) -> bool:
+    return (
+        limiter is base.limiter
+        and bucket == base.bucket
+        and breaker is base.breaker
+        and pool is base.pool
+        and timeout == base.timeout
+    )
+
+
+def _timeout(value: object, path: str) -> float:
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and value > 0):
+        raise ConfigurationError(f"{path}: must be a finite number of seconds above 0, got {value!r}", path=path)
+    return float(value)
+
+
+class Protection:
+    """One protected block: ``async with infra.protect(key) as conn:``; single use.
+
+    ``__aenter__`` runs the rate limiter, enters the cancel scope, the
+    breaker and the pool checkout; ``__aexit__`` unwinds them in reverse,
+    turning the scope's own cancellation into :class:`ProtectionTimeout`
+    *inside* the breaker so that the breaker counts it as a failure.
+    """
+
+    __slots__ = ("_breaker_in", "_checkout", "_group", "_infra", "_plan", "_scope", "_started")
+
+    def __init__(self, infra: AsyncInfrastructure, plan: _Plan) -> None:
+        self._infra = infra
+        self._plan = plan
+        self._scope: Any = None
+        self._group: dict[Any, float] | None = None
+        self._checkout: Any = None
+        self._breaker_in = False
+        self._started: float | None = None
+
+    async def __aenter__(self) -> Any:
+        if self._scope is not None:
+            raise RuntimeError("a Protection can be entered only once; call infra.protect() again")
+        plan = self._plan
+        infra = self._infra
+        if INFRA_EXECUTE_START.handlers or INFRA_EXECUTE_STOP.handlers or INFRA_EXECUTE_EXCEPTION.handlers:
+            self._started = infra._now()
+            if INFRA_EXECUTE_START.handlers:
+                INFRA_EXECUTE_START.emit(
+                    {"monotonic_time": self._started, "system_time": time.time()}, {"key": plan.key}
+                )
+        limiter = plan.limiter
+        if limiter is not None:
+            try:
+                await limiter.hit(plan.bucket)
+            except BaseException as exc:
+                if isinstance(exc, SeawallError):
+                    infra._triggered(plan.key, "rate_limiter", exc)
+                self._finish(exc)
+                raise
+        # From here on the call is in flight: a replaced pool waits for it.
+        if plan.pool is not None:
+            plan.owner.inflight += 1
+        scope = self._scope = (_CancelScopeClass or _cancel_scope_class())()
+        scope.__enter__()
+        timer = infra._timer
+        if timer.running:
+            timeout = plan.timeout
+            group = self._group = timer.groups.get(timeout) or timer.group(timeout)
+            group[scope] = infra._now() + timeout
+        else:
+            scope.deadline = anyio.current_time() + plan.timeout
+        try:
+            breaker = plan.breaker
+            if breaker is not None:
+                try:
+                    await breaker.__aenter__()
+                except SeawallError as exc:
+                    infra._triggered(plan.key, "circuit_breaker", exc)
+                    raise
+                self._breaker_in = True
+            pool = plan.pool
+            if pool is not None:
+                checkout = pool.checkout()
+                try:
+                    conn = await checkout.__aenter__()
+                except SeawallError as exc:
+                    infra._triggered(plan.key, "connection_pool", exc)
+                    raise
+                self._checkout = checkout
+                return conn
+            return None
+        except BaseException as exc:
+            await self._unwind(type(exc), exc, exc.__traceback__)
+            raise  # pragma: no cover - _unwind always raises for an exception
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        checkout = self._checkout
+        if checkout is not None:
+            self._checkout = None
+            try:
+                await checkout.__aexit__(exc_type, exc, tb)
+            except BaseException as checkin_exc:
+                # A failing check-in (e.g. cancelled) replaces the block's outcome.
+                exc_type, exc, tb = type(checkin_exc), checkin_exc, checkin_exc.__traceback__
+        return await self._unwind(exc_type, exc, tb)
+
+    async def _unwind(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        """Leave the breaker and the scope; raise the call's outcome (or return False)."""
+        scope = self._scope
+        plan = self._plan
+        raised = exc
+        try:
+            if exc is not None and scope.cancel_called and isinstance(exc, _cancelled_class()):
+                # Our own deadline fired (no one else holds this scope): a timeout.
+                raised = self._infra._timed_out(plan)
+                exc_type, tb = ProtectionTimeout, None
+            if self._breaker_in:
+                self._breaker_in = False
+                breaker = plan.breaker
+                assert breaker is not None
+                try:
+                    await breaker.__aexit__(exc_type, raised, tb)
+                except BaseException as breaker_exc:
+                    if breaker_exc is not raised:
+                        raised, exc_type, tb = breaker_exc, type(breaker_exc), breaker_exc.__traceback__
+        finally:
+            group = self._group
+            if group is not None:
+                group.pop(scope, None)
+            if plan.pool is not None:
+                owner = plan.owner
+                owner.inflight -= 1
+                if owner.inflight == 0 and owner.drained is not None:
+                    owner.drained.set()
+        if scope.__exit__(exc_type, raised, tb):  # pragma: no cover - its cancellation was turned into a timeout
+            raise AssertionError("the protection's cancel scope swallowed an exception")
+        if raised is None:
+            self._finish(None)
+            return False
+        self._finish(raised)
+        if raised is exc:
+            return False
+        raise raised from None
+
+    def _finish(self, exc: BaseException | None) -> None:
+        started = self._started
+        if started is None:
+            return
+        duration = self._infra._now() - started
+        key = self._plan.key
+        if exc is not None and INFRA_EXECUTE_EXCEPTION.handlers:
+            INFRA_EXECUTE_EXCEPTION.emit(
+                {"duration": duration},
+                {
+                    "key": key,
+                    "kind": type(exc).__name__,
+                    "error_type": getattr(exc, "error_type", None),
+                    "reason": exc,
+                },
+            )
+        if INFRA_EXECUTE_STOP.handlers:
+            INFRA_EXECUTE_STOP.emit({"duration": duration}, {"key": key, "success": exc is None})

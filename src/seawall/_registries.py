@@ -1,0 +1,320 @@
+"""The seed-style registries of an ``AsyncInfrastructure``.
+
+``infra.rate_limiter``, ``infra.circuit_breaker`` and
+``infra.connection_manager`` hold the named primitives. They share state with
+the keyed configuration: configuring key ``"api"`` registers its breaker and
+pool under the name ``"api"`` and its rate-limit buckets under the operation
+``"api"``, and a breaker started with ``start_fuse_instance("db_breaker")``
+can be named in ``execute_protected(..., circuit_breaker="db_breaker")``.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from seawall._breaker import BreakerLike, BreakerStatus, CircuitBreaker
+from seawall._config import BreakerConfig, PoolConfig, RateLimitConfig
+from seawall._errors import (
+    CircuitBreakerNotFound,
+    CircuitOpenError,
+    ConfigurationError,
+    PoolNotFound,
+    ProtectionKeyNotFound,
+)
+from seawall._pool import ConnectionPool, PoolStatus
+
+if TYPE_CHECKING:
+    from seawall._infrastructure import AsyncInfrastructure
+    from seawall._limiter import RateLimiter, RateLimitStatus
+
+__all__ = ["CircuitBreakerRegistry", "ConnectionManager", "RateLimiterRegistry", "bucket_key", "jsonable"]
+
+T = TypeVar("T")
+
+
+def bucket_key(operation: str, entity_id: str) -> str:
+    """The rate-limit bucket of ``entity_id`` doing ``operation`` (as Hammer names them)."""
+    return f"{operation}:{entity_id}"
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with enums replaced by their values, recursively (for ``json.dumps``)."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    return value
+
+
+class RateLimiterRegistry:
+    """``infra.rate_limiter``: per-operation rate limits on per-entity buckets.
+
+    One :class:`~seawall.RateLimiter` serves each rule (``limit`` per
+    ``window``); the bucket of an entity is ``"<operation>:<entity_id>"``.
+    """
+
+    __slots__ = ("_by_operation", "_infra", "_rules")
+
+    def __init__(self, infra: AsyncInfrastructure) -> None:
+        self._infra = infra
+        self._rules: dict[tuple[float, float, str], RateLimiter] = {}
+        self._by_operation: dict[str, RateLimiter] = {}
+
+    def limiter(self, config: RateLimitConfig) -> RateLimiter:
+        """The (shared) limiter enforcing ``config``'s rule, created on first use."""
+        rule = (config.limit, config.window, config.algorithm)
+        found = self._rules.get(rule)
+        if found is None:
+            found = self._rules[rule] = self._infra._make_limiter(config)
+        return found
+
+    def bind(self, operation: str, limiter: RateLimiter | None) -> None:
+        """Make ``limiter`` the one counting ``operation``'s buckets (``None`` forgets it)."""
+        if limiter is None:
+            self._by_operation.pop(operation, None)
+        else:
+            self._by_operation[operation] = limiter
+
+    def for_operation(self, operation: str) -> RateLimiter | None:
+        """The limiter counting ``operation``'s buckets, if there is one."""
+        return self._by_operation.get(operation)
+
+    def _require(self, operation: str) -> RateLimiter:
+        found = self._by_operation.get(operation)
+        if found is None:
+            raise ProtectionKeyNotFound(f"no rate limit is known for operation {operation!r}", name=operation)
+        return found
+
+    async def check_rate(
+        self, entity_id: str, operation: str, limit: int, window: float, metadata: Mapping[str, Any] | None = None
+    ) -> RateLimitStatus:
+        """Count one hit of ``entity_id`` doing ``operation`` against ``limit`` per ``window``.
+
+        Returns:
+            The bucket's status after the hit.
+
+        Raises:
+            RateLimitExceeded: The bucket is full; nothing was counted.
+            ConfigurationError: ``limit`` or ``window`` is invalid.
+        """
+        limiter = self._limiter_for(operation, limit, window)
+        try:
+            return await limiter.hit(bucket_key(operation, entity_id))
+        except Exception as exc:
+            self._infra._triggered(operation, "rate_limiter", exc, metadata)
+            raise
+
+    async def execute_with_limit(
+        self,
+        entity_id: str,
+        operation: str,
+        limit: int,
+        window: float,
+        fn: Callable[[], Awaitable[T]],
+        metadata: Mapping[str, Any] | None = None,
+    ) -> T:
+        """Run ``await fn()`` if the hit is admitted, as :meth:`check_rate` decides."""
+        await self.check_rate(entity_id, operation, limit, window, metadata)
+        return await fn()
+
+    async def get_status(self, entity_id: str, operation: str) -> RateLimitStatus:
+        """The status of ``entity_id``'s bucket for ``operation`` (nothing is counted).
+
+        Raises:
+            ProtectionKeyNotFound: No limit was ever set for ``operation``.
+        """
+        return await self._require(operation).status(bucket_key(operation, entity_id))
+
+    async def reset(self, entity_id: str, operation: str) -> None:
+        """Empty ``entity_id``'s bucket for ``operation``."""
+        await self._require(operation).reset(bucket_key(operation, entity_id))
+
+    def _limiter_for(self, operation: str, limit: int, window: float) -> RateLimiter:
+        current = self._by_operation.get(operation)
+        if current is not None and current.limit == limit and current.window == window:
+            return current  # the common case: the same rule as last time, no validation
+        limiter = self.limiter(RateLimitConfig.from_mapping({"limit": limit, "window": window}, operation))
+        self._by_operation[operation] = limiter
+        return limiter
+
+    def __repr__(self) -> str:
+        return f"RateLimiterRegistry(operations={sorted(self._by_operation)!r})"
+
+
+class CircuitBreakerRegistry:
+    """``infra.circuit_breaker``: breakers by name (the seed's Fuse instances)."""
+
+    __slots__ = ("_breakers", "_infra")
+
+    def __init__(self, infra: AsyncInfrastructure) -> None:
+        self._infra = infra
+        self._breakers: dict[str, BreakerLike] = {}
+
+    async def start_fuse_instance(self, name: str, **breaker_options: Any) -> CircuitBreaker:
+        """Create (or replace) the breaker ``name`` with ``CircuitBreaker``'s options.
+
+        Raises:
+            ConfigurationError: An unknown or invalid option; ``path`` is
+                ``<name>.<option>``, with a suggestion for a misspelt name.
+        """
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(f"a circuit breaker name must be a non-empty str, got {name!r}", path="name")
+        config = BreakerConfig.from_mapping(breaker_options, name)
+        breaker = self._infra._make_breaker(name, config)
+        self._breakers[name] = breaker
+        return breaker
+
+    def register(self, name: str, breaker: Any) -> BreakerLike:
+        """Register an existing breaker under ``name``.
+
+        Args:
+            name: The name calls use (``circuit_breaker=name``).
+            breaker: A :class:`~seawall.CircuitBreaker`, anything else with its
+                protocol, or an ``aiobreaker.CircuitBreaker`` (adapted through
+                ``seawall.integrations.aiobreaker``).
+
+        Returns:
+            The registered breaker (the adapter, for an aiobreaker one).
+        """
+        if type(breaker).__module__.split(".")[0] == "aiobreaker":
+            # Imported lazily: aiobreaker is an optional extra.
+            adapter_module = importlib.import_module("seawall.integrations.aiobreaker")
+            breaker = adapter_module.adapt(breaker, name=name)
+        if not isinstance(breaker, BreakerLike):
+            raise TypeError(f"expected a circuit breaker (async with, call(), status()), got {breaker!r}")
+        self._breakers[name] = breaker
+        return breaker
+
+    def get(self, name: str) -> BreakerLike:
+        """The breaker registered as ``name``.
+
+        Raises:
+            CircuitBreakerNotFound: There is none.
+        """
+        try:
+            return self._breakers[name]
+        except KeyError:
+            raise CircuitBreakerNotFound(name=name) from None
+
+    async def execute(self, name: str, fn: Callable[[], Awaitable[T]], metadata: Mapping[str, Any] | None = None) -> T:
+        """Run ``await fn()`` through the breaker ``name``."""
+        breaker = self.get(name)
+        ran = False
+
+        async def run() -> T:
+            nonlocal ran
+            ran = True
+            return await fn()
+
+        try:
+            return await breaker.call(run)
+        except CircuitOpenError as exc:
+            if not ran:  # rejected by this breaker, not raised by fn
+                self._infra._triggered(name, "circuit_breaker", exc, metadata)
+            raise
+
+    async def get_status(self, name: str) -> BreakerStatus:
+        """A snapshot of the breaker ``name``."""
+        return await self.get(name).status()
+
+    async def reset(self, name: str) -> None:
+        """Close the breaker ``name`` and forget its failures."""
+        await self.get(name).reset()
+
+    def names(self) -> list[str]:
+        """The registered names, sorted."""
+        return sorted(self._breakers)
+
+    def _set(self, name: str, breaker: BreakerLike | None) -> None:
+        if breaker is None:
+            self._breakers.pop(name, None)
+        else:
+            self._breakers[name] = breaker
+
+    def __repr__(self) -> str:
+        return f"CircuitBreakerRegistry(names={self.names()!r})"
+
+
+class ConnectionManager:
+    """``infra.connection_manager``: named connection pools (and bulkheads)."""
+
+    __slots__ = ("_infra", "_pools")
+
+    def __init__(self, infra: AsyncInfrastructure) -> None:
+        self._infra = infra
+        self._pools: dict[str, ConnectionPool[Any]] = {}
+
+    async def start_pool(self, name: str, factory: Any = None, **pool_options: Any) -> ConnectionPool[Any]:
+        """Start the pool ``name`` (replacing any pool of that name once it drains).
+
+        Args:
+            name: The pool's name.
+            factory: As in ``ConnectionPool``; ``None`` makes a bulkhead. An
+                import string is accepted (with ``factory_options``).
+            pool_options: ``size``, ``max_overflow``, ``timeout``,
+                ``factory_options``.
+
+        Raises:
+            ConfigurationError: An unknown or invalid option, named as ``<name>.<option>``.
+            Exception: The factory failed to create the first workers.
+        """
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(f"a pool name must be a non-empty str, got {name!r}", path="name")
+        config = PoolConfig.from_mapping({**pool_options, "factory": factory}, name)
+        pool = await self._infra._start_pool(name, config)
+        old = self._pools.get(name)
+        self._pools[name] = pool
+        if old is not None and old is not pool:
+            await self._infra._retire_pool(old, None)
+        return pool
+
+    def get(self, name: str) -> ConnectionPool[Any]:
+        """The pool registered as ``name``.
+
+        Raises:
+            PoolNotFound: There is none.
+        """
+        try:
+            return self._pools[name]
+        except KeyError:
+            raise PoolNotFound(name=name) from None
+
+    async def with_connection(
+        self,
+        name: str,
+        fn: Callable[[Any], Awaitable[T]],
+        timeout: float | None = None,  # noqa: ASYNC109 - the contract's name: the checkout's wait, not a scope
+    ) -> T:
+        """Check a connection out of pool ``name`` and return ``await fn(conn)``."""
+        pool = self.get(name)
+        async with pool.checkout(timeout) as conn:
+            return await fn(conn)
+
+    async def get_pool_status(self, name: str) -> PoolStatus:
+        """A snapshot of pool ``name``'s counts."""
+        return self.get(name).status()
+
+    async def stop_pool(self, name: str) -> None:
+        """Close pool ``name`` (after its checked-out connections come back) and forget it."""
+        pool = self._pools.pop(name, None)
+        if pool is None:
+            raise PoolNotFound(name=name)
+        await self._infra._close_pool(pool)
+
+    def list_pools(self) -> list[str]:
+        """The names of the registered pools, sorted."""
+        return sorted(self._pools)
+
+    def _set(self, name: str, pool: ConnectionPool[Any] | None) -> None:
+        if pool is None:
+            self._pools.pop(name, None)
+        else:
+            self._pools[name] = pool
+
+    def __repr__(self) -> str:
+        return f"ConnectionManager(pools={self.list_pools()!r})"

@@ -1,0 +1,779 @@
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from seawall import (
+    AsyncInfrastructure,
+    CircuitBreaker,
+    CircuitBreakerNotFound,
+    CircuitOpenError,
+    ConfigurationError,
+    PoolClosed,
+    PoolNotFound,
+    PoolTimeout,
+    ProtectionConfig,
+    ProtectionKeyNotFound,
+    ProtectionTimeout,
+    RateLimitExceeded,
+)
+from seawall._deadline import GRANULARITY
+from seawall.testing import FakeClock, capture_events
+
+pytestmark = pytest.mark.anyio
+
+SEED_TEST = {
+    "circuit_breaker": {"failure_threshold": 1, "recovery_time": 1},
+    "rate_limiter": {"limit": 1, "window": 1},
+    "connection_pool": {"size": 1},
+}
+
+
+async def ok() -> str:
+    return "ok"
+
+
+class Factory:
+    """Counts the connections it makes and closes."""
+
+    def __init__(self) -> None:
+        self.made = 0
+        self.closed = 0
+
+    async def create(self) -> dict[str, int]:
+        self.made += 1
+        return {"id": self.made}
+
+    async def close(self, conn: object) -> None:
+        self.closed += 1
+
+
+class FailingFactory:
+    async def create(self) -> object:
+        raise OSError("connection refused")
+
+    async def close(self, conn: object) -> None:  # pragma: no cover - nothing is ever made
+        pass
+
+
+def names(events: list[Any]) -> list[str]:
+    return [event.name for event in events]
+
+
+# -- the seed's own scenarios ------------------------------------------------
+
+
+async def test_seed_second_call_is_rate_limited() -> None:
+    """Seed: breaker 1/1 s, 1 per 1 s, pool of 1: first call succeeds, the second is rate limited."""
+    async with AsyncInfrastructure() as infra:
+        await infra.configure_protection("test", SEED_TEST)
+        assert await infra.execute_protected("test", ok) == "ok"
+        with pytest.raises(RateLimitExceeded) as info:
+            await infra.execute_protected("test", ok)
+        assert info.value.retry_after is not None
+        assert info.value.retry_after > 0
+
+
+async def test_seed_unknown_key_runs_fn_and_errors_propagate() -> None:
+    """Seed: an unknown key runs fn; its RuntimeError propagates as itself, unwrapped."""
+    boom = RuntimeError("boom")
+
+    async def fails() -> None:
+        raise boom
+
+    async with AsyncInfrastructure() as infra:
+        assert await infra.execute_protected("nobody", ok) == "ok"
+        with pytest.raises(RuntimeError) as info:
+            await infra.execute_protected("nobody", fails)
+        assert info.value is boom
+
+
+async def test_seed_fallback_chain() -> None:
+    """Seed: when the primary's breaker is open it fails fast and the secondary serves."""
+    primary_calls = 0
+
+    async def primary() -> str:
+        nonlocal primary_calls
+        primary_calls += 1
+        raise ConnectionError("primary down")
+
+    async def secondary() -> str:
+        return "secondary"
+
+    async def fetch(infra: AsyncInfrastructure) -> str:
+        try:
+            return await infra.execute_protected("primary", primary)
+        except (CircuitOpenError, ConnectionError):
+            return await infra.execute_protected("secondary", secondary)
+
+    async with AsyncInfrastructure() as infra:
+        await infra.configure_protection("primary", {"circuit_breaker": {"failure_threshold": 2}})
+        await infra.configure_protection("secondary", {"circuit_breaker": {"failure_threshold": 2}})
+        assert [await fetch(infra) for _ in range(5)] == ["secondary"] * 5
+        assert primary_calls == 2  # then the open breaker kept the primary from being called
+
+
+async def test_seed_asyncpg_full_chain(postgres_dsn: str) -> None:
+    """Seed: named breaker + named asyncpg pool; a failing upstream trips the breaker, then calls fail fast."""
+    from seawall.integrations.asyncpg import AsyncpgFactory
+
+    async with AsyncInfrastructure() as infra:
+        await infra.circuit_breaker.start_fuse_instance("db_breaker", failure_threshold=2, recovery_time=30)
+        await infra.connection_manager.start_pool("db", AsyncpgFactory(postgres_dsn), size=2)
+        await infra.configure_protection("db_query", {"rate_limiter": {"limit": 100, "window": 1}, "timeout": 5})
+        async with infra.protect("db_query", circuit_breaker="db_breaker", connection_pool="db") as conn:
+            assert await conn.fetchval("SELECT 41 + 1") == 42
+        for _ in range(2):
+            with pytest.raises(Exception, match="relation"):
+                async with infra.protect("db_query", circuit_breaker="db_breaker", connection_pool="db") as conn:
+                    await conn.fetchval("SELECT * FROM no_such_table_seawall")
+        with capture_events() as events, pytest.raises(CircuitOpenError):
+            async with infra.protect("db_query", circuit_breaker="db_breaker", connection_pool="db"):
+                pytest.fail("the open breaker must not let the block run")
+        assert "checkout" not in names(events)
+        status = await infra.connection_manager.get_pool_status("db")
+        assert status.in_use == 0
+        assert (await infra.circuit_breaker.get_status("db_breaker")).state.value == "open"
+
+
+# -- layer order and the timeout -----------------------------------------------
+
+
+async def test_timeout_fires_at_deadline_and_counts_as_breaker_failure() -> None:
+    """Expiry raises ProtectionTimeout(key, timeout), not a moment early, and counts as a breaker failure."""
+    clock = FakeClock()
+    started = 0
+
+    async def hangs() -> None:
+        nonlocal started
+        started += 1
+        await anyio.sleep_forever()
+
+    async with AsyncInfrastructure(clock=clock) as infra:
+        await infra.configure_protection("slow", {"circuit_breaker": {"failure_threshold": 1}, "timeout": 2.0})
+        outcome: list[BaseException] = []
+
+        async def call() -> None:
+            try:
+                await infra.execute_protected("slow", hangs)
+            except ProtectionTimeout as exc:
+                outcome.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            await anyio.wait_all_tasks_blocked()
+            clock.advance(1.999)
+            await anyio.wait_all_tasks_blocked()
+            assert outcome == []
+            clock.advance(0.001)
+        assert len(outcome) == 1
+        assert outcome[0].key == "slow"
+        assert outcome[0].timeout == 2.0
+        assert isinstance(outcome[0], TimeoutError)
+        with pytest.raises(CircuitOpenError):
+            await infra.execute_protected("slow", hangs)
+        assert started == 1
+
+
+async def test_timeout_without_breaker_and_per_call_override() -> None:
+    """A per-call timeout overrides the key's; without a breaker the scope's own cancel becomes the timeout."""
+    clock = FakeClock()
+    async with AsyncInfrastructure(clock=clock) as infra:
+        await infra.configure_protection("k", {"timeout": 100})
+        with capture_events() as events:
+            async with anyio.create_task_group() as tg:
+
+                async def call() -> None:
+                    with pytest.raises(ProtectionTimeout) as info:
+                        await infra.execute_protected("k", anyio.sleep_forever, timeout=0.5)
+                    assert info.value.timeout == 0.5
+
+                tg.start_soon(call)
+                await anyio.wait_all_tasks_blocked()
+                clock.advance(0.5)
+        triggered = [e for e in events if e.name == "protection_triggered"]
+        assert [e.metadata["layer"] for e in triggered] == ["timeout"]
+
+
+async def test_smaller_new_timeout_wakes_the_timer() -> None:
+    """A call with a new, smaller timeout expires on time even while the timer sleeps for a longer one."""
+    clock = FakeClock()
+    async with AsyncInfrastructure(clock=clock) as infra:
+        results: list[str] = []
+
+        async def call(seconds: float) -> None:
+            try:
+                await infra.execute_protected("k", anyio.sleep_forever, timeout=seconds)
+            except ProtectionTimeout:
+                results.append(f"timeout {seconds}")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, 10.0)
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(call, 1.0)
+            await anyio.wait_all_tasks_blocked()
+            clock.advance(1.0)
+            await anyio.wait_all_tasks_blocked()
+            assert results == ["timeout 1.0"]
+            clock.advance(9.0)
+        assert results == ["timeout 1.0", "timeout 10.0"]
+        assert infra._timer.pending == 0
+        assert infra._timer.expired == 2
+
+
+async def test_timeout_fires_within_granularity_on_the_real_clock() -> None:
+    """On the real clock a timeout fires no earlier than its deadline and within the documented granularity."""
+    lateness: list[float] = []
+    async with AsyncInfrastructure() as infra:
+        for _ in range(5):
+            start = anyio.current_time()
+            with pytest.raises(ProtectionTimeout):
+                await infra.execute_protected("k", anyio.sleep_forever, timeout=0.02)
+            lateness.append(anyio.current_time() - start - 0.02)
+    assert min(lateness) >= -1e-3  # the loop clock's resolution
+    # The best of five: one slow run on a loaded machine is not the timer's lateness.
+    assert min(lateness) <= GRANULARITY
+
+
+async def test_outside_async_with_calls_use_their_own_deadline() -> None:
+    """Without ``async with`` there is no timer task; calls still time out, on a per-call deadline."""
+    infra = AsyncInfrastructure()
+    assert await infra.execute_protected("k", ok) == "ok"
+    with pytest.raises(ProtectionTimeout):
+        await infra.execute_protected("k", anyio.sleep_forever, timeout=0.01)
+    async with infra.protect("k", timeout=0.01):
+        pass
+
+
+async def test_outer_cancellation_is_not_a_timeout_nor_a_failure() -> None:
+    """Cancellation from outside propagates as cancellation and is not counted by the breaker."""
+    async with AsyncInfrastructure() as infra:
+        await infra.configure_protection("k", {"circuit_breaker": {"failure_threshold": 1}})
+        with anyio.move_on_after(0.01) as outer:
+            await infra.execute_protected("k", anyio.sleep_forever)
+        assert outer.cancelled_caught
+        status = await infra.get_protection_status("k")
+        assert status["circuit_breaker"]["state"] == "closed"
+        assert status["circuit_breaker"]["failure_count"] == 0
+
+
+async def test_denial_touches_neither_breaker_nor_pool() -> None:
+    """A rate-limit denial leaves the breaker and the pool untouched and fn uncalled."""
+    factory = Factory()
+    calls = 0
+
+    async def counted() -> None:
+        nonlocal calls
+        calls += 1
+
+    async with AsyncInfrastructure() as infra:
+        await infra.configure_protection(
+            "k",
+            {
+                "rate_limiter": {"limit": 1, "window": 60},
+                "circuit_breaker": {"failure_threshold": 1},
+                "connection_pool": {"size": 1, "factory": factory},
+            },
+        )
+        await infra.execute_protected("k", counted)
+        with capture_events() as events, pytest.raises(RateLimitExceeded):
+            await infra.execute_protected("k", counted)
+        assert calls == 1
+        assert not {"checkout", "call_executed", "call_rejected"} & set(names(events))
+        triggered = [e for e in events if e.name == "protection_triggered"]
+        assert triggered[0].metadata["layer"] == "rate_limiter"
+        assert triggered[0].metadata["error_type"] == "rate_limit_exceeded"
+        status = await infra.get_protection_status("k")
+        assert status["circuit_breaker"]["failure_count"] == 0
+        assert status["connection_pool"]["in_use"] == 0
+
+
+async def test_breaker_rejection_never_touches_the_pool() -> None:
+    """An open breaker rejects before any checkout, reported with layer circuit_breaker."""
+    async with AsyncInfrastructure() as infra:
+        await infra.configure_protection("k", {"circuit_breaker": {}, "connection_pool": {"size": 1}})
+        await infra.circuit_breaker.get("k").trip()
+        with capture_events() as events:
+            with pytest.raises(CircuitOpenError):
+                await infra.execute_protected("k", ok)
+            with pytest.raises(CircuitOpenError):
+                async with infra.protect("k"):
+                    pytest.fail("must not run")
+        assert "checkout" not in names(events)
+        layers = [e.metadata["layer"] for e in events if e.name == "protection_triggered"]
+        assert layers == ["circuit_breaker", "circuit_breaker"]
+
+
+async def test_pool_timeout_is_reported_as_connection_pool() -> None:
+    """A bulkhead that stays full raises PoolTimeout, reported with layer connection_pool."""
+    clock = FakeClock()
+    async with AsyncInfrastructure(clock=clock) as infra:
+        await infra.configure_protection("k", {"connection_pool": {"size": 1, "timeout": 1}, "timeout": 60})
+        release = anyio.Event()
+        with capture_events() as events:
+            async with anyio.create_task_group() as tg:
+
+                async def holder() -> None:
+                    await infra.execute_protected("k", release.wait)
+
+                async def waiter() -> None:
+                    with pytest.raises(PoolTimeout):
+                        await infra.execute_protected("k", ok)
+                    release.set()
+
+                tg.start_soon(holder)
+                await anyio.wait_all_tasks_blocked()
+                tg.start_soon(waiter)
+                await anyio.wait_all_tasks_blocked()
+                clock.advance(1)
+        layers = [e.metadata["layer"] for e in events if e.name == "protection_triggered"]
+        assert layers == ["connection_pool"]
+        assert (await infra.connection_manager.get_pool_status("k")).in_use == 0
+
+
+# -- telemetry -----------------------------------------------------------------
+
+
+async def test_execute_telemetry() -> None:
+    """execute_start, execute_stop(duration, success) and execute_exception are emitted per call."""
+
+    async def fails() -> None:
+        raise ValueError("nope")
+
+    async with AsyncInfrastructure() as infra:
+        await infra.configure_protection("k", {"circuit_breaker": {}, "connection_pool": {"size": 1}})
+        with capture_events() as events:
+            assert await infra.execute_protected("k", ok) == "ok"
+            with pytest.raises(ValueError, match="nope"):
+                await infra.execute_protected("k", fails)
+        ours = [e for e in events if e.event[1] == "infrastructure"]
+        assert names(ours) == ["execute_start", "execute_stop", "execute_start", "execute_exception", "execute_stop"]
+        assert ours[1].metadata == {"key": "k", "success": True}
+        assert ours[1].measurements["duration"] >= 0
+        assert ours[3].metadata["kind"] == "ValueError"
+        assert ours[4].metadata["success"] is False
+
+
+async def test_telemetry_of_a_denial_and_a_timeout() -> None:
+    """Denials and timeouts end in execute_exception with their error_type."""
+    async with AsyncInfrastructure() as infra:
+        await infra.configure_protection("k", {"rate_limiter": {"limit": 1, "window": 60}, "circuit_breaker": {}})
+        with capture_events() as events:
+            with pytest.raises(ProtectionTimeout):
+                await infra.execute_protected("k", anyio.sleep_forever, timeout=0.01)
+            with pytest.raises(RateLimitExceeded):
+                await infra.execute_protected("k", ok)
+        exceptions = [e.metadata["error_type"] for e in events if e.name == "execute_exception"]
+        assert exceptions == ["timeout", "rate_limit_exceeded"]
+        status = await infra.get_protection_status("k")
+        assert status["circuit_breaker"]["failure_count"] == 1
+
+
+# -- protect() -------------------------------------------------------------------
+
+
+async def test_protect_yields_the_connection() -> None:
+    """protect() yields the pool's connection, or None without a pool, and returns it afterwards."""
+    factory = Factory()
+    async with AsyncInfrastructure() as infra:
+        await infra.configure_protection("db", {"connection_pool": {"size": 1, "factory": factory}})
+        async with infra.protect("db") as conn:
+            assert conn == {"id": 1}
+            assert (await infra.connection_manager.get_pool_status("db")).in_use == 1
+        assert (await infra.connection_manager.get_pool_status("db")).in_use == 0
+        async with infra.protect("no-pool") as nothing:
+            assert nothing is None
+    assert factory.closed == factory.made == 1
+
+
+async def test_protect_timeout_and_errors() -> None:
+    """protect() turns its own expiry into ProtectionTimeout and lets block errors through."""
+    async with AsyncInfrastructure() as infra:
+        await infra.configure_protection("k", {"circuit_breaker": {"failure_threshold": 2}, "connection_pool": {}})
+        with pytest.raises(ProtectionTimeout):
+            async with infra.protect("k", timeout=0.01):
+                await anyio.sleep_forever()
+        with pytest.raises(KeyError):
+            async with infra.protect("k"):
+                raise KeyError("x")
+        assert (await infra.circuit_breaker.get_status("k")).state.value == "open"
+        protection = infra.protect("k")
+        with pytest.raises(CircuitOpenError):
+            await protection.__aenter__()
+        with pytest.raises(RuntimeError, match="only once"):
+            await protection.__aenter__()
+
+
+# -- options -----------------------------------------------------------------------
+
+
+async def test_entity_buckets_and_operations() -> None:
+    """rate_limiter= picks a bucket per entity, or per (operation, entity) on that operation's limiter."""
+    async with AsyncInfrastructure() as infra:
+        await infra.configure_protection("api", {"rate_limiter": {"limit": 1, "window": 60}})
+        await infra.execute_protected("api", ok, rate_limiter="alice")
+        await infra.execute_protected("api", ok, rate_limiter="bob")
+        with pytest.raises(RateLimitExceeded) as info:
+            await infra.execute_protected("api", ok, rate_limiter="alice")
+        assert info.value.key == "api:alice"
+        await infra.rate_limiter.check_rate("carol", "search", 2, 60)
+        await infra.execute_protected("api", ok, rate_limiter=("search", "carol"))
+        with pytest.raises(RateLimitExceeded) as info:
+            await infra.execute_protected("api", ok, rate_limiter=("search", "carol"))
+        assert info.value.key == "search:carol"
+        status = await infra.rate_limiter.get_status("carol", "search")
+        assert status.remaining == 0
+
+
+async def test_bad_call_options() -> None:
+    """Invalid options and unknown names raise at once, naming the problem."""
+    async with AsyncInfrastructure() as infra:
+        with pytest.raises(ConfigurationError, match="no rate limit"):
+            await infra.execute_protected("k", ok, rate_limiter="alice")
+        with pytest.raises(ConfigurationError, match="entity id"):
+            await infra.execute_protected("k", ok, rate_limiter=("a", "b", "c"))  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match=r"k\.timeout"):
+            await infra.execute_protected("k", ok, timeout=-1)
+        with pytest.raises(CircuitBreakerNotFound):
+            await infra.execute_protected("k", ok, circuit_breaker="nope")
+        with pytest.raises(PoolNotFound):
+            await infra.execute_protected("k", ok, connection_pool="nope")
+
+
+async def test_named_breaker_from_registry() -> None:
+    """A breaker started with start_fuse_instance can be named in execute_protected."""
+    async with AsyncInfrastructure() as infra:
+        breaker = await infra.circuit_breaker.start_fuse_instance("api_breaker", failure_threshold=1)
+        await infra.configure_protection("k", {"timeout": 1})
+
+        async def fails() -> None:
+            raise ConnectionError
+
+        with pytest.raises(ConnectionError):
+            await infra.execute_protected("k", fails, circuit_breaker="api_breaker")
+        assert breaker.state.value == "open"
+        with pytest.raises(CircuitOpenError):
+            await infra.execute_protected("k", ok, circuit_breaker="api_breaker")
+        assert await infra.execute_protected("k", ok) == "ok"  # the key itself has no breaker
+        assert await infra.execute_protected("k", ok, timeout=1) == "ok"  # same plan as the key's
+
+
+async def test_timedelta_timeout() -> None:
+    """A per-call timeout may be a timedelta."""
+    from datetime import timedelta
+
+    async with AsyncInfrastructure() as infra:
+        assert await infra.execute_protected("k", ok, timeout=timedelta(seconds=1)) == "ok"
+
+
+# -- configuration -------------------------------------------------------------------
+
+
+async def test_failed_reconfiguration_keeps_the_old_config() -> None:
+    """An invalid config, or a pool that fails to start, leaves the earlier configuration in force."""
+    async with AsyncInfrastructure() as infra:
+        await infra.configure_protection("k", {"rate_limiter": {"limit": 5, "window": 1}})
+        with pytest.raises(ConfigurationError) as info:
+            await infra.configure_protection("k", {"rate_limiter": {"limt": 5, "window": 1}})
+        assert info.value.path == "k.rate_limiter.limt"
+        with pytest.raises(OSError, match="refused"):
+            await infra.configure_protection("k", {"connection_pool": {"factory": FailingFactory()}})
+        status = await infra.get_protection_status("k")
+        assert status["rate_limiter"]["limit"] == 5
+        assert "connection_pool" not in status
+        assert infra.list_protection_keys() == ["k"]
+        with pytest.raises(ConfigurationError, match="key"):
+            await infra.configure_protection("", {})
+
+
+async def test_reconfiguring_swaps_the_pool_without_dropping_calls() -> None:
+    """Calls in flight finish on the old pool, which closes after them; new calls use the new pool."""
+    old_factory, new_factory = Factory(), Factory()
+    async with AsyncInfrastructure() as infra:
+        await infra.configure_protection("db", {"connection_pool": {"size": 1, "factory": old_factory}})
+        release = anyio.Event()
+        seen: list[object] = []
+        async with anyio.create_task_group() as tg:
+
+            async def in_flight() -> None:
+                async with infra.protect("db") as conn:
+                    await release.wait()
+                    seen.append(conn)
+
+            tg.start_soon(in_flight)
+            await anyio.wait_all_tasks_blocked()
+            old_pool = infra.connection_manager.get("db")
+            await infra.configure_protection("db", {"connection_pool": {"size": 1, "factory": new_factory}})
+            await anyio.wait_all_tasks_blocked()
+            assert not old_pool.closed
+            assert old_factory.closed == 0
+            async with infra.protect("db") as conn:
+                assert conn == {"id": 1}
+                assert infra.connection_manager.get("db") is not old_pool
+            release.set()
+        await anyio.wait_all_tasks_blocked()
+        assert seen == [{"id": 1}]
+        assert old_pool.closed
+        assert old_factory.closed == 1
+        with pytest.raises(PoolClosed):
+            async with old_pool.checkout():
+                pass
+
+
+async def test_remove_protection() -> None:
+    """remove_protection forgets a key and closes its pool."""
+    async with AsyncInfrastructure() as infra:
+        await infra.configure_protection(
+            "k", {"rate_limiter": {"limit": 1, "window": 1}, "circuit_breaker": {}, "connection_pool": {}}
+        )
+        pool = infra.connection_manager.get("k")
+        await infra.remove_protection("k")
+        await anyio.wait_all_tasks_blocked()
+        assert infra.list_protection_keys() == []
+        assert pool.closed
+        assert infra.connection_manager.list_pools() == []
+        assert infra.circuit_breaker.names() == []
+        with pytest.raises(ProtectionKeyNotFound):
+            await infra.remove_protection("k")
+
+
+async def test_configure_from_mapping_is_all_or_nothing() -> None:
+    """configure_from_mapping validates every key before applying any."""
+    async with AsyncInfrastructure() as infra:
+        with pytest.raises(ConfigurationError) as info:
+            await infra.configure_from_mapping({"a": {"timeout": 1}, "b": {"timeout": "x"}})
+        assert info.value.path == "b.timeout"
+        assert infra.list_protection_keys() == []
+        configs = await infra.configure_from_mapping({"a": {"timeout": 1}, "b": ProtectionConfig(timeout=2)})
+        assert configs["b"].timeout == 2.0
+        assert infra.list_protection_keys() == ["a", "b"]
+        with pytest.raises(ConfigurationError):
+            await infra.configure_from_mapping([])  # type: ignore[arg-type]
+
+
+async def test_from_toml(tmp_path: Path) -> None:
+    """from_toml validates the file at once and configures its keys on entry."""
+    file = tmp_path / "seawall.toml"
+    file.write_text(
+        "[api]\ntimeout = 1.5\n[api.rate_limiter]\nlimit = 1\nwindow = 60\n"
+        '[pool.connection_pool]\nsize = 1\nfactory = "tests.test_infrastructure:Factory"\n'
+    )
+    async with AsyncInfrastructure.from_toml(file) as infra:
+        assert infra.list_protection_keys() == ["api", "pool"]
+        await infra.execute_protected("api", ok)
+        with pytest.raises(RateLimitExceeded):
+            await infra.execute_protected("api", ok)
+        async with infra.protect("pool") as conn:
+            assert conn == {"id": 1}
+        (tmp_path / "more.toml").write_text("[extra]\ntimeout = 3\n")
+        await infra.configure_from_toml(tmp_path / "more.toml")
+        assert (await infra.get_protection_status("extra"))["timeout"] == 3.0
+    file.write_text("[api.circuit_breaker]\nrecovery_tme = 3\n")
+    with pytest.raises(ConfigurationError) as info:
+        AsyncInfrastructure.from_toml(file)
+    assert str(file) in info.value.message
+    assert "recovery_time" in info.value.message
+
+
+# -- lifecycle -------------------------------------------------------------------------
+
+
+async def test_exit_closes_pools_and_stops_the_timer_even_on_error() -> None:
+    """Leaving async with closes every pool and stops the timer, also when the body raised."""
+    factory = Factory()
+    infra = AsyncInfrastructure()
+
+    async def body() -> None:
+        async with infra:
+            await infra.configure_protection("k", {"connection_pool": {"size": 2, "factory": factory}})
+            await infra.connection_manager.start_pool("extra", factory, size=1)
+            assert infra._timer.running
+            _ = 1 / 0
+
+    with pytest.raises(ZeroDivisionError):
+        await body()
+    assert factory.made == 3
+    assert factory.closed == 3
+    assert not infra._timer.running
+    with pytest.raises(RuntimeError, match="only once"):
+        async with infra:
+            pass
+
+
+async def test_exit_on_cancellation_closes_pools() -> None:
+    """A cancelled body still closes every pool."""
+    factory = Factory()
+    with anyio.move_on_after(0.01):
+        async with AsyncInfrastructure() as infra:
+            await infra.configure_protection("k", {"connection_pool": {"size": 1, "factory": factory}})
+            await anyio.sleep_forever()
+    assert factory.closed == 1
+    assert not infra._timer.running
+
+
+async def test_failed_entry_cleans_up(tmp_path: Path) -> None:
+    """If a pool of a TOML file cannot start, entry fails and nothing is left running."""
+    file = tmp_path / "s.toml"
+    file.write_text('[k.connection_pool]\nfactory = "tests.test_infrastructure:FailingFactory"\n')
+    infra = AsyncInfrastructure.from_toml(file)
+    with pytest.raises(OSError, match="refused"):
+        async with infra:
+            pass  # pragma: no cover
+    assert not infra._timer.running
+
+
+async def test_aclose_and_repr() -> None:
+    """aclose() does what leaving async with does; repr shows keys and state."""
+    infra = AsyncInfrastructure()
+    await infra.__aenter__()
+    await infra.configure_protection("k", {})
+    assert "keys=['k']" in repr(infra)
+    assert "running=True" in repr(infra)
+    await infra.aclose()
+    assert "running=False" in repr(infra)
+
+
+# -- status and registries ----------------------------------------------------------------
+
+
+async def test_protection_status_and_health_serialise_to_json() -> None:
+    """Status and health are plain JSON-ready dicts; an open breaker makes health degraded."""
+    async with AsyncInfrastructure() as infra:
+        await infra.configure_protection("test", SEED_TEST)
+        status = await infra.get_protection_status("test")
+        assert set(status) == {"key", "timeout", "rate_limiter", "circuit_breaker", "connection_pool"}
+        json.dumps(status)
+        health = await infra.health()
+        assert health["status"] == "healthy"
+        assert health["keys"] == 1
+        assert health["pools"]["test"]["healthy"] is True
+        assert health["circuit_breakers"]["test"]["state"] == "closed"
+        await infra.circuit_breaker.get("test").trip()
+        health = await infra.get_infrastructure_status()
+        json.dumps(health)
+        assert health["status"] == "degraded"
+        assert health["circuit_breakers"]["test"]["healthy"] is False
+        with pytest.raises(ProtectionKeyNotFound):
+            await infra.get_protection_status("missing")
+
+
+async def test_rate_limiter_registry() -> None:
+    """check_rate, execute_with_limit, get_status and reset work on per-entity buckets."""
+    async with AsyncInfrastructure() as infra:
+        registry = infra.rate_limiter
+        status = await registry.check_rate("u1", "login", 2, 60)
+        assert status.remaining == 1
+        assert await registry.execute_with_limit("u1", "login", 2, 60, ok) == "ok"
+        with capture_events() as events, pytest.raises(RateLimitExceeded):
+            await registry.execute_with_limit("u1", "login", 2, 60, ok, metadata={"ip": "1.2.3.4"})
+        triggered = [e for e in events if e.name == "protection_triggered"]
+        assert triggered[0].metadata["metadata"] == {"ip": "1.2.3.4"}
+        assert (await registry.get_status("u1", "login")).allowed is False
+        await registry.reset("u1", "login")
+        assert (await registry.get_status("u1", "login")).allowed is True
+        await registry.check_rate("u1", "login", 5, 60)  # a new rule for the operation
+        with pytest.raises(ProtectionKeyNotFound):
+            await registry.get_status("u1", "never")
+        with pytest.raises(ConfigurationError, match=r"login\.limit"):
+            await registry.check_rate("u1", "login", 0, 60)
+        assert "login" in repr(registry)
+
+
+async def test_circuit_breaker_registry() -> None:
+    """start_fuse_instance, execute, get_status, reset and get share one breaker by name."""
+    async with AsyncInfrastructure() as infra:
+        registry = infra.circuit_breaker
+        breaker = await registry.start_fuse_instance("fuse", failure_threshold=1, recovery_time=10)
+        assert registry.get("fuse") is breaker
+        assert await registry.execute("fuse", ok) == "ok"
+
+        async def fails() -> None:
+            raise ConnectionError
+
+        with pytest.raises(ConnectionError):
+            await registry.execute("fuse", fails)
+        with capture_events() as events, pytest.raises(CircuitOpenError):
+            await registry.execute("fuse", ok)
+        assert [e.metadata["layer"] for e in events if e.name == "protection_triggered"] == ["circuit_breaker"]
+        assert (await registry.get_status("fuse")).state.value == "open"
+        await registry.reset("fuse")
+        assert (await registry.get_status("fuse")).state.value == "closed"
+        with pytest.raises(CircuitBreakerNotFound):
+            registry.get("nope")
+        with pytest.raises(ConfigurationError, match="did you mean 'failure_threshold'"):
+            await registry.start_fuse_instance("x", failure_treshold=1)
+        with pytest.raises(ConfigurationError):
+            await registry.start_fuse_instance("")
+        own = CircuitBreaker("mine")
+        assert registry.register("mine", own) is own
+        with pytest.raises(TypeError):
+            registry.register("bad", object())
+        assert registry.names() == ["fuse", "mine"]
+        assert "fuse" in repr(registry)
+
+
+async def test_registered_aiobreaker_is_usable_by_name() -> None:
+    """An existing aiobreaker.CircuitBreaker registered by name guards execute_protected."""
+    aiobreaker = pytest.importorskip("aiobreaker")
+    pytest.importorskip("seawall.integrations.aiobreaker")
+    async with AsyncInfrastructure() as infra:
+        infra.circuit_breaker.register("legacy", aiobreaker.CircuitBreaker(fail_max=1))
+        assert await infra.execute_protected("k", ok, circuit_breaker="legacy") == "ok"
+
+
+async def test_connection_manager() -> None:
+    """start_pool, with_connection, get_pool_status, list_pools and stop_pool manage named pools."""
+    factory = Factory()
+    async with AsyncInfrastructure() as infra:
+        manager = infra.connection_manager
+        await manager.start_pool("db", factory, size=1, max_overflow=1)
+
+        async def use(conn: dict[str, int]) -> int:
+            return conn["id"]
+
+        assert await manager.with_connection("db", use) == 1
+        assert (await manager.get_pool_status("db")).size == 1
+        assert manager.list_pools() == ["db"]
+        old = manager.get("db")
+        await manager.start_pool("db", factory, size=1)  # replaces; the old one closes
+        await anyio.wait_all_tasks_blocked()
+        assert old.closed
+        await manager.stop_pool("db")
+        assert manager.list_pools() == []
+        with pytest.raises(PoolNotFound):
+            await manager.stop_pool("db")
+        with pytest.raises(PoolNotFound):
+            await manager.with_connection("db", use)
+        with pytest.raises(ConfigurationError, match=r"db\.sise"):
+            await manager.start_pool("db", sise=1)
+        with pytest.raises(ConfigurationError):
+            await manager.start_pool("")
+        assert "ConnectionManager" in repr(manager)
+    assert factory.closed == factory.made
+
+
+async def test_key_pool_shared_with_connection_manager() -> None:
+    """A key's pool is visible to the connection manager and usable by name from other keys."""
+    async with AsyncInfrastructure() as infra:
+        await infra.configure_protection("db", {"connection_pool": {"size": 1}})
+        assert infra.connection_manager.list_pools() == ["db"]
+        async with infra.protect("other", connection_pool="db") as conn:
+            assert conn is None
+            assert (await infra.connection_manager.get_pool_status("db")).in_use == 1
+
+
+async def test_many_distinct_timeouts_are_forgotten() -> None:
+    """Idle groups of one-off timeout values are dropped so the timer stays small."""
+    async with AsyncInfrastructure() as infra:
+        for i in range(80):
+            await infra.execute_protected("k", ok, timeout=1 + i / 1000)
+        with pytest.raises(ProtectionTimeout):
+            await infra.execute_protected("k", anyio.sleep_forever, timeout=0.005)
+        assert len(infra._timer.groups) <= 64
+        assert not math.isinf(min(infra._timer.groups, default=1.0))
+        assert "DeadlineTimer" in repr(infra._timer)
