@@ -13,7 +13,7 @@ import pytest
 from fastapi import Depends, FastAPI, HTTPException, Request
 from starlette.requests import Request as StarletteRequest
 
-from seawall import FakeClock
+from seawall import AsyncInfrastructure, FakeClock
 from seawall._errors import (
     CircuitOpenError,
     PoolTimeout,
@@ -22,7 +22,6 @@ from seawall._errors import (
     RateLimitExceeded,
     SeawallError,
 )
-from seawall._infrastructure import AsyncInfrastructure
 from seawall.integrations.fastapi import (
     ClientAddress,
     client_address,

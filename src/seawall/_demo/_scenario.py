@@ -241,8 +241,8 @@ async def run_scenario(recorder: Recorder, report: Callable[[Tick], None], annou
         report: Called with each tick once it is over (the live view).
         announce: Called once with the upstream's URL when it is listening.
     """
+    from seawall import AsyncInfrastructure
     from seawall._demo._app import build_app
-    from seawall._infrastructure import AsyncInfrastructure
     from seawall.integrations.httpx import ProtectedTransport
 
     plan = recorder.plan
