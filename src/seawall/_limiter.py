@@ -314,7 +314,19 @@ class RateLimiter:
             ``algorithm`` is unknown (a :class:`~seawall.ConfigurationError`).
     """
 
-    __slots__ = ("_rule", "_table", "_take", "_waiting", "algorithm", "backend", "clock", "limit", "name", "window")
+    __slots__ = (
+        "_now",
+        "_rule",
+        "_table",
+        "_take",
+        "_waiting",
+        "algorithm",
+        "backend",
+        "clock",
+        "limit",
+        "name",
+        "window",
+    )
 
     def __init__(
         self,
@@ -341,6 +353,7 @@ class RateLimiter:
         elif not isinstance(clock, Clock):
             raise TypeError(f"clock must be a seawall Clock (now() and sleep()), got {clock!r}")
         self.clock: Final = clock
+        self._now = clock.now  # bound once: the hot path calls it on every hit
         if backend is None:
             backend = MemoryRateLimitBackend(clock=clock)
         elif not isinstance(backend, RateLimitBackend):
@@ -379,7 +392,7 @@ class RateLimiter:
         take = self._take
         if take is None:
             return await self._hit_remote(key, cost)
-        now = self.clock.now()
+        now = self._now()
         if self._waiting and key in self._waiting:
             self._deny_queued(key, cost, now)
         state = take(key, cost, now)

@@ -100,7 +100,8 @@ class GcraTable:
         level = state / interval
         remaining = math.floor((self._window - state) / interval + _SLACK * self._limit)
         next_after = state + interval - self._window
-        return (level, max(remaining, 0), next_after if next_after > 0.0 else 0.0, state)
+        # Rounded so that a bucket drained by float time steps reads 2.0, not 1.9999999999998863.
+        return (round(level, 9), max(remaining, 0), next_after if next_after > 0.0 else 0.0, state)
 
     def reset(self, key: str) -> None:
         self._buckets.pop(key, None)
