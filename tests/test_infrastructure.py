@@ -777,3 +777,25 @@ async def test_many_distinct_timeouts_are_forgotten() -> None:
         assert len(infra._timer.groups) <= 64
         assert not math.isinf(min(infra._timer.groups, default=1.0))
         assert "DeadlineTimer" in repr(infra._timer)
+
+
+async def test_testing_advance_fires_fake_clock_timeouts() -> None:
+    """seawall.testing.advance moves a FakeClock and lets the expired call finish before returning."""
+    from seawall.testing import advance
+
+    clock = FakeClock()
+    outcome: list[str] = []
+    async with AsyncInfrastructure(clock=clock) as infra:
+
+        async def call() -> None:
+            try:
+                await infra.execute_protected("k", anyio.sleep_forever, timeout=3)
+            except ProtectionTimeout:
+                outcome.append("timeout")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            await advance(clock, 2.5)
+            assert outcome == []
+            await advance(clock, 0.5)
+            assert outcome == ["timeout"]

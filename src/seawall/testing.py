@@ -4,6 +4,9 @@
   with ``advance()`` instead of sleeping.
 * :func:`capture_events`: collect the telemetry events emitted inside a
   ``with`` block, like structlog's ``capture_logs()``.
+* :func:`advance`: move a :class:`FakeClock` and let every task it wakes
+  (an ``AsyncInfrastructure``'s timeout timer, a pool's checkout timeout, a
+  limiter's waiter) run until all are blocked again.
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
+
 from seawall._clock import FakeClock
 from seawall._telemetry import ALL_EVENTS, Event, attach, detach
 
-__all__ = ["CapturedEvent", "FakeClock", "capture_events"]
+__all__ = ["CapturedEvent", "FakeClock", "advance", "capture_events"]
 
 _capture_ids = itertools.count()
 
@@ -57,3 +62,20 @@ def capture_events(events: Iterable[Event] = ALL_EVENTS) -> Iterator[list[Captur
         yield captured
     finally:
         detach(handler_id)
+
+
+async def advance(clock: FakeClock, seconds: float) -> None:
+    """Advance ``clock`` by ``seconds`` once every task is blocked, then let the woken ones run.
+
+    Args:
+        clock: The fake clock injected into the code under test
+            (``AsyncInfrastructure(clock=clock)``, ``RateLimiter(..., clock=clock)``).
+        seconds: How far to move time.
+
+    A timeout of an ``AsyncInfrastructure`` on a fake clock fires inside this
+    call: its timer task wakes, cancels the expired call, and the call's task
+    runs up to its next suspension before this returns.
+    """
+    await anyio.wait_all_tasks_blocked()
+    clock.advance(seconds)
+    await anyio.wait_all_tasks_blocked()
