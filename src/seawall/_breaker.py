@@ -76,8 +76,10 @@ class BreakerStatus:
     recovery_time: float
     retry_after: float
     """Seconds until a call would be admitted; ``0.0`` when one would be now."""
-    window: float = 0.0
-    half_open_max_calls: int = 1
+    window: float | None = None
+    """The rolling window failures are counted in (``None``: an engine counting consecutive failures)."""
+    half_open_max_calls: int | None = None
+    """Trials allowed at once when half-open (``None``: an engine with no limit)."""
     trials_in_flight: int = 0
     """Half-open trial slots in use."""
 
