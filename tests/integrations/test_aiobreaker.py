@@ -300,10 +300,14 @@ async def test_retry_after_right_off_utc_where_aiobreakers_own_is_not(non_utc_ti
 async def test_nested_blocks_in_one_task() -> None:
     """Nested `async with` blocks of one adapter in one task each settle their own call."""
     breaker, adapter = make(fail_max=3)
-    with pytest.raises(Boom):
+
+    async def nested() -> None:
         async with adapter:
             async with adapter:
                 pass
             raise Boom
+
+    with pytest.raises(Boom):
+        await nested()
     assert breaker.fail_counter == 1
     assert adapter._blocks == {}
