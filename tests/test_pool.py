@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 from datetime import timedelta
 from typing import Any
 
@@ -817,3 +818,144 @@ def test_factory_protocol_is_runtime_checkable() -> None:
     """The factory protocol recognises objects with create and close."""
     assert isinstance(Factory(), PoolFactory)
     assert not isinstance(object(), PoolFactory)
+
+
+async def test_waiter_cancelled_after_being_handed_a_slot_passes_it_on() -> None:
+    """A waiter cancelled just after being promised a free slot hands the slot to the next waiter."""
+    factory = Factory()
+    async with ConnectionPool(factory, size=1) as pool:
+        cm = pool.checkout()
+        conn = await cm.__aenter__()
+        served: list[Conn] = []
+
+        async def take() -> None:
+            async with pool.checkout() as c:
+                served.append(c)
+
+        async with anyio.create_task_group() as tg:
+            doomed = asyncio.get_running_loop().create_task(take())
+            await settle()
+            tg.start_soon(take)
+            await settle()
+            conn.closed = True  # dies in use: its slot goes to the oldest waiter
+            await cm.__aexit__(None, None, None)
+            doomed.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await doomed
+        assert served == [factory.made[1]]
+        assert counts(pool) == (1, 0, 0, 0)
+
+
+async def test_native_cancel_during_close_finishes_close_in_background() -> None:
+    """A close() of a worker interrupted by task.cancel() still completes and frees the slot."""
+
+    class SlowClose(Factory):
+        def __init__(self) -> None:
+            super().__init__()
+            self.close_gate = anyio.Event()
+
+        async def close(self, worker: Conn) -> None:
+            await self.close_gate.wait()
+            await super().close(worker)
+
+    factory = SlowClose()
+    pool = ConnectionPool(factory, size=1)
+    async with pool.checkout() as conn:
+        pass
+    conn.closed = False
+    task = asyncio.get_running_loop().create_task(pool.close())
+    await settle()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert counts(pool) == (0, 0, 0, 0)
+    factory.close_gate.set()
+    await settle()
+    assert factory.closed == [conn]
+
+
+async def test_dead_top_worker_is_skipped_for_the_next_healthy_one() -> None:
+    """When the top idle worker is dead, the next idle one is handed out instead of a new one."""
+    factory = Factory()
+    async with ConnectionPool(factory, size=2) as pool:
+        async with pool.checkout() as top, pool.checkout() as below:
+            pass
+        assert pool._idle[-1].conn is top  # `below` went back first, `top` onto it
+        top.closed = True
+        async with pool.checkout() as got:
+            assert got is below
+        assert len(factory.made) == 2
+
+
+async def test_concurrent_starts_fill_the_pool_once() -> None:
+    """Two start() calls at once create `size` workers, not twice as many."""
+    factory = Factory()
+    pool = ConnectionPool(factory, size=3)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(pool.start)
+        tg.start_soon(pool.start)
+    assert len(factory.made) == 3
+    assert counts(pool) == (3, 0, 0, 0)
+    await pool.close()
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_random_mix_of_use_failure_death_and_cancellation_keeps_counts_exact(seed: int) -> None:
+    """Under a random mix of holds, errors, dead workers, timeouts and cancellations, nothing leaks."""
+    rng = random.Random(seed)
+    factory = ResettingFactory()
+    pool = ConnectionPool(factory, size=3, max_overflow=2, timeout=0.05)
+    peak = 0
+
+    async def job() -> None:
+        nonlocal peak
+        action = rng.random()
+        try:
+            async with pool.checkout() as conn:
+                peak = max(peak, pool.status().in_use)
+                assert not conn.closed
+                for _ in range(rng.randrange(4)):
+                    await anyio.lowlevel.checkpoint()
+                if action < 0.15:
+                    conn.closed = True  # the server dropped it
+                elif action < 0.3:
+                    factory.healthy = rng.random() < 0.5
+                    raise KeyError("user error")
+        except (KeyError, PoolTimeout):
+            pass
+
+    loop = asyncio.get_running_loop()
+    loose: list[asyncio.Task[None]] = []
+    async with pool:
+        async with anyio.create_task_group() as tg:
+            for _ in range(150):
+                if rng.random() < 0.1:
+                    factory.fail_create.append(OSError("refused"))
+                if rng.random() < 0.2:
+                    loose.append(loop.create_task(_swallow_os_error(job)))
+                else:
+                    tg.start_soon(_swallow_os_error, job)
+                if rng.random() < 0.3:
+                    await anyio.lowlevel.checkpoint()
+                if loose and rng.random() < 0.2:
+                    rng.choice(loose).cancel()  # native cancellation at a random point
+                if rng.random() < 0.01:
+                    tg.cancel_scope.cancel()  # and sometimes everything at once
+                    break
+        await asyncio.gather(*loose, return_exceptions=True)
+        await settle()
+        status = pool.status()
+        assert (status.in_use, status.waiting) == (0, 0)
+        assert peak <= 5
+        assert status.idle == factory.open_count()
+        assert all(not w.conn.closed for w in pool._idle)
+    await settle()
+    assert factory.open_count() == 0
+    assert pool.status().to_dict()["idle"] == 0
+
+
+async def _swallow_os_error(job: Any) -> None:
+    try:
+        await job()
+    except OSError:
+        pass

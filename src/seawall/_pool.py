@@ -401,7 +401,10 @@ class ConnectionPool(Generic[T]):
 
         async def make_one() -> None:
             # The slot is reserved here, not by the spawner, so a child that is
-            # cancelled before it ever runs reserves nothing.
+            # cancelled before it ever runs reserves nothing; the check makes
+            # concurrent start() calls fill the pool once, not twice.
+            if self._total - self._closing >= self._size:
+                return
             self._total += 1
             try:
                 worker = await self._create_reserved()
@@ -559,7 +562,8 @@ class ConnectionPool(Generic[T]):
             self._timer.cancel()
         self._timer_at = deadline
         if self._real_clock:
-            self._timer = asyncio.get_running_loop().call_at(deadline, self._on_timer)
+            delay = max(0.0, deadline - self._clock.now())
+            self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
         else:
             self._timer = asyncio.get_running_loop().create_task(self._fake_timer(deadline))
 
