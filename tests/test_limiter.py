@@ -380,6 +380,28 @@ async def test_acquire_waits_fifo_at_the_drain_rate() -> None:
     assert "waiting_keys=0" in repr(limiter)
 
 
+async def test_a_newcomer_does_not_take_the_capacity_freed_for_a_waiter() -> None:
+    """A waiter woken by the timer keeps its turn against an acquire() arriving at that instant."""
+    clock = FakeClock()
+    limiter = RateLimiter(1, 1.0, clock=clock)
+    await limiter.acquire("k")
+    order: list[tuple[str, float]] = []
+
+    async def waiter(name: str) -> None:
+        await limiter.acquire("k")
+        order.append((name, clock.now()))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter, "first")
+        await anyio.wait_all_tasks_blocked()
+        clock.advance(1.0)  # the timer of "first" is due...
+        tg.start_soon(waiter, "newcomer")  # ...and a newcomer starts right behind it
+        await anyio.wait_all_tasks_blocked()
+        assert order == [("first", 1.0)]
+        clock.advance(1.0)
+    assert order == [("first", 1.0), ("newcomer", 2.0)]
+
+
 @pytest.mark.parametrize("algorithm", ["gcra", "fixed_window"])
 async def test_a_cancelled_waiter_consumes_nothing_and_blocks_nobody(algorithm: str) -> None:
     """Cancelling a queued acquire() takes nothing; the waiter behind it is served on time."""

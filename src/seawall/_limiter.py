@@ -32,6 +32,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from datetime import timedelta
+from functools import partial
+from heapq import heappush
 from types import TracebackType
 from typing import Any, Final, NoReturn, cast
 
@@ -197,9 +199,14 @@ class _GcraWaiters(AsyncLimiter):
     aiolimiter keeps its own ``_level``; here the level is read from the
     table, and the admission test (``has_capacity``) *is* the table's atomic
     ``take``, the very operation :meth:`RateLimiter.hit` performs, so both
-    paths share one bucket and one rule of admission. aiolimiter's
-    ``acquire`` then adds the amount to ``_level``, which is a no-op here
-    because the take already happened.
+    paths share one bucket and one rule of admission. aiolimiter's heap of
+    futures and its single wake-up timer (``_wake_next``) do the waiting.
+
+    ``acquire`` differs from aiolimiter's in one respect: a waiter keeps its
+    place in line. aiolimiter's newcomers first try to take capacity, and a
+    woken waiter that finds its capacity taken (by a newcomer that ran first)
+    queues again at the back; here every waiter queues, and keeps its arrival
+    number when it has to wait again.
     """
 
     __slots__ = ("_bucket", "_now", "_table", "_time_loop", "queued", "users")
@@ -235,6 +242,26 @@ class _GcraWaiters(AsyncLimiter):
         """Take ``amount`` from the bucket if it fits now (so 'has capacity' means 'took it')."""
         self._leak()
         return self._table.take(self._bucket, amount, self._last_check) is not None
+
+    async def acquire(self, amount: float = 1) -> None:
+        loop = self._loop
+        arrival = self._next_count()
+        while True:
+            future = loop.create_future()
+            # As aiolimiter: once this future is done (result or cancellation),
+            # look at the next waiter - after this task has run, so it takes first.
+            future.add_done_callback(partial(loop.call_soon, self._wake_next))
+            heappush(self._waiters, (amount, arrival, future))
+            self._wake_next()
+            if future.done():
+                # Granted at once, but a waiter granted just before may not
+                # have run yet: its capacity is not taken. Let it go first.
+                await asyncio.sleep(0)
+            else:
+                await future
+            if self.has_capacity(amount):
+                break
+        self._wake_next()
 
     def close(self) -> None:
         handle = self._waker_handle
