@@ -369,6 +369,7 @@ async def test_acquire_waits_fifo_at_the_drain_rate() -> None:
             await anyio.wait_all_tasks_blocked()
         assert [i for i, _ in order] == [0, 1]
         assert "waiting_keys=1" in repr(limiter)
+        assert "waking in 500000" in repr(limiter._waiting["k"])  # aiolimiter's repr, on the fake clock
         for expected in (2, 3, 4):
             clock.advance(0.25)
             await anyio.wait_all_tasks_blocked()
@@ -634,7 +635,9 @@ async def test_a_remote_backend_plugs_in_without_the_fast_path() -> None:
     assert limiter.clock is clock
     assert limiter.resident_buckets is None
     assert "buckets" not in repr(limiter)
-    status = await limiter.hit("k")
+    with capture_events() as events:
+        status = await limiter.hit("k")
+    assert [event.name for event in events] == ["request_allowed"]
     assert (status.current_count, status.remaining, status.allowed) == (1.0, 1, True)
     await limiter.hit("k")
     error = await denied(limiter)

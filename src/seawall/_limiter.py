@@ -166,8 +166,9 @@ class _ClockTimer:
 class _ClockLoop:
     """The event loop as aiolimiter sees it, with ``time()`` and ``call_at`` on an injected clock.
 
-    aiolimiter only calls ``time``, ``create_future``, ``call_soon``,
-    ``call_at`` and ``is_closed``; the futures and callbacks stay on the
+    aiolimiter only calls ``time``, ``create_future``, ``call_soon`` and
+    ``call_at`` (its ``_loop`` property, which checks ``is_closed``, is
+    replaced by :class:`_GcraWaiters`); the futures and callbacks stay on the
     real loop, only the timer is moved onto the clock (a task sleeping on it).
     """
 
@@ -188,9 +189,6 @@ class _ClockLoop:
 
     def call_at(self, when: float, callback: Callable[[], None]) -> _ClockTimer:
         return _ClockTimer(self._loop, self._clock, when, callback)
-
-    def is_closed(self) -> bool:
-        return self._loop.is_closed()
 
 
 class _GcraWaiters(AsyncLimiter):
@@ -501,8 +499,7 @@ class RateLimiter:
             waiting.queued -= cost
             waiting.users -= 1
             if not waiting.users:
-                if self._waiting.get(key) is waiting:
-                    del self._waiting[key]
+                del self._waiting[key]
                 waiting.close()
         if LIMITER_REQUEST_ALLOWED.handlers:
             self._emit_allowed(key, cost)
