@@ -215,9 +215,9 @@ async def test_hit_returns_a_lazy_status_equal_to_an_eager_one() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         status.remaining = 9  # type: ignore[misc]
     with pytest.raises(AttributeError):
-        _ = status.nonexistent
+        _ = status.nonexistent  # type: ignore[attr-defined]
     with pytest.raises(AttributeError):
-        _ = RateLimitStatus.__new__(RateLimitStatus).nonexistent
+        _ = RateLimitStatus.__new__(RateLimitStatus).nonexistent  # type: ignore[attr-defined]
     # The snapshot is of the moment of the hit, whenever it is first read.
     later = await limiter.hit("k")
     clock.advance(10.0)

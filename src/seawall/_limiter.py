@@ -35,7 +35,7 @@ from datetime import timedelta
 from functools import partial
 from heapq import heappush
 from types import TracebackType
-from typing import Any, Final, NoReturn, cast
+from typing import TYPE_CHECKING, Any, Final, NoReturn, cast
 
 import anyio
 from aiolimiter import AsyncLimiter
@@ -95,24 +95,26 @@ class RateLimitStatus(_Lazy):
     retry_after: float
     reset_after: float
 
-    def __getattr__(self, name: str) -> Any:
-        # Only reached while the fields are unset: a status from ``hit()``
-        # carries ``(table, key, state, now)`` and fills them all on first read.
-        try:
-            table, key, state, now = _get_source(self)
-        except AttributeError:
-            raise AttributeError(name) from None
-        if name not in _STATUS_FIELDS:
-            raise AttributeError(name)
-        count, remaining, next_after, reset_after = cast("BucketTable", table).describe(state, now)
-        rule = table.rule
-        for field_name, value in zip(
-            _STATUS_FIELDS,
-            (key, next_after == 0.0, count, rule.limit, rule.window, remaining, next_after, reset_after),
-            strict=True,
-        ):
-            _setattr(self, field_name, value)
-        return object.__getattribute__(self, name)
+    if not TYPE_CHECKING:  # hidden from type checkers, so that ``status.typo`` stays an error for them
+
+        def __getattr__(self, name: str) -> Any:
+            # Only reached while the fields are unset: a status from ``hit()``
+            # carries ``(table, key, state, now)`` and fills them all on first read.
+            try:
+                table, key, state, now = _get_source(self)
+            except AttributeError:
+                raise AttributeError(name) from None
+            if name not in _STATUS_FIELDS:
+                raise AttributeError(name)
+            count, remaining, next_after, reset_after = cast("BucketTable", table).describe(state, now)
+            rule = table.rule
+            for field_name, value in zip(
+                _STATUS_FIELDS,
+                (key, next_after == 0.0, count, rule.limit, rule.window, remaining, next_after, reset_after),
+                strict=True,
+            ):
+                _setattr(self, field_name, value)
+            return object.__getattribute__(self, name)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-serialisable dict."""
