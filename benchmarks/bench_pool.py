@@ -51,17 +51,23 @@ def _postgres_answers() -> bool:
         return False
 
 
-async def _throughput(acquire: Callable[[], Any], tasks: int, queries: int) -> float:
-    """SELECT 1 per second with ``tasks`` tasks each running ``queries`` checkouts."""
+async def _throughput(acquire: Callable[[], Any], tasks: int, queries: int) -> tuple[float, float]:
+    """SELECT 1 per second, and this process's CPU microseconds per SELECT.
+
+    ``tasks`` tasks each run ``queries`` checkouts. The CPU figure shows what
+    the pool can change: the server's work and the socket round trips are the
+    same for both pools.
+    """
 
     async def worker() -> None:
         for _ in range(queries):
             async with acquire() as conn:
                 await conn.fetchval("SELECT 1")
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker() for _ in range(tasks)))
-    return tasks * queries / (time.perf_counter() - start)
+    done = tasks * queries
+    return done / (time.perf_counter() - start), (time.process_time() - cpu) / done * 1e6
 
 
 async def _pools(reset: bool) -> tuple[ConnectionPool[Any], Any]:
@@ -154,7 +160,8 @@ async def _throughput_case(ctx: BenchContext, reset: bool) -> None:
     case = f"pool: {tasks} tasks x {queries} SELECT 1, size {SIZE}, {label}"
     ours, theirs = await _pools(reset=reset)
     samples: dict[str, list[float]] = {"seawall": [], "asyncpg": []}
-    runs: dict[str, Callable[[], Awaitable[float]]] = {
+    cpu: dict[str, list[float]] = {"seawall": [], "asyncpg": []}
+    runs: dict[str, Callable[[], Awaitable[tuple[float, float]]]] = {
         "seawall": lambda: _throughput(ours.checkout, tasks, queries),
         "asyncpg": lambda: _throughput(theirs.acquire, tasks, queries),
     }
@@ -164,7 +171,9 @@ async def _throughput_case(ctx: BenchContext, reset: bool) -> None:
         for repeat in range(repeats):
             order = ["seawall", "asyncpg"] if repeat % 2 == 0 else ["asyncpg", "seawall"]
             for name in order:
-                samples[name].append(await runs[name]())
+                rate, cpu_us = await runs[name]()
+                samples[name].append(rate)
+                cpu[name].append(cpu_us)
     finally:
         await ours.close()
         await theirs.close()
@@ -173,6 +182,7 @@ async def _throughput_case(ctx: BenchContext, reset: bool) -> None:
     for name, values in samples.items():
         medians[name] = statistics.median(values)
         ctx.record(case, name, medians[name], "SELECT/s", min=min(values), max=max(values), repeats=repeats)
+        ctx.record(case, f"{name} client CPU", statistics.median(cpu[name]), "us/SELECT")
     ctx.record(case, "seawall / asyncpg", medians["seawall"] / medians["asyncpg"], "x")
     ctx.target(
         case,
