@@ -799,3 +799,113 @@ async def test_testing_advance_fires_fake_clock_timeouts() -> None:
             assert outcome == []
             await advance(clock, 0.5)
             assert outcome == ["timeout"]
+
+
+# -- fast and slow paths behave alike ----------------------------------------------------
+
+
+class ResettingFactory(Factory):
+    """A factory with a reset hook: the pool's return path awaits, so no fast path."""
+
+    async def reset(self, conn: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("factory_class", [Factory, ResettingFactory])
+@pytest.mark.parametrize("use_protect", [False, True])
+async def test_failures_and_timeouts_return_the_connection(factory_class: type[Factory], use_protect: bool) -> None:
+    """Errors and timeouts inside the block count as breaker failures and return the worker, on every path."""
+    factory = factory_class()
+
+    async def run(infra: AsyncInfrastructure, fn: Any, **options: Any) -> Any:
+        if use_protect:
+            async with infra.protect("db", **options):
+                return await fn()
+        return await infra.execute_protected("db", fn, **options)
+
+    async def fails() -> None:
+        raise ConnectionResetError
+
+    async with AsyncInfrastructure() as infra:
+        await infra.configure_protection(
+            "db", {"circuit_breaker": {"failure_threshold": 3}, "connection_pool": {"size": 1, "factory": factory}}
+        )
+        assert await run(infra, ok) == "ok"
+        with pytest.raises(ConnectionResetError):
+            await run(infra, fails)
+        with pytest.raises(ProtectionTimeout):
+            await run(infra, anyio.sleep_forever, timeout=0.01)
+        status = await infra.get_protection_status("db")
+        assert status["connection_pool"]["in_use"] == 0
+        assert status["circuit_breaker"]["failure_count"] == 2
+        assert await run(infra, ok) == "ok"
+        assert (await infra.get_protection_status("db"))["circuit_breaker"]["state"] == "closed"
+
+
+@pytest.mark.parametrize("use_protect", [False, True])
+async def test_half_open_trial_goes_through_the_breaker(use_protect: bool) -> None:
+    """A half-open breaker admits one trial through its slow path; the trial's success closes it."""
+    clock = FakeClock()
+    async with AsyncInfrastructure(clock=clock) as infra:
+        await infra.configure_protection("k", {"circuit_breaker": {"failure_threshold": 1, "recovery_time": 5}})
+        await infra.circuit_breaker.get("k").trip()
+        clock.advance(5)
+        if use_protect:
+            async with infra.protect("k"):
+                pass
+        else:
+            assert await infra.execute_protected("k", ok) == "ok"
+        assert (await infra.circuit_breaker.get_status("k")).state.value == "closed"
+
+
+@pytest.mark.parametrize("use_protect", [False, True])
+async def test_waiting_acquirers_go_first(use_protect: bool) -> None:
+    """With a task waiting in the key's limiter, a protected call is denied rather than jumping the queue."""
+    clock = FakeClock()
+    async with AsyncInfrastructure(clock=clock) as infra:
+        await infra.configure_protection("k", {"rate_limiter": {"limit": 1, "window": 60}})
+        await infra.execute_protected("k", ok)
+        limiter = infra.rate_limiter.for_operation("k")
+        assert limiter is not None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(limiter.acquire, "k:global")
+            await anyio.wait_all_tasks_blocked()
+            clock.advance(59)
+
+            async def call() -> None:
+                if use_protect:
+                    async with infra.protect("k"):
+                        pytest.fail("must not run")  # pragma: no cover
+                else:
+                    await infra.execute_protected("k", ok)
+
+            with pytest.raises(RateLimitExceeded):
+                await call()
+            clock.advance(1)
+
+
+@pytest.mark.parametrize("use_protect", [False, True])
+async def test_worker_orphaned_by_a_closing_pool(use_protect: bool) -> None:
+    """A worker a stopped pool gave up on after its grace period is not handed back to it."""
+    clock = FakeClock()
+    factory = Factory()
+    async with AsyncInfrastructure(clock=clock) as infra:
+        await infra.connection_manager.start_pool("shared", factory, size=1)
+        release = anyio.Event()
+
+        async def hold() -> None:
+            if use_protect:
+                async with infra.protect("k", connection_pool="shared", timeout=1000):
+                    await release.wait()
+            else:
+                await infra.execute_protected("k", release.wait, connection_pool="shared", timeout=1000)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hold)
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(infra.connection_manager.stop_pool, "shared")
+            await anyio.wait_all_tasks_blocked()
+            clock.advance(10)  # the pool's close grace
+            await anyio.wait_all_tasks_blocked()
+            release.set()
+        assert factory.closed == factory.made == 1

@@ -37,6 +37,12 @@ from seawall._clock import Clock, MonotonicClock, default_clock
 from seawall._config import DEFAULT_TIMEOUT, BreakerConfig, PoolConfig, ProtectionConfig, RateLimitConfig, load_toml
 from seawall._deadline import DeadlineTimer
 from seawall._errors import ConfigurationError, ProtectionKeyNotFound, ProtectionTimeout, SeawallError
+from seawall._fastpath import (
+    CLOSED,
+    breaker_fast_path,
+    limiter_fast_path,
+    pool_fast_path,
+)
 from seawall._limiter import RateLimiter
 from seawall._logging import logger
 from seawall._pool import ConnectionPool
@@ -48,10 +54,14 @@ from seawall._registries import (
     jsonable,
 )
 from seawall._telemetry import (
+    BREAKER_CALL_EXECUTED,
     INFRA_EXECUTE_EXCEPTION,
     INFRA_EXECUTE_START,
     INFRA_EXECUTE_STOP,
     INFRA_PROTECTION_TRIGGERED,
+    LIMITER_REQUEST_ALLOWED,
+    POOL_CHECKIN,
+    POOL_CHECKOUT,
 )
 
 __all__ = ["AsyncInfrastructure"]
@@ -96,15 +106,21 @@ class _Plan:
 
     __slots__ = (
         "breaker",
+        "breaker_inflight",
         "bucket",
         "config",
         "drained",
+        "fast_pool",
         "inflight",
         "key",
         "limiter",
+        "limiter_now",
+        "limiter_waiting",
         "owner",
         "pool",
+        "record",
         "retired",
+        "take",
         "timeout",
     )
 
@@ -131,6 +147,11 @@ class _Plan:
         self.inflight = 0
         self.retired = False
         self.drained: anyio.Event | None = None
+        # The synchronous fast paths of the in-memory primitives (see _fastpath):
+        # None where a layer must go through its public async API every time.
+        self.take, self.limiter_now, self.limiter_waiting = limiter_fast_path(limiter)
+        self.record, self.breaker_inflight = breaker_fast_path(breaker)
+        self.fast_pool = pool_fast_path(pool)
 
 
 class AsyncInfrastructure:
@@ -372,13 +393,23 @@ class AsyncInfrastructure:
         # The unobserved hot path, written out flat: every coroutine frame and
         # object saved here is a measurable share of the whole chain's cost.
         # ``Protection`` is the same logic spread over __aenter__/__aexit__.
+        # Each layer first tries its in-memory primitive's synchronous fast path
+        # (see _fastpath) and falls back to the public async API.
         limiter = plan.limiter
         if limiter is not None:
-            try:
-                await limiter.hit(plan.bucket)
-            except SeawallError as exc:
-                self._triggered(plan.key, "rate_limiter", exc)
-                raise
+            take = plan.take
+            if (
+                take is None
+                or plan.limiter_waiting
+                or LIMITER_REQUEST_ALLOWED.handlers
+                or take(plan.bucket, 1, plan.limiter_now()) is None  # type: ignore[misc]
+            ):
+                # Not decidable in-process, or denied: hit() decides (again) and raises.
+                try:
+                    await limiter.hit(plan.bucket)
+                except SeawallError as exc:
+                    self._triggered(plan.key, "rate_limiter", exc)
+                    raise
         pool = plan.pool
         if pool is not None:
             plan.owner.inflight += 1  # a replaced pool waits for this call
@@ -394,27 +425,50 @@ class AsyncInfrastructure:
             try:
                 breaker = plan.breaker
                 if breaker is not None:
-                    try:
-                        await breaker.__aenter__()
-                    except SeawallError as exc:
-                        self._triggered(plan.key, "circuit_breaker", exc)
-                        raise
+                    record = plan.record
+                    if record is None or record.state is not CLOSED or BREAKER_CALL_EXECUTED.handlers:
+                        try:
+                            await breaker.__aenter__()
+                        except SeawallError as exc:
+                            self._triggered(plan.key, "circuit_breaker", exc)
+                            raise
                 try:
                     if pool is None:
                         result = await fn()
                     else:
-                        checkout = pool.checkout()
-                        try:
-                            await checkout.__aenter__()
-                        except SeawallError as exc:
-                            self._triggered(plan.key, "connection_pool", exc)
-                            raise
-                        try:
-                            result = await fn()
-                        except BaseException as exc:
-                            await checkout.__aexit__(type(exc), exc, exc.__traceback__)
-                            raise
-                        await checkout.__aexit__(None, None, None)
+                        fast_pool = plan.fast_pool
+                        if (
+                            fast_pool is not None
+                            and fast_pool._idle
+                            and not fast_pool._closed
+                            and not POOL_CHECKOUT.handlers
+                            and not POOL_CHECKIN.handlers
+                        ):
+                            worker = fast_pool._idle.pop()
+                            fast_pool._busy.add(worker)
+                            try:
+                                result = await fn()
+                            except BaseException:
+                                await fast_pool._check_in(worker, True)  # shielded inside
+                                raise
+                            if worker.orphaned:
+                                await fast_pool._check_in(worker, False)
+                            else:
+                                fast_pool._busy.discard(worker)
+                                fast_pool._give_back(worker)
+                        else:
+                            checkout = pool.checkout()
+                            try:
+                                await checkout.__aenter__()
+                            except SeawallError as exc:
+                                self._triggered(plan.key, "connection_pool", exc)
+                                raise
+                            try:
+                                result = await fn()
+                            except BaseException as exc:
+                                await checkout.__aexit__(type(exc), exc, exc.__traceback__)
+                                raise
+                            await checkout.__aexit__(None, None, None)
                 except BaseException as exc:
                     if breaker is None:
                         raise
@@ -425,7 +479,7 @@ class AsyncInfrastructure:
                         raise timed_out from None
                     await breaker.__aexit__(type(exc), exc, exc.__traceback__)
                     raise
-                if breaker is not None:
+                if breaker is not None and (plan.record is None or plan.breaker_inflight):
                     await breaker.__aexit__(None, None, None)
                 return result
             finally:
@@ -684,10 +738,11 @@ class Protection:
     ``__aenter__`` runs the rate limiter, enters the cancel scope, the
     breaker and the pool checkout; ``__aexit__`` unwinds them in reverse,
     turning the scope's own cancellation into :class:`ProtectionTimeout`
-    *inside* the breaker so that the breaker counts it as a failure.
+    *inside* the breaker so that the breaker counts it as a failure. The
+    layers take the same synchronous fast paths as ``execute_protected``.
     """
 
-    __slots__ = ("_breaker_in", "_checkout", "_group", "_infra", "_plan", "_scope", "_started")
+    __slots__ = ("_breaker_in", "_checkout", "_group", "_infra", "_plan", "_scope", "_started", "_worker")
 
     def __init__(self, infra: AsyncInfrastructure, plan: _Plan) -> None:
         self._infra = infra
@@ -695,6 +750,7 @@ class Protection:
         self._scope: Any = None
         self._group: dict[Any, float] | None = None
         self._checkout: Any = None
+        self._worker: Any = None
         self._breaker_in = False
         self._started: float | None = None
 
@@ -711,15 +767,23 @@ class Protection:
                 )
         limiter = plan.limiter
         if limiter is not None:
-            try:
-                await limiter.hit(plan.bucket)
-            except BaseException as exc:
-                if isinstance(exc, SeawallError):
-                    infra._triggered(plan.key, "rate_limiter", exc)
-                self._finish(exc)
-                raise
+            take = plan.take
+            if (
+                take is None
+                or plan.limiter_waiting
+                or LIMITER_REQUEST_ALLOWED.handlers
+                or take(plan.bucket, 1, plan.limiter_now()) is None  # type: ignore[misc]
+            ):
+                try:
+                    await limiter.hit(plan.bucket)
+                except BaseException as exc:
+                    if isinstance(exc, SeawallError):
+                        infra._triggered(plan.key, "rate_limiter", exc)
+                    self._finish(exc)
+                    raise
         # From here on the call is in flight: a replaced pool waits for it.
-        if plan.pool is not None:
+        pool = plan.pool
+        if pool is not None:
             plan.owner.inflight += 1
         scope = self._scope = (_CancelScopeClass or _cancel_scope_class())()
         scope.__enter__()
@@ -733,61 +797,84 @@ class Protection:
         try:
             breaker = plan.breaker
             if breaker is not None:
-                try:
-                    await breaker.__aenter__()
-                except SeawallError as exc:
-                    infra._triggered(plan.key, "circuit_breaker", exc)
-                    raise
+                record = plan.record
+                if record is None or record.state is not CLOSED or BREAKER_CALL_EXECUTED.handlers:
+                    try:
+                        await breaker.__aenter__()
+                    except SeawallError as exc:
+                        infra._triggered(plan.key, "circuit_breaker", exc)
+                        raise
                 self._breaker_in = True
-            pool = plan.pool
-            if pool is not None:
-                checkout = pool.checkout()
-                try:
-                    conn = await checkout.__aenter__()
-                except SeawallError as exc:
-                    infra._triggered(plan.key, "connection_pool", exc)
-                    raise
-                self._checkout = checkout
-                return conn
-            return None
+            if pool is None:
+                return None
+            fast_pool = plan.fast_pool
+            if (
+                fast_pool is not None
+                and fast_pool._idle
+                and not fast_pool._closed
+                and not POOL_CHECKOUT.handlers
+                and not POOL_CHECKIN.handlers
+            ):
+                worker = self._worker = fast_pool._idle.pop()
+                fast_pool._busy.add(worker)
+                return worker.conn
+            checkout = pool.checkout()
+            try:
+                conn = await checkout.__aenter__()
+            except SeawallError as exc:
+                infra._triggered(plan.key, "connection_pool", exc)
+                raise
+            self._checkout = checkout
+            return conn
         except BaseException as exc:
-            await self._unwind(type(exc), exc, exc.__traceback__)
-            raise  # pragma: no cover - _unwind always raises for an exception
+            await self.__aexit__(type(exc), exc, exc.__traceback__)
+            raise  # pragma: no cover - __aexit__ raises the outcome of a failed entry
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool:
-        checkout = self._checkout
-        if checkout is not None:
-            self._checkout = None
-            try:
-                await checkout.__aexit__(exc_type, exc, tb)
-            except BaseException as checkin_exc:
-                # A failing check-in (e.g. cancelled) replaces the block's outcome.
-                exc_type, exc, tb = type(checkin_exc), checkin_exc, checkin_exc.__traceback__
-        return await self._unwind(exc_type, exc, tb)
-
-    async def _unwind(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool:
-        """Leave the breaker and the scope; raise the call's outcome (or return False)."""
-        scope = self._scope
         plan = self._plan
-        raised = exc
+        scope = self._scope
+        original = raised = exc
         try:
+            # 1. give the connection back (a failing check-in replaces the block's outcome)
+            worker = self._worker
+            checkout = self._checkout
+            if worker is not None:
+                self._worker = None
+                fast_pool = plan.fast_pool
+                assert fast_pool is not None
+                if exc is None and not worker.orphaned:
+                    fast_pool._busy.discard(worker)
+                    fast_pool._give_back(worker)
+                else:
+                    try:
+                        await fast_pool._check_in(worker, exc is not None)
+                    except BaseException as checkin_exc:
+                        raised = exc = checkin_exc
+                        exc_type, tb = type(checkin_exc), checkin_exc.__traceback__
+            elif checkout is not None:
+                self._checkout = None
+                try:
+                    await checkout.__aexit__(exc_type, exc, tb)
+                except BaseException as checkin_exc:
+                    raised = exc = checkin_exc
+                    exc_type, tb = type(checkin_exc), checkin_exc.__traceback__
+            # 2. our own deadline fired (no one else holds this scope): a timeout
             if exc is not None and scope.cancel_called and isinstance(exc, _cancelled_class()):
-                # Our own deadline fired (no one else holds this scope): a timeout.
                 raised = self._infra._timed_out(plan)
                 exc_type, tb = ProtectionTimeout, None
+            # 3. the breaker hears the outcome
             if self._breaker_in:
                 self._breaker_in = False
                 breaker = plan.breaker
                 assert breaker is not None
-                try:
-                    await breaker.__aexit__(exc_type, raised, tb)
-                except BaseException as breaker_exc:
-                    if breaker_exc is not raised:
-                        raised, exc_type, tb = breaker_exc, type(breaker_exc), breaker_exc.__traceback__
+                if raised is not None or plan.record is None or plan.breaker_inflight:
+                    try:
+                        await breaker.__aexit__(exc_type, raised, tb)
+                    except BaseException as breaker_exc:
+                        if breaker_exc is not raised:
+                            raised, exc_type, tb = breaker_exc, type(breaker_exc), breaker_exc.__traceback__
         finally:
             group = self._group
             if group is not None:
@@ -799,11 +886,9 @@ class Protection:
                     owner.drained.set()
         if scope.__exit__(exc_type, raised, tb):  # pragma: no cover - its cancellation was turned into a timeout
             raise AssertionError("the protection's cancel scope swallowed an exception")
-        if raised is None:
-            self._finish(None)
-            return False
-        self._finish(raised)
-        if raised is exc:
+        if self._started is not None:
+            self._finish(raised)
+        if raised is None or raised is original:
             return False
         raise raised from None
 
