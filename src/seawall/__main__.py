@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--duration", type=float, default=20.0, help="seconds of load (default 20)")
     demo.add_argument("--no-live", action="store_true", help="plain log lines instead of a live view")
     demo.add_argument("--seed", type=int, default=None, help="seed for a reproducible scenario")
+    demo.add_argument("--chart", default=None, metavar="PATH", help="PNG timeline path (default: temp dir)")
     args = parser.parse_args(argv)
     if args.version:
         from seawall import __version__
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from seawall._demo import run_demo
 
-        return run_demo(duration=args.duration, live=not args.no_live, seed=args.seed)
+        return run_demo(duration=args.duration, live=not args.no_live, seed=args.seed, chart=args.chart)
     parser.print_help()
     return 0
 

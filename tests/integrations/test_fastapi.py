@@ -457,3 +457,24 @@ async def test_real_uvicorn_server_with_lifespan() -> None:
     assert responses[2].json()["error"] == "rate_limit_exceeded"
     assert events == ["started", "stopped"]
     assert pool.closed
+
+
+async def test_operation_entity_pair_and_failing_status_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An (operation, entity) bucket gets its headers; a failing status read drops them but not the request."""
+    async with _app_with({"api": {"rate_limiter": {"limit": 3, "window": 30}}}) as (app, infra):
+
+        @app.get("/pair", dependencies=[Depends(protect("api", rate_limiter=("api", "team-a")))])
+        async def pair() -> str:
+            return "ok"
+
+        async with _client(app) as client:
+            paired = await client.get("/pair")
+
+            async def broken(self: object, entity_id: str, operation: str) -> None:
+                raise RateLimiterError(key=f"{operation}:{entity_id}")
+
+            monkeypatch.setattr(type(infra.rate_limiter), "get_status", broken)
+            unheaded = await client.get("/pair")
+    assert paired.headers["ratelimit-remaining"] == "2"
+    assert unheaded.status_code == 200
+    assert "ratelimit-limit" not in unheaded.headers

@@ -288,3 +288,16 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after("nan") is None
     assert parse_retry_after(None) is None
     assert parse_retry_after(format_datetime(datetime.now(UTC) + timedelta(hours=1), usegmt=True)) > 3000
+
+
+async def test_responses_already_in_memory_pass_unchanged(infra: AsyncInfrastructure) -> None:
+    """A transport that hands back a body already read (httpx.MockTransport) is not read twice."""
+    body = gzip.compress(b"mocked")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body, headers={"Content-Encoding": "gzip"})
+
+    transport = ProtectedTransport(infra, "up", transport=httpx.MockTransport(handler))
+    async with httpx.AsyncClient(transport=transport, base_url="http://mock") as client:
+        response = await client.get("/")
+    assert response.content == b"mocked"

@@ -20,6 +20,11 @@ import logging
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from seawall._demo._scenario import Recorder
+    from seawall._demo._view import LiveView, PlainView
 
 __all__ = ["run_demo"]
 
@@ -90,15 +95,19 @@ def run_demo(
             anyio.run(run_scenario, recorder, view.tick, announce)
     finally:
         seawall_logger.setLevel(level)
+    return _conclude(recorder, view, Path(chart) if chart is not None else _default_chart(plan.seed))
+
+
+def _conclude(recorder: Recorder, view: LiveView | PlainView, chart: Path) -> int:
+    """Show the summary and the verdict, write the chart; return the exit status."""
     verdict = recorder.verdict()
     view.summary(recorder, verdict)
     for sample in recorder.error_samples:
         view.print(f"seawall demo: unexpected {sample}")
-    path = Path(chart) if chart is not None else _default_chart(plan.seed)
     try:
         from seawall._demo._chart import write_chart
 
-        view.print(f"seawall demo: timeline chart written to {write_chart(recorder, path)}")
+        view.print(f"seawall demo: timeline chart written to {write_chart(recorder, chart)}")
     except ImportError:
         view.print("seawall demo: no chart ('matplotlib' is not installed: pip install 'seawall[demo]')")
     view.print(f"seawall demo: {'scenario ran as designed' if verdict.ok else 'scenario did NOT run as designed'}")

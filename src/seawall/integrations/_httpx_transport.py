@@ -229,6 +229,12 @@ async def _read_fully(response: httpx.Response, request: httpx.Request) -> httpx
     as it would have decoded the stream.
     """
     try:
+        response.content  # noqa: B018 - only asks whether the body is in memory already
+    except httpx.ResponseNotRead:
+        pass
+    else:
+        return response  # built in memory (httpx.MockTransport, a cache): nothing left to read
+    try:
         body = b"".join([chunk async for chunk in response.aiter_raw()])
     finally:
         await response.aclose()

@@ -327,18 +327,13 @@ async def _add_rate_limit_headers(infra: AsyncInfrastructure, key: str, bucket: 
         operation, entity_id = bucket
     else:
         operation, entity_id = key, bucket if bucket is not None else "global"
-    registry = getattr(infra, "rate_limiter", None)
-    if registry is None:
-        return
     try:
-        status = await registry.get_status(entity_id, operation)
+        status = await infra.rate_limiter.get_status(entity_id, operation)
     except LookupError:
         return  # the key has no rate limiter: nothing to advertise
     except SeawallError as exc:
         # The request was admitted; a status read that fails must not fail it.
         logger.warning("rate_limit_headers_unavailable", key=key, error=exc.error_type)
-        return
-    if status is None:
         return
     response.headers.update(
         rate_limit_headers(

@@ -1,0 +1,176 @@
+"""The demo behind `python -m seawall demo`: scenario, verdict, views, chart, upstream."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+
+from seawall._demo import run_demo
+from seawall._demo._plan import Plan
+from seawall._demo._scenario import Recorder, classify
+from seawall._demo._upstream import Upstream
+from seawall._demo._view import PlainView, summary_rows
+
+
+def test_short_plain_run_behaves_as_designed(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A 2 s run with --no-live exits 0, prints a line per tick, the checks, and writes the PNG."""
+    chart = tmp_path / "timeline.png"
+    level = logging.getLogger("seawall").level
+    assert run_demo(duration=2, live=False, seed=1, chart=chart) == 0
+    out = capsys.readouterr().out
+    assert out.count("\nt=") >= 19
+    assert "[ok] the breaker opened during the outage" in out
+    assert "FAILED" not in out
+    assert "scenario ran as designed" in out
+    assert chart.read_bytes().startswith(b"\x89PNG")
+    assert str(chart) in out
+    assert logging.getLogger("seawall").level == level  # the demo's quieting is undone
+
+
+def test_live_view_runs(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """The rich live view renders the table and the summary."""
+    assert run_demo(duration=2, live=True, seed=2, chart=tmp_path / "c.png") == 0
+    out = capsys.readouterr().out
+    assert "summary" in out
+    assert "breaker" in out
+
+
+def test_degrades_without_rich_and_matplotlib(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Without rich the view is plain lines; without matplotlib there is no chart, and the run still passes."""
+    for module in ("rich", "rich.live", "rich.console", "matplotlib", "matplotlib.pyplot"):
+        monkeypatch.setitem(sys.modules, module, None)
+    assert run_demo(duration=1.5, live=True, seed=3, chart=tmp_path / "c.png") == 0
+    out = capsys.readouterr().out
+    assert "'rich' is not installed" in out
+    assert "no chart" in out
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_missing_web_dependencies_exit_2(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without fastapi the demo says which extra to install and exits 2."""
+    monkeypatch.setitem(sys.modules, "fastapi", None)
+    assert run_demo(duration=2, live=False, seed=1) == 2
+    assert "seawall[demo]" in capsys.readouterr().err
+
+
+def test_invalid_duration_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    """A duration under one second is refused with exit status 2."""
+    assert run_demo(duration=0.5, live=False, seed=1) == 2
+    assert "--duration" in capsys.readouterr().err
+
+
+def test_plan_scales_with_duration_and_seed() -> None:
+    """Phases are fractions of the run; the seed fixes the clients; no seed draws one."""
+    short, long = Plan.build(2, 7), Plan.build(20, 7)
+    assert [short.phase_at(t) for t in (0.0, 0.6, 1.0, 1.3)] == ["healthy", "failing", "slow", "recovered"]
+    assert long.phase_start("recovered") == 12.0
+    assert short.clients == Plan.build(2, 7).clients
+    assert short.clients != Plan.build(2, 8).clients
+    assert short.recovery_time < long.recovery_time
+    assert isinstance(Plan.build(2, None).seed, int)
+    assert set(short.protections()) == {"api", "upstream"}
+
+
+def _recorder_with(transitions: list[tuple[float, str, str]], final: str, **counts: int) -> Recorder:
+    recorder = Recorder(Plan.build(10, 1))
+    recorder.transitions = transitions
+    recorder.breaker_state = final
+    for outcome, count in counts.items():
+        recorder.ticks[-1].counts[outcome] += count
+    return recorder
+
+
+def test_verdict_demands_every_part_of_the_story() -> None:
+    """The run passes only if the breaker opened in the outage, closed after it, and denials happened."""
+    story = [(3.0, "closed", "open"), (7.0, "half_open", "closed")]
+    assert _recorder_with(story, "closed", rate_limited=3, successes=5).verdict().ok
+    assert not _recorder_with([], "closed", rate_limited=3, successes=5).verdict().ok
+    assert not _recorder_with(story[:1], "open", rate_limited=3, successes=5).verdict().ok
+    assert not _recorder_with(story, "closed", successes=5).verdict().ok
+    assert not _recorder_with(story, "closed", rate_limited=3, successes=5, errors=1).verdict().ok
+    failed = dict(_recorder_with([], "open").verdict().checks)
+    assert failed["the breaker opened during the outage"] is False
+
+
+def test_summary_and_plain_view(capsys: pytest.CaptureFixture[str]) -> None:
+    """The summary has a row per phase and a total; the plain view prints FAILED for a failed check."""
+    recorder = _recorder_with([], "closed", successes=2)
+    recorder.ticks[0].latencies.extend([0.001, 0.003])
+    rows = summary_rows(recorder)
+    assert [row[0] for row in rows] == ["healthy", "failing", "slow", "recovered", "total"]
+    view = PlainView(sys.stdout, recorder.pool_size)
+    with view:
+        view.tick(recorder.ticks[0])
+        view.summary(recorder, recorder.verdict())
+    out = capsys.readouterr().out
+    assert "p50=1ms" in out or "p50=3ms" in out
+    assert "[FAILED] the breaker opened during the outage" in out
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "outcome"),
+    [
+        (200, {}, "successes"),
+        (429, {"error": "rate_limit_exceeded"}, "rate_limited"),
+        (503, {"error": "circuit_breaker_blown"}, "breaker_rejected"),
+        (503, {"error": "checkout_timeout"}, "pool_timeouts"),
+        (503, {"error": "rate_limiter_exception"}, "errors"),
+        (504, {"error": "timeout"}, "timeouts"),
+        (502, {"error": "upstream_error"}, "upstream_errors"),
+        (500, {}, "errors"),
+    ],
+)
+def test_classify(status: int, body: dict[str, str], outcome: str) -> None:
+    """Each response of the demo app is sorted into the series it belongs to."""
+    assert classify(httpx.Response(status, json=body)) == outcome
+
+
+@pytest.mark.anyio
+async def test_upstream_answers_by_phase_and_rejects_garbage() -> None:
+    """The upstream serves /quote by phase, 404s other paths, 400s bad request lines, and survives hang-ups."""
+    phase = ["healthy"]
+    upstream = Upstream(lambda: phase[0], slow_delay=0.0)
+    async with anyio.create_task_group() as tasks:
+        port = await tasks.start(upstream.serve)
+        async with httpx.AsyncClient(base_url=upstream.url) as client:
+            healthy = await client.get("/quote")
+            phase[0] = "failing"
+            failing = await client.get("/quote")
+            missing = await client.get("/elsewhere")
+            closing = await client.get("/quote", headers={"Connection": "close"})
+        async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+            await stream.send(b"NONSENSE\r\nContent-Length: 0\r\n\r\n")
+            bad = await stream.receive()
+        async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+            await stream.send(b"X" * 20000)  # no end of head in sight: the server hangs up
+            with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                await stream.receive()
+        async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+            await stream.send(b"GET /quote HTTP/1.1\r\nContent-Length: x\r\n\r\n")  # ValueError: hung up
+            with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                await stream.receive()
+        tasks.cancel_scope.cancel()
+    assert healthy.json()["phase"] == "healthy"
+    assert (failing.status_code, missing.status_code, closing.status_code) == (500, 404, 500)
+    assert bad.startswith(b"HTTP/1.1 400")
+    assert upstream.served == 5
+
+
+def test_a_run_that_missed_its_design_exits_1(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """When a check fails the demo says so, shows the unexpected errors, and returns 1."""
+    from seawall._demo import _conclude, _default_chart
+
+    recorder = _recorder_with([], "open", errors=1)
+    recorder.error_samples.append("client-1: ConnectError: refused")
+    assert _conclude(recorder, PlainView(sys.stdout, recorder.pool_size), tmp_path / "c.png") == 1
+    out = capsys.readouterr().out
+    assert "unexpected client-1: ConnectError: refused" in out
+    assert "did NOT run as designed" in out
+    assert _default_chart(5).name == "seawall-demo-seed5.png"
