@@ -53,7 +53,9 @@ class DeadlineTimer:
 
     The hot path is used inline by the coordinator::
 
-        group = timer.groups.get(timeout) or timer.group(timeout)
+        group = timer.groups.get(timeout)
+        if group is None:
+            group = timer.group(timeout)
         group[scope] = clock.now() + timeout
         ...
         group.pop(scope, None)   # the timer removes expired scopes itself

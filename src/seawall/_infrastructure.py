@@ -63,6 +63,7 @@ from seawall._telemetry import (
     POOL_CHECKIN,
     POOL_CHECKOUT,
 )
+from seawall._telemetry import _events_by_id as _attached_handlers
 
 __all__ = ["AsyncInfrastructure"]
 
@@ -387,7 +388,12 @@ class AsyncInfrastructure:
             or timeout is not None
         ):
             plan = self._call_plan(key, plan, rate_limiter, circuit_breaker, connection_pool, timeout)
-        if INFRA_EXECUTE_START.handlers or INFRA_EXECUTE_STOP.handlers or INFRA_EXECUTE_EXCEPTION.handlers:
+        # One dict read tells whether any telemetry handler is attached at all;
+        # only then are the seven topics of the hot path looked at one by one.
+        observed = bool(_attached_handlers)
+        if observed and (
+            INFRA_EXECUTE_START.handlers or INFRA_EXECUTE_STOP.handlers or INFRA_EXECUTE_EXCEPTION.handlers
+        ):
             async with Protection(self, plan):
                 return await fn()
         # The unobserved hot path, written out flat: every coroutine frame and
@@ -401,7 +407,7 @@ class AsyncInfrastructure:
             if (
                 take is None
                 or plan.limiter_waiting
-                or LIMITER_REQUEST_ALLOWED.handlers
+                or (observed and LIMITER_REQUEST_ALLOWED.handlers)
                 or take(plan.bucket, 1, plan.limiter_now()) is None  # type: ignore[misc]
             ):
                 # Not decidable in-process, or denied: hit() decides (again) and raises.
@@ -418,7 +424,9 @@ class AsyncInfrastructure:
         with scope:
             timer = self._timer
             if timer.running:
-                group = timer.groups.get(plan.timeout) or timer.group(plan.timeout)
+                group = timer.groups.get(plan.timeout)
+                if group is None:  # (an empty group is falsy: test for None)
+                    group = timer.group(plan.timeout)
                 group[scope] = self._now() + plan.timeout
             else:
                 scope.deadline = anyio.current_time() + plan.timeout
@@ -426,7 +434,7 @@ class AsyncInfrastructure:
                 breaker = plan.breaker
                 if breaker is not None:
                     record = plan.record
-                    if record is None or record.state is not CLOSED or BREAKER_CALL_EXECUTED.handlers:
+                    if record is None or record.state is not CLOSED or (observed and BREAKER_CALL_EXECUTED.handlers):
                         try:
                             await breaker.__aenter__()
                         except SeawallError as exc:
@@ -441,8 +449,7 @@ class AsyncInfrastructure:
                             fast_pool is not None
                             and fast_pool._idle
                             and not fast_pool._closed
-                            and not POOL_CHECKOUT.handlers
-                            and not POOL_CHECKIN.handlers
+                            and not (observed and (POOL_CHECKOUT.handlers or POOL_CHECKIN.handlers))
                         ):
                             worker = fast_pool._idle.pop()
                             fast_pool._busy.add(worker)
@@ -790,7 +797,10 @@ class Protection:
         timer = infra._timer
         if timer.running:
             timeout = plan.timeout
-            group = self._group = timer.groups.get(timeout) or timer.group(timeout)
+            group = timer.groups.get(timeout)
+            if group is None:
+                group = timer.group(timeout)
+            self._group = group
             group[scope] = infra._now() + timeout
         else:
             scope.deadline = anyio.current_time() + plan.timeout
