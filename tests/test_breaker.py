@@ -17,7 +17,15 @@ from typing import Any
 import anyio
 import pytest
 
-from seawall import BreakerState, BreakerStatus, CircuitBreaker, CircuitOpenError, ConfigurationError, FakeClock
+from seawall import (
+    BreakerState,
+    BreakerStatus,
+    CircuitBreaker,
+    CircuitOpenError,
+    ConfigurationError,
+    FakeClock,
+    telemetry,
+)
 from seawall._breaker import BreakerLike, _open_error
 from seawall.backends._breaker_memory import MemoryBreakerBackend
 from seawall.backends._breaker_protocol import (
@@ -894,3 +902,32 @@ async def test_memory_backend_async_protocol_methods() -> None:
     )
     assert (await backend.breaker_snapshot("x", policy, 2.0)).retry_after == pytest.approx(4.0)
     assert await backend.breaker_force("x", policy, 3.0, BreakerState.CLOSED) is not None
+
+
+async def test_handler_detached_mid_call_is_not_called(clock: FakeClock) -> None:
+    """A call_executed handler detached while a call runs is not called for it."""
+    breaker = make(clock)
+    with capture_events() as events:
+        async with breaker:
+            events_seen = len(events)
+            for info in telemetry.list_handlers(("seawall",)):
+                telemetry.detach(info.id)
+    assert events_seen == 0
+    assert events == []
+    assert breaker._inflight == {}
+
+
+async def test_blocks_tracked_without_asyncio_tasks(clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where asyncio has no current task (other anyio backends), blocks are keyed by anyio's task id."""
+
+    def no_asyncio_task() -> None:
+        raise RuntimeError("no running event loop")
+
+    monkeypatch.setattr("seawall._breaker.asyncio.current_task", no_asyncio_task)
+    breaker = make(clock, failure_threshold=1)
+    await fail(breaker)
+    clock.advance(5.0)
+    async with breaker:
+        assert list(breaker._inflight) == [anyio.get_current_task().id]
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker._inflight == {}
