@@ -909,3 +909,35 @@ async def test_worker_orphaned_by_a_closing_pool(use_protect: bool) -> None:
             await anyio.wait_all_tasks_blocked()
             release.set()
         assert factory.closed == factory.made == 1
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_many_concurrent_deadlines_fire_exactly_when_due(seed: int) -> None:
+    """Calls with mixed timeouts and durations time out exactly when their duration reaches their timeout."""
+    import random
+
+    rng = random.Random(seed)
+    clock = FakeClock()
+    calls = [(rng.choice([1.0, 2.0, 3.5, 0.5]), rng.choice([0.25, 0.75, 1.5, 2.5, 4.0])) for _ in range(40)]
+    outcomes: dict[int, str] = {}
+    async with AsyncInfrastructure(clock=clock) as infra:
+
+        async def call(index: int, limit: float, duration: float) -> None:
+            try:
+                await infra.execute_protected("k", lambda: clock.sleep(duration), timeout=limit)
+                outcomes[index] = "done"
+            except ProtectionTimeout:
+                outcomes[index] = "timeout"
+
+        async with anyio.create_task_group() as tg:
+            for index, (timeout, duration) in enumerate(calls):
+                tg.start_soon(call, index, timeout, duration)
+            for _ in range(20):  # 0.25 s steps: every timeout and duration is a multiple
+                await anyio.wait_all_tasks_blocked()
+                clock.advance(0.25)
+        expected = {i: "timeout" if duration >= timeout else "done" for i, (timeout, duration) in enumerate(calls)}
+        # A duration equal to the timeout races the timer; both outcomes are right then.
+        for index, (timeout, duration) in enumerate(calls):
+            if duration != timeout:
+                assert outcomes[index] == expected[index], (timeout, duration)
+        assert infra._timer.pending == 0
