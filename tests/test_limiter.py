@@ -277,6 +277,9 @@ async def test_fixed_window_status_of_an_unknown_key() -> None:
 def test_window_end_never_rounds_back_onto_now() -> None:
     """The aligned window containing now ends after now, even when now / window rounds up."""
     table = FixedWindowTable(RateLimitRule(1, 0.1, "fixed_window"))
+    assert table.retry_after("k", 1, 0.05) == 0.0
+    assert table.take("k", 1, 0.05) == 1
+    assert table.retry_after("k", 1, 0.05) == pytest.approx(0.05)
     for now in (0.3, 0.7, 1.0, 2.9999999999999996, 1e6 + 0.1):
         assert table.window_end(now) > now
         assert table.window_end(now) - now <= 0.1 + 1e-9
@@ -310,20 +313,45 @@ async def test_one_off_keys_do_not_stay_resident(algorithm: str) -> None:
     assert limiter.resident_buckets == 1
 
 
-async def test_sweep_keeps_buckets_that_have_not_drained() -> None:
-    """The GCRA sweep drops only empty buckets; a bucket still draining keeps its level."""
+async def test_generations_drop_only_empty_buckets() -> None:
+    """A bucket still draining survives the turn of a generation; one idle for a generation is dropped."""
     clock = FakeClock()
     limiter = RateLimiter(2, 10.0, clock=clock)  # one unit drains in 5 s
     await limiter.hit("full", 2)  # empty at 10 s
-    await limiter.hit("quick", 0.5)  # empty at 2.5 s
     clock.advance(6.0)
     await limiter.hit("late", 2)  # empty at 16 s
-    assert limiter.resident_buckets == 3
-    clock.advance(4.5)  # 10.5 s: a window after the first hit, the next hit sweeps
+    assert limiter.resident_buckets == 2
+    clock.advance(4.5)  # 10.5 s: a new generation; both buckets are kept in the previous one
     await limiter.hit("other")
-    assert limiter.resident_buckets == 2  # "late" and "other"
-    await denied(limiter, "late")  # level 1.1: one more unit does not fit
-    await limiter.hit("full", 2)
+    assert limiter.resident_buckets == 3
+    await denied(limiter, "late")  # level 1.1 read through the previous generation
+    await limiter.hit("full", 2)  # drained: a fresh bucket
+    await denied(limiter, "full")
+    clock.advance(4.5)
+    await limiter.hit("busy")  # 15 s
+    clock.advance(5.5)  # 20.5 s: the previous generation ("late", drained at 16 s) is dropped
+    await limiter.hit("new")
+    assert limiter.resident_buckets == 4  # "other", "full", "busy" from the last generation, "new"
+    clock.advance(20.0)  # idle for a window: everything has drained and is dropped
+    await limiter.hit("other")
+    assert limiter.resident_buckets == 1
+    assert (await limiter.status("other")).current_count == pytest.approx(1.0)
+
+
+async def test_a_bucket_in_the_previous_generation_keeps_denying() -> None:
+    """A denial of a key known only to the previous generation loses nothing."""
+    clock = FakeClock()
+    limiter = RateLimiter(1, 10.0, clock=clock)
+    await limiter.hit("k")
+    clock.advance(9.0)
+    await limiter.hit("keep-busy")
+    clock.advance(1.5)  # 10.5 s: new generation, "k" (empty at 10 s) and "keep-busy" (19 s) move back
+    await denied(limiter, "keep-busy")
+    await denied(limiter, "keep-busy")
+    status = await limiter.status("keep-busy")
+    assert status.retry_after == pytest.approx(8.5)
+    await limiter.reset("keep-busy")
+    await limiter.hit("keep-busy")
 
 
 # -- concurrency ----------------------------------------------------------------

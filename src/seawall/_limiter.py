@@ -95,7 +95,7 @@ class RateLimitStatus(_Lazy):
     retry_after: float
     reset_after: float
 
-    if not TYPE_CHECKING:  # hidden from type checkers, so that ``status.typo`` stays an error for them
+    if not TYPE_CHECKING:  # pragma: no branch - hidden from type checkers: ``status.typo`` stays an error
 
         def __getattr__(self, name: str) -> Any:
             # Only reached while the fields are unset: a status from ``hit()``

@@ -14,13 +14,11 @@ One :class:`BucketTable` per rule holds the buckets of that rule:
   (``[k * window, (k + 1) * window)`` on the caller's clock) and drops the
   whole dict when the window rolls over.
 
-Memory stays bounded without a timer per key. A GCRA bucket is never more than
-``window`` seconds from empty, so once per window (on the first operation
-after the window elapsed) the table rebuilds its dict without the buckets that
-have drained: a key hit once is gone at most one window after its bucket
-emptied. The sweep also moves the epoch the stored times are measured from to
-``now``, so the floats stay small and a burst of ``limit`` hits at one
-instant adds up exactly, whatever the magnitude of the monotonic clock.
+Memory stays bounded without a timer per key and without a pass over all
+keys (which would stall the event loop for a second with a million of them):
+a GCRA bucket is never more than ``window`` seconds from empty, so buckets
+are kept in generations of a window and a generation nobody touched is
+dropped whole (see :class:`GcraTable`).
 """
 
 from __future__ import annotations
@@ -41,11 +39,37 @@ _SLACK = 1e-9
 class GcraTable:
     """The GCRA (leaky bucket) buckets of one rule.
 
+    Buckets live in two generations of at least ``window`` seconds each: the
+    current dict, where every admitted hit writes, and the previous one,
+    read through when a key was not hit in the current generation yet. When
+    a generation is over, the previous dict is dropped whole (a bucket that
+    was not hit for a full generation is empty) and the current one becomes
+    the previous. If the table has been idle for a window, both are dropped.
+    So no bucket outlives its last hit by more than two windows, a run of
+    one-off keys is gone one window after it ended, and the bookkeeping
+    costs one comparison per hit - no timer per key, no pass over all keys.
+
+    Each generation stores its TATs relative to the time it started, so the
+    floats stay small and a burst of ``limit`` hits at one instant adds up
+    exactly, whatever the magnitude of the monotonic clock.
+
     Args:
         rule: The rule; its ``algorithm`` is not consulted.
     """
 
-    __slots__ = ("_buckets", "_epoch", "_horizon", "_interval", "_limit", "_next_sweep", "_window", "rule")
+    __slots__ = (
+        "_buckets",
+        "_epoch",
+        "_horizon",
+        "_interval",
+        "_last",
+        "_limit",
+        "_previous",
+        "_previous_epoch",
+        "_rotate_at",
+        "_window",
+        "rule",
+    )
 
     def __init__(self, rule: RateLimitRule) -> None:
         self.rule = rule
@@ -53,33 +77,60 @@ class GcraTable:
         self._window = rule.window
         self._interval = rule.window / rule.limit
         self._horizon = rule.window * (1.0 + _SLACK)
-        # Stored TATs are relative to ``_epoch``; the first take() sweeps the
-        # (empty) dict and sets the epoch to its ``now``.
-        self._buckets: dict[str, float] = {}
+        self._buckets: dict[str, float] = {}  # the current generation: key -> TAT - _epoch
         self._epoch = 0.0
-        self._next_sweep = -math.inf
+        self._previous: dict[str, float] = {}  # the previous generation: key -> TAT - _previous_epoch
+        self._previous_epoch = 0.0
+        self._last = -math.inf  # when a hit was last admitted
+        self._rotate_at = -math.inf  # the first take() starts the first generation
 
     def take(self, key: str, cost: float, now: float) -> float | None:
         """Take ``cost`` if it fits; return the backlog in seconds (the state), or ``None``."""
-        if now >= self._next_sweep:
-            self._sweep(now)
-        now -= self._epoch
+        if now >= self._rotate_at:
+            self._rotate(now)
+        relative = now - self._epoch
         buckets = self._buckets
-        tat = buckets.get(key, now)
-        if tat < now:
-            tat = now
+        tat = buckets.get(key)
+        if tat is None:
+            tat = self._inherit(key, relative) if self._previous else relative
+        elif tat < relative:
+            tat = relative
         tat += cost * self._interval
-        backlog = tat - now
+        backlog = tat - relative
         if backlog > self._horizon:
             return None
         buckets[key] = tat
+        self._last = now
         return backlog
 
+    def _inherit(self, key: str, relative: float) -> float:
+        # The bucket as the previous generation left it, on the current epoch.
+        # It stays there too (a denial must not lose it); the previous dict goes whole.
+        tat = self._previous.get(key)
+        if tat is None:
+            return relative
+        tat += self._previous_epoch - self._epoch
+        return tat if tat > relative else relative
+
+    def _rotate(self, now: float) -> None:
+        if now - self._last >= self._window:
+            # Idle for a window: every bucket of both generations is empty.
+            self._previous = {}
+        else:
+            # Buckets only in the previous generation were not hit for a whole
+            # generation (at least a window): they are empty, drop them all.
+            self._previous = self._buckets
+            self._previous_epoch = self._epoch
+        self._buckets = {}
+        self._epoch = now
+        self._rotate_at = now + self._window
+
     def _backlog(self, key: str, now: float) -> float:
+        relative = now - self._epoch
         tat = self._buckets.get(key)
         if tat is None:
-            return 0.0
-        backlog = tat - (now - self._epoch)
+            tat = self._inherit(key, relative)
+        backlog = tat - relative
         return backlog if backlog > 0.0 else 0.0
 
     def retry_after(self, key: str, cost: float, now: float) -> float:
@@ -105,20 +156,14 @@ class GcraTable:
 
     def reset(self, key: str) -> None:
         self._buckets.pop(key, None)
-
-    def _sweep(self, now: float) -> None:
-        # Rebuilding (not deleting in place) also gives the memory back: a dict
-        # never shrinks on deletion. Every survivor is rebased on the new epoch.
-        shift = now - self._epoch
-        self._buckets = {key: tat - shift for key, tat in self._buckets.items() if tat > shift}
-        self._epoch = now
-        self._next_sweep = now + self._window
+        self._previous.pop(key, None)
 
     def __len__(self) -> int:
-        return len(self._buckets)
+        """Resident buckets (a key in both generations counts twice)."""
+        return len(self._buckets) + len(self._previous)
 
     def __repr__(self) -> str:
-        return f"GcraTable({self.rule!r}, buckets={len(self._buckets)})"
+        return f"GcraTable({self.rule!r}, buckets={len(self)})"
 
 
 class FixedWindowTable:
