@@ -571,6 +571,27 @@ def test_decorator_rejects_sync_functions() -> None:
         breaker(lambda: None)  # type: ignore[arg-type,return-value]
 
 
+def test_configuration_is_read_only() -> None:
+    """The name and the policy cannot be changed after construction."""
+    breaker = CircuitBreaker("svc")
+    with pytest.raises(AttributeError):
+        breaker.name = "other"  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        breaker.half_open_max_calls = 5  # type: ignore[misc]
+
+
+async def test_failing_trials_keep_failure_memory_bounded(clock: FakeClock) -> None:
+    """Trials failing for a long time keep only the failures within the window."""
+    breaker = make(clock, failure_threshold=1, window=10.0, recovery_time=5.0)
+    await fail(breaker)
+    for _ in range(100):
+        clock.advance(5.0)
+        await fail(breaker)
+    assert breaker._record is not None
+    assert len(breaker._record.failures) == 2  # the trial failures of the last 10 s
+    assert (await breaker.status()).failure_count == 2
+
+
 def test_properties_and_protocol() -> None:
     """The configuration is readable and the breaker satisfies BreakerLike."""
     breaker = CircuitBreaker(
@@ -600,8 +621,9 @@ def test_properties_and_protocol() -> None:
         ({"recovery_time": 0.0}, ValueError, "recovery_time"),
         ({"recovery_time": timedelta(0)}, ValueError, "recovery_time"),
         ({"half_open_max_calls": 0}, ValueError, "half_open_max_calls must be at least 1"),
-        ({"exclude": (ValueError, "nope")}, TypeError, "exclude must hold exception classes only, got 'nope'"),
-        ({"exclude": (int,)}, TypeError, "exclude must hold exception classes"),
+        ({"exclude": (ValueError, "nope")}, TypeError, "exclude must hold Exception subclasses only, got 'nope'"),
+        ({"exclude": (int,)}, TypeError, "exclude must hold Exception subclasses"),
+        ({"exclude": (KeyboardInterrupt,)}, TypeError, "exclude must hold Exception subclasses"),
         ({"exclude": 3}, TypeError, "exclude must be an exception class or a tuple"),
         ({"exclude": "ValueError"}, TypeError, "exclude must be"),
         ({"clock": object()}, TypeError, "clock must provide"),

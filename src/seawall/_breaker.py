@@ -141,7 +141,7 @@ def _count(parameter: str, value: object) -> int:
     return value
 
 
-def _exclusions(exclude: object) -> tuple[type[BaseException], ...]:
+def _exclusions(exclude: object) -> tuple[type[Exception], ...]:
     items: Iterable[object]
     if isinstance(exclude, type):
         items = (exclude,)
@@ -149,10 +149,12 @@ def _exclusions(exclude: object) -> tuple[type[BaseException], ...]:
         items = tuple(exclude)
     else:
         raise TypeError(f"exclude must be an exception class or a tuple of them, got {exclude!r}")
-    checked: list[type[BaseException]] = []
+    checked: list[type[Exception]] = []
     for item in items:
-        if not (isinstance(item, type) and issubclass(item, BaseException)):
-            raise TypeError(f"exclude must hold exception classes only, got {item!r}")
+        if not (isinstance(item, type) and issubclass(item, Exception)):
+            # BaseExceptions (cancellation, KeyboardInterrupt) are never failures
+            # anyway; listing one is a mistake worth reporting.
+            raise TypeError(f"exclude must hold Exception subclasses only, got {item!r}")
         checked.append(item)
     return tuple(checked)
 
@@ -225,6 +227,8 @@ class CircuitBreaker:
     when the breaker is constructed.
     """
 
+    # ``_record`` and ``_inflight`` are also read by the coordinator's inline
+    # fast path (``seawall._fastpath``): keep their meaning when changing them.
     __slots__ = (
         "__weakref__",
         "_backend",
@@ -232,12 +236,11 @@ class CircuitBreaker:
         "_exclude",
         "_inflight",
         "_last_state",
+        "_name",
         "_now",
         "_policy",
         "_record",
         "_recovery_time",
-        "half_open_max_calls",
-        "name",
     )
 
     def __init__(
@@ -248,20 +251,19 @@ class CircuitBreaker:
         window: float | timedelta = 60.0,
         recovery_time: float | timedelta = 30.0,
         half_open_max_calls: int = 1,
-        exclude: type[BaseException] | Iterable[type[BaseException]] = (),
+        exclude: type[Exception] | Iterable[type[Exception]] = (),
         backend: BreakerBackend | None = None,
         clock: Clock | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise TypeError(f"name must be a non-empty str, got {name!r}")
-        self.name = name
+        self._name = name
         self._policy = BreakerPolicy(
             _count("failure_threshold", failure_threshold),
             _seconds("window", window),
             _seconds("recovery_time", recovery_time),
             _count("half_open_max_calls", half_open_max_calls),
         )
-        self.half_open_max_calls = self._policy.half_open_max_calls
         self._recovery_time = self._policy.recovery_time
         self._exclude = _exclusions(exclude)
         if clock is None:
@@ -295,6 +297,16 @@ class CircuitBreaker:
     # -- configuration -------------------------------------------------
 
     @property
+    def name(self) -> str:
+        """Identifies the breaker in errors, logs, telemetry and its backend."""
+        return self._name
+
+    @property
+    def half_open_max_calls(self) -> int:
+        """Trials allowed to run at once when half-open."""
+        return self._policy.half_open_max_calls
+
+    @property
     def failure_threshold(self) -> int:
         """Failures within ``window`` that open the breaker."""
         return self._policy.failure_threshold
@@ -310,7 +322,7 @@ class CircuitBreaker:
         return self._recovery_time
 
     @property
-    def exclude(self) -> tuple[type[BaseException], ...]:
+    def exclude(self) -> tuple[type[Exception], ...]:
         """Exception classes that count as success."""
         return self._exclude
 
@@ -340,11 +352,11 @@ class CircuitBreaker:
         if record is not None:
             snapshot = record.snapshot(self._policy, now)
         else:
-            snapshot = await self._backend.breaker_snapshot(self.name, self._policy, now)
+            snapshot = await self._backend.breaker_snapshot(self._name, self._policy, now)
             self._last_state = snapshot.state
         policy = self._policy
         return BreakerStatus(
-            name=self.name,
+            name=self._name,
             state=snapshot.state,
             failure_count=snapshot.failure_count,
             failure_threshold=policy.failure_threshold,
@@ -369,7 +381,7 @@ class CircuitBreaker:
         if record is not None:
             transition = record.force(self._policy, now, state)
         else:
-            transition = await self._backend.breaker_force(self.name, self._policy, now, state)
+            transition = await self._backend.breaker_force(self._name, self._policy, now, state)
             self._last_state = state
         if transition is not None:
             self._changed(transition)
@@ -388,7 +400,7 @@ class CircuitBreaker:
                 if remaining > 0:
                     if BREAKER_CALL_REJECTED.handlers:
                         self._emit_rejected(_OPEN, remaining)
-                    raise _open_error(self.name, remaining)
+                    raise _open_error(self._name, remaining)
             ticket = self._admit(record)
         else:
             ticket = await self._admit_remote()
@@ -446,7 +458,7 @@ class CircuitBreaker:
                 if remaining > 0:
                     if BREAKER_CALL_REJECTED.handlers:
                         self._emit_rejected(_OPEN, remaining)
-                    raise _open_error(self.name, remaining)
+                    raise _open_error(self._name, remaining)
             ticket = self._admit(record)
         else:
             ticket = await self._admit_remote()
@@ -483,11 +495,11 @@ class CircuitBreaker:
     # -- decisions -------------------------------------------------------
 
     def _outcome(self, exc: BaseException | None) -> Outcome:
-        if exc is None or isinstance(exc, self._exclude):
+        if exc is None:
             return "success"
-        if isinstance(exc, Exception):
-            return "failure"
-        return "cancelled"
+        if not isinstance(exc, Exception):
+            return "cancelled"
+        return "success" if isinstance(exc, self._exclude) else "failure"
 
     def _admit(self, record: BreakerRecord) -> Ticket:
         admission = record.admit(self._policy, self._now())
@@ -498,7 +510,7 @@ class CircuitBreaker:
         return admission.ticket
 
     async def _admit_remote(self) -> Ticket:
-        admission = await self._backend.breaker_admit(self.name, self._policy, self._now())
+        admission = await self._backend.breaker_admit(self._name, self._policy, self._now())
         self._last_state = admission.state
         if admission.transition is not None:
             self._changed(admission.transition)
@@ -509,10 +521,10 @@ class CircuitBreaker:
     def _rejected(self, state: BreakerState, retry_after: float) -> CircuitOpenError:
         if BREAKER_CALL_REJECTED.handlers:
             self._emit_rejected(state, retry_after)
-        return _open_error(self.name, retry_after)
+        return _open_error(self._name, retry_after)
 
     def _emit_rejected(self, state: BreakerState, retry_after: float) -> None:
-        BREAKER_CALL_REJECTED.emit({"retry_after": retry_after}, {"name": self.name, "state": state.value})
+        BREAKER_CALL_REJECTED.emit({"retry_after": retry_after}, {"name": self._name, "state": state.value})
 
     def _settle(self, record: BreakerRecord, ticket: Ticket | None, outcome: Outcome, start: float | None) -> None:
         now = self._now()
@@ -525,7 +537,7 @@ class CircuitBreaker:
 
     async def _settle_remote(self, ticket: Ticket | None, outcome: Outcome, start: float | None) -> None:
         now = self._now()
-        transition = await self._backend.breaker_settle(self.name, self._policy, now, ticket, outcome)
+        transition = await self._backend.breaker_settle(self._name, self._policy, now, ticket, outcome)
         if transition is not None:
             self._last_state = transition.new
             self._changed(transition)
@@ -537,7 +549,7 @@ class CircuitBreaker:
             BREAKER_CALL_EXECUTED.emit(
                 {"duration": duration},
                 {
-                    "name": self.name,
+                    "name": self._name,
                     "success": outcome == "success" if outcome != "cancelled" else None,
                     "outcome": outcome,
                     "trial": ticket is not None and ticket.trial is not None,
@@ -548,23 +560,23 @@ class CircuitBreaker:
         old, new = transition
         if new is _OPEN:
             logger.warning(
-                "circuit_breaker_opened", name=self.name, previous=old.value, recovery_time=self._recovery_time
+                "circuit_breaker_opened", name=self._name, previous=old.value, recovery_time=self._recovery_time
             )
         elif new is _CLOSED:
-            logger.info("circuit_breaker_closed", name=self.name, previous=old.value)
+            logger.info("circuit_breaker_closed", name=self._name, previous=old.value)
         else:
-            logger.info("circuit_breaker_half_open", name=self.name, previous=old.value)
+            logger.info("circuit_breaker_half_open", name=self._name, previous=old.value)
         if BREAKER_STATE_CHANGED.handlers:
-            BREAKER_STATE_CHANGED.emit({}, {"name": self.name, "from": old.value, "to": new.value})
+            BREAKER_STATE_CHANGED.emit({}, {"name": self._name, "from": old.value, "to": new.value})
 
     def __repr__(self) -> str:
         record = self._record
         if record is None:
-            return f"<CircuitBreaker {self.name!r} state={self._last_state.value} backend={self._backend!r}>"
+            return f"<CircuitBreaker {self._name!r} state={self._last_state.value} backend={self._backend!r}>"
         snapshot = record.snapshot(self._policy, self._now())
         policy = self._policy
         return (
-            f"<CircuitBreaker {self.name!r} state={snapshot.state.value} "
+            f"<CircuitBreaker {self._name!r} state={snapshot.state.value} "
             f"failures={snapshot.failure_count}/{policy.failure_threshold} "
             f"trials={snapshot.trials}/{policy.half_open_max_calls}>"
         )

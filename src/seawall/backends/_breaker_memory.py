@@ -121,7 +121,10 @@ class BreakerRecord:
             if outcome == "success":
                 return self._close()
             if outcome == "failure":
+                # Pruned here too, or a dependency failing every trial for
+                # days would grow the list by one entry per recovery_time.
                 self.failures.append(now)
+                self._prune(self.failures, now - policy.window)
                 return self._open(now)
             return None
         if outcome != "failure" or self.state is not _CLOSED:
