@@ -84,6 +84,19 @@ async def run(ctx: BenchContext) -> None:
             },
         )
 
+        await infra.configure_protection("limiter_only", {"rate_limiter": {"limit": HUGE, "window": 1}})
+        await infra.configure_protection("breaker_only", {"circuit_breaker": {"failure_threshold": 5}})
+        await infra.configure_protection("bulkhead_only", {"connection_pool": {"size": 1000}})
+
+        async def ours_limiter_key() -> None:
+            await infra.execute_protected("limiter_only", noop)
+
+        async def ours_breaker_key() -> None:
+            await infra.execute_protected("breaker_only", noop)
+
+        async def ours_bulkhead_key() -> None:
+            await infra.execute_protected("bulkhead_only", noop)
+
         async def ours_execute() -> None:
             await infra.execute_protected("full", noop)
 
@@ -110,6 +123,19 @@ async def run(ctx: BenchContext) -> None:
             calls=calls,
         )
         _targets(ctx, results)
+
+        await ctx.per_call(
+            "infrastructure: one layer per key, each with the timeout",
+            {
+                "bare": bare,
+                "cheapest anyio scope (backend class)": cheapest_scope,
+                "seawall key: timeout only": ours_timeout_only,
+                "seawall key: rate limiter + timeout": ours_limiter_key,
+                "seawall key: breaker + timeout": ours_breaker_key,
+                "seawall key: bulkhead + timeout": ours_bulkhead_key,
+            },
+            calls=calls,
+        )
 
         # -- each layer alone, against its peer ------------------------------
         limiter = RateLimiter(HUGE, 1)
