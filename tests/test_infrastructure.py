@@ -603,7 +603,7 @@ async def test_exit_closes_pools_and_stops_the_timer_even_on_error() -> None:
     import asyncio
 
     # Nothing of ours is left running (the test runner's own task is not ours).
-    leftovers = [task for task in asyncio.all_tasks() if "seawall" in repr(task.get_coro()) and not task.done()]
+    leftovers = [task for task in asyncio.all_tasks() if task.get_name().startswith("seawall") and not task.done()]
     assert leftovers == []
     with pytest.raises(RuntimeError, match="only once"):
         async with infra:
