@@ -766,7 +766,10 @@ class Protection:
             raise RuntimeError("a Protection can be entered only once; call infra.protect() again")
         plan = self._plan
         infra = self._infra
-        if INFRA_EXECUTE_START.handlers or INFRA_EXECUTE_STOP.handlers or INFRA_EXECUTE_EXCEPTION.handlers:
+        observed = bool(_attached_handlers)  # see execute_protected
+        if observed and (
+            INFRA_EXECUTE_START.handlers or INFRA_EXECUTE_STOP.handlers or INFRA_EXECUTE_EXCEPTION.handlers
+        ):
             self._started = infra._now()
             if INFRA_EXECUTE_START.handlers:
                 INFRA_EXECUTE_START.emit(
@@ -778,7 +781,7 @@ class Protection:
             if (
                 take is None
                 or plan.limiter_waiting
-                or LIMITER_REQUEST_ALLOWED.handlers
+                or (observed and LIMITER_REQUEST_ALLOWED.handlers)
                 or take(plan.bucket, 1, plan.limiter_now()) is None  # type: ignore[misc]
             ):
                 try:
@@ -808,7 +811,7 @@ class Protection:
             breaker = plan.breaker
             if breaker is not None:
                 record = plan.record
-                if record is None or record.state is not CLOSED or BREAKER_CALL_EXECUTED.handlers:
+                if record is None or record.state is not CLOSED or (observed and BREAKER_CALL_EXECUTED.handlers):
                     try:
                         await breaker.__aenter__()
                     except SeawallError as exc:
@@ -822,8 +825,7 @@ class Protection:
                 fast_pool is not None
                 and fast_pool._idle
                 and not fast_pool._closed
-                and not POOL_CHECKOUT.handlers
-                and not POOL_CHECKIN.handlers
+                and not (observed and (POOL_CHECKOUT.handlers or POOL_CHECKIN.handlers))
             ):
                 worker = self._worker = fast_pool._idle.pop()
                 fast_pool._busy.add(worker)
