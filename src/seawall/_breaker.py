@@ -116,11 +116,11 @@ class BreakerLike(Protocol):
 
     async def trip(self) -> None: ...
 
-    async def __aenter__(self) -> None: ...
+    def __aenter__(self) -> Awaitable[None]: ...
 
-    async def __aexit__(
+    def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool | None: ...
+    ) -> Awaitable[bool | None]: ...
 
 
 def _seconds(parameter: str, value: object) -> float:
@@ -158,6 +158,20 @@ def _exclusions(exclude: object) -> tuple[type[Exception], ...]:
         checked.append(item)
     return tuple(checked)
 
+
+class _NoLoop:
+    """Just enough of an event loop to construct an already-finished Future."""
+
+    def get_debug(self) -> bool:
+        return False
+
+
+# A Future that finished at import time. Awaiting a finished Future returns
+# its result at once, never touching its loop or the running one (asyncio's C
+# and Python Futures alike, and under any anyio backend), so one shared
+# instance serves every ``async with`` fast path: cheaper than a coroutine.
+_READY: asyncio.Future[None] = asyncio.Future(loop=_NoLoop())  # type: ignore[arg-type]
+_READY.set_result(None)
 
 _new_error = CircuitOpenError.__new__
 
@@ -388,53 +402,68 @@ class CircuitBreaker:
 
     # -- the guarded call ------------------------------------------------
 
-    async def __aenter__(self) -> None:
+    # ``__aenter__``/``__aexit__`` are plain methods returning an awaitable:
+    # ``async with`` only needs that, and it lets the in-memory paths skip
+    # creating a coroutine - they return the finished ``_READY`` (awaiting it
+    # costs one C call), and a rejection is raised before anything is awaited.
+    # Only a shared store's round trip needs a real coroutine.
+
+    def __aenter__(self) -> Awaitable[None]:
         record = self._record
-        if record is not None:
-            state = record.state
-            if state is _CLOSED and not BREAKER_CALL_EXECUTED.handlers:
-                return  # the fast path: nothing to remember about this call
-            if state is _OPEN:
-                # The common rejection, inline: no helper frames in the traceback.
-                remaining = record.opened_at + self._recovery_time - self._now()
-                if remaining > 0:
-                    if BREAKER_CALL_REJECTED.handlers:
-                        self._emit_rejected(_OPEN, remaining)
-                    raise _open_error(self._name, remaining)
-            ticket = self._admit(record)
-        else:
-            ticket = await self._admit_remote()
+        if record is None:
+            return self._aenter_remote()
+        state = record.state
+        if state is _CLOSED and not BREAKER_CALL_EXECUTED.handlers:
+            return _READY  # the fast path: nothing to remember about this call
+        if state is _OPEN:
+            remaining = record.opened_at + self._recovery_time - self._now()
+            if remaining > 0:
+                if BREAKER_CALL_REJECTED.handlers:
+                    self._emit_rejected(_OPEN, remaining)
+                raise _open_error(self._name, remaining)
+        self._push(self._admit(record))
+        return _READY
+
+    async def _aenter_remote(self) -> None:
+        self._push(await self._admit_remote())
+
+    def _push(self, ticket: Ticket) -> None:
         start = self._now() if BREAKER_CALL_EXECUTED.handlers else None
         key = _task_key()
         self._inflight[key] = _Inflight(ticket, start, self._inflight.get(key))
 
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def _pop(self) -> tuple[Ticket | None, float | None]:
         inflight = self._inflight
         if not inflight:
-            if exc_type is None and self._record is not None:
-                return  # a closed call's success changes nothing
-            ticket = start = None
+            return None, None
+        key = _task_key()
+        entry = inflight.get(key)
+        if entry is None:
+            return None, None
+        if entry.outer is None:
+            del inflight[key]
         else:
-            key = _task_key()
-            entry = inflight.get(key)
-            if entry is None:
-                ticket = start = None
-            else:
-                ticket, start = entry.ticket, entry.start
-                if entry.outer is None:
-                    del inflight[key]
-                else:
-                    inflight[key] = entry.outer
-        outcome = self._outcome(exc)
-        if self._record is not None:
-            self._settle(self._record, ticket, outcome, start)
-        else:
-            # The block may be ending because its scope was cancelled; the
-            # store must still hear of it, or a trial slot stays taken.
-            with anyio.CancelScope(shield=True):
-                await self._settle_remote(ticket, outcome, start)
+            inflight[key] = entry.outer
+        return entry.ticket, entry.start
+
+    def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> Awaitable[None]:
+        record = self._record
+        if record is None:
+            return self._aexit_remote(exc)
+        if exc_type is None and not self._inflight:
+            return _READY  # a closed call's success changes nothing
+        ticket, start = self._pop()
+        self._settle(record, ticket, self._outcome(exc), start)
+        return _READY
+
+    async def _aexit_remote(self, exc: BaseException | None) -> None:
+        ticket, start = self._pop()
+        # The block may be ending because its scope was cancelled; the store
+        # must still hear of it, or a trial slot stays taken.
+        with anyio.CancelScope(shield=True):
+            await self._settle_remote(ticket, self._outcome(exc), start)
 
     async def call(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``await fn(*args, **kwargs)`` through the breaker and return its result.
