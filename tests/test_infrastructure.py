@@ -946,3 +946,35 @@ async def test_many_concurrent_deadlines_fire_exactly_when_due(seed: int) -> Non
             if duration != timeout:
                 assert outcomes[index] == expected[index], (timeout, duration)
         assert infra._timer.pending == 0
+
+
+async def test_swap_waits_for_holders_and_waiters_of_execute_protected() -> None:
+    """A swapped pool serves its holder and its queued waiter to the end, then closes."""
+    old_factory, new_factory = Factory(), Factory()
+    async with AsyncInfrastructure() as infra:
+        await infra.configure_protection("db", {"connection_pool": {"size": 1, "factory": old_factory}})
+        old_pool = infra.connection_manager.get("db")
+        release = anyio.Event()
+        finished: list[str] = []
+
+        async def holder() -> None:
+            await infra.execute_protected("db", release.wait)  # the fast path: holds the only worker
+            finished.append("holder")
+
+        async def waiter() -> None:
+            await infra.execute_protected("db", ok)  # queues in the old pool's checkout
+            finished.append("waiter")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(holder)
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(waiter)
+            await anyio.wait_all_tasks_blocked()
+            await infra.configure_protection("db", {"connection_pool": {"size": 1, "factory": new_factory}})
+            await anyio.wait_all_tasks_blocked()
+            assert not old_pool.closed
+            release.set()
+        await anyio.wait_all_tasks_blocked()
+        assert sorted(finished) == ["holder", "waiter"]
+        assert old_pool.closed
+        assert old_factory.closed == old_factory.made == 1

@@ -74,6 +74,9 @@ DEFAULT_ENTITY = "global"
 
 _CancelScopeClass: Any = None
 
+#: Seconds a closing pool waits for checked-out workers (at least the key's timeout).
+_CLOSE_GRACE = 10.0
+
 #: Plans of unconfigured keys kept at most (they are cheap to rebuild).
 _MAX_ADHOC = 1024
 
@@ -401,104 +404,121 @@ class AsyncInfrastructure:
         # ``Protection`` is the same logic spread over __aenter__/__aexit__.
         # Each layer first tries its in-memory primitive's synchronous fast path
         # (see _fastpath) and falls back to the public async API.
-        limiter = plan.limiter
-        if limiter is not None:
-            take = plan.take
-            if (
-                take is None
-                or plan.limiter_waiting
-                or (observed and LIMITER_REQUEST_ALLOWED.handlers)
-                or take(plan.bucket, 1, plan.limiter_now()) is None  # type: ignore[misc]
-            ):
-                # Not decidable in-process, or denied: hit() decides (again) and raises.
-                try:
-                    await limiter.hit(plan.bucket)
-                except SeawallError as exc:
-                    self._triggered(plan.key, "rate_limiter", exc)
-                    raise
+        #
+        # A replaced pool stays open for the calls that fetched the old plan:
+        # a call holding a worker is waited for by the pool's own close(), and a
+        # call that awaits anything before its checkout is counted in
+        # ``owner.inflight`` from just before that first await. On the fast
+        # path nothing is awaited before the worker is taken: nothing to count.
         pool = plan.pool
-        if pool is not None:
-            plan.owner.inflight += 1  # a replaced pool waits for this call
-        scope = (_CancelScopeClass or _cancel_scope_class())()
-        group: dict[Any, float] | None = None
-        with scope:
-            timer = self._timer
-            if timer.running:
-                group = timer.groups.get(plan.timeout)
-                if group is None:  # (an empty group is falsy: test for None)
-                    group = timer.group(plan.timeout)
-                group[scope] = self._now() + plan.timeout
-            else:
-                scope.deadline = anyio.current_time() + plan.timeout
-            try:
-                breaker = plan.breaker
-                if breaker is not None:
-                    record = plan.record
-                    if record is None or record.state is not CLOSED or (observed and BREAKER_CALL_EXECUTED.handlers):
-                        try:
-                            await breaker.__aenter__()
-                        except SeawallError as exc:
-                            self._triggered(plan.key, "circuit_breaker", exc)
-                            raise
-                try:
-                    if pool is None:
-                        result = await fn()
-                    else:
-                        fast_pool = plan.fast_pool
-                        if (
-                            fast_pool is not None
-                            and fast_pool._idle
-                            and not fast_pool._closed
-                            and not (observed and (POOL_CHECKOUT.handlers or POOL_CHECKIN.handlers))
-                        ):
-                            worker = fast_pool._idle.pop()
-                            fast_pool._busy.add(worker)
-                            try:
-                                result = await fn()
-                            except BaseException:
-                                await fast_pool._check_in(worker, True)  # shielded inside
-                                raise
-                            if worker.orphaned:
-                                await fast_pool._check_in(worker, False)
-                            else:
-                                fast_pool._busy.discard(worker)
-                                fast_pool._give_back(worker)
-                        else:
-                            checkout = pool.checkout()
-                            try:
-                                await checkout.__aenter__()
-                            except SeawallError as exc:
-                                self._triggered(plan.key, "connection_pool", exc)
-                                raise
-                            try:
-                                result = await fn()
-                            except BaseException as exc:
-                                await checkout.__aexit__(type(exc), exc, exc.__traceback__)
-                                raise
-                            await checkout.__aexit__(None, None, None)
-                except BaseException as exc:
-                    if breaker is None:
+        counted = False
+        try:
+            limiter = plan.limiter
+            if limiter is not None:
+                take = plan.take
+                if (
+                    take is None
+                    or plan.limiter_waiting
+                    or (observed and LIMITER_REQUEST_ALLOWED.handlers)
+                    or take(plan.bucket, 1, plan.limiter_now()) is None  # type: ignore[misc]
+                ):
+                    # Not decidable in-process, or denied: hit() decides (again) and raises.
+                    if pool is not None:
+                        counted = True
+                        plan.owner.inflight += 1
+                    try:
+                        await limiter.hit(plan.bucket)
+                    except SeawallError as exc:
+                        self._triggered(plan.key, "rate_limiter", exc)
                         raise
-                    if scope.cancel_called and isinstance(exc, _cancelled_class()):
-                        # Our deadline fired: the breaker must see a timeout, a failure.
-                        timed_out = self._timed_out(plan)
-                        await breaker.__aexit__(ProtectionTimeout, timed_out, None)
-                        raise timed_out from None
-                    await breaker.__aexit__(type(exc), exc, exc.__traceback__)
-                    raise
-                if breaker is not None and (plan.record is None or plan.breaker_inflight):
-                    await breaker.__aexit__(None, None, None)
-                return result
-            finally:
-                if group is not None:
-                    group.pop(scope, None)
-                if pool is not None:
-                    owner = plan.owner
-                    owner.inflight -= 1
-                    if owner.drained is not None and owner.inflight == 0:
-                        owner.drained.set()
-        # Only reached when the scope swallowed its own cancellation.
-        raise self._timed_out(plan)
+            scope = (_CancelScopeClass or _cancel_scope_class())()
+            group: dict[Any, float] | None = None
+            with scope:
+                timer = self._timer
+                if timer.running:
+                    group = timer.groups.get(plan.timeout)
+                    if group is None:  # (an empty group is falsy: test for None)
+                        group = timer.group(plan.timeout)
+                    group[scope] = self._now() + plan.timeout
+                else:
+                    scope.deadline = anyio.current_time() + plan.timeout
+                try:
+                    breaker = plan.breaker
+                    if breaker is not None:
+                        record = plan.record
+                        if (
+                            record is None
+                            or record.state is not CLOSED
+                            or (observed and BREAKER_CALL_EXECUTED.handlers)
+                        ):
+                            if pool is not None and not counted:
+                                counted = True
+                                plan.owner.inflight += 1
+                            try:
+                                await breaker.__aenter__()
+                            except SeawallError as exc:
+                                self._triggered(plan.key, "circuit_breaker", exc)
+                                raise
+                    try:
+                        if pool is None:
+                            result = await fn()
+                        else:
+                            fast_pool = plan.fast_pool
+                            if (
+                                fast_pool is not None
+                                and fast_pool._idle
+                                and not fast_pool._closed
+                                and not (observed and (POOL_CHECKOUT.handlers or POOL_CHECKIN.handlers))
+                            ):
+                                worker = fast_pool._idle.pop()
+                                fast_pool._busy.add(worker)
+                                try:
+                                    result = await fn()
+                                except BaseException:
+                                    await fast_pool._check_in(worker, True)  # shielded inside
+                                    raise
+                                if worker.orphaned:
+                                    await fast_pool._check_in(worker, False)
+                                else:
+                                    fast_pool._busy.discard(worker)
+                                    fast_pool._give_back(worker)
+                            else:
+                                if not counted:
+                                    counted = True
+                                    plan.owner.inflight += 1
+                                checkout = pool.checkout()
+                                try:
+                                    await checkout.__aenter__()
+                                except SeawallError as exc:
+                                    self._triggered(plan.key, "connection_pool", exc)
+                                    raise
+                                try:
+                                    result = await fn()
+                                except BaseException as exc:
+                                    await checkout.__aexit__(type(exc), exc, exc.__traceback__)
+                                    raise
+                                await checkout.__aexit__(None, None, None)
+                    except BaseException as exc:
+                        if breaker is None:
+                            raise
+                        if scope.cancel_called and isinstance(exc, _cancelled_class()):
+                            # Our deadline fired: the breaker must see a timeout, a failure.
+                            timed_out = self._timed_out(plan)
+                            await breaker.__aexit__(ProtectionTimeout, timed_out, None)
+                            raise timed_out from None
+                        await breaker.__aexit__(type(exc), exc, exc.__traceback__)
+                        raise
+                    if breaker is not None and (plan.record is None or plan.breaker_inflight):
+                        await breaker.__aexit__(None, None, None)
+                    return result
+                finally:
+                    if group is not None:
+                        group.pop(scope, None)
+            # Only reached when the scope swallowed its own cancellation.
+            raise self._timed_out(plan)
+        finally:
+            if counted:
+                _uncount(plan)
 
     def _timed_out(self, plan: _Plan) -> ProtectionTimeout:
         error = ProtectionTimeout(key=plan.key, timeout=plan.timeout)
@@ -667,10 +687,10 @@ class AsyncInfrastructure:
         self._pools.add(pool)
         return pool
 
-    async def _close_pool(self, pool: ConnectionPool[Any]) -> None:
+    async def _close_pool(self, pool: ConnectionPool[Any], grace: float = _CLOSE_GRACE) -> None:
         self._pools.discard(pool)
         with anyio.CancelScope(shield=True):
-            await pool.close()
+            await pool.close(grace=grace)
 
     async def _retire_pool(self, pool: ConnectionPool[Any], plan: _Plan | None) -> None:
         """Close ``pool`` once the calls in flight on ``plan`` are done, without waiting here."""
@@ -684,13 +704,17 @@ class AsyncInfrastructure:
         if task_group is None:
             if plan is not None and plan.drained is not None:
                 await plan.drained.wait()
-            await self._close_pool(pool)
+            await self._close_pool(pool, max(_CLOSE_GRACE, plan.timeout) if plan is not None else _CLOSE_GRACE)
             return
+
+        # Calls holding a worker are waited for by close() itself, for up to
+        # ``grace``: long enough for any of them to finish or time out.
+        grace = max(_CLOSE_GRACE, plan.timeout) if plan is not None else _CLOSE_GRACE
 
         async def close_when_drained() -> None:
             if plan is not None and plan.drained is not None:
                 await plan.drained.wait()
-            await self._close_pool(pool)
+            await self._close_pool(pool, grace)
 
         task_group.start_soon(close_when_drained)
 
@@ -712,6 +736,14 @@ class AsyncInfrastructure:
             f"AsyncInfrastructure(keys={self.list_protection_keys()!r}, "
             f"running={self._task_group is not None}, timer={self._timer!r})"
         )
+
+
+def _uncount(plan: _Plan) -> None:
+    """A counted call on ``plan`` is over; wake a retirement waiting for the last one."""
+    owner = plan.owner
+    owner.inflight -= 1
+    if owner.inflight == 0 and owner.drained is not None:
+        owner.drained.set()
 
 
 def _same(
