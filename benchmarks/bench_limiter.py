@@ -69,6 +69,10 @@ def _peers_hot() -> dict[str, Callable[[], Awaitable[object]]]:
     async def seawall_fixed() -> None:
         await ours_fixed.hit("k")
 
+    async def seawall_status_read() -> None:
+        # The status is built lazily: reading a field pays for computing all of them.
+        _ = (await ours.hit("k")).remaining
+
     async def aiolimiter_async_with() -> None:
         async with aio:
             pass
@@ -96,6 +100,7 @@ def _peers_hot() -> dict[str, Callable[[], Awaitable[object]]]:
         "bare": bare,
         "seawall hit() gcra": seawall_gcra,
         "seawall hit() fixed_window": seawall_fixed,
+        "seawall hit() gcra, status read": seawall_status_read,
         "aiolimiter async with (no keys)": aiolimiter_async_with,
         "aiolimiter has_capacity()+acquire()": aiolimiter_has_capacity,
         "limits moving window": limits_moving,

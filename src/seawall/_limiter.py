@@ -67,7 +67,6 @@ class _Lazy:
 _new: Final = object.__new__
 _set_source: Final = _Lazy._source.__set__  # type: ignore[attr-defined]
 _get_source: Final = _Lazy._source.__get__  # type: ignore[attr-defined]
-_setattr: Final = object.__setattr__
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,16 +103,17 @@ class RateLimitStatus(_Lazy):
                 table, key, state, now = _get_source(self)
             except AttributeError:
                 raise AttributeError(name) from None
-            if name not in _STATUS_FIELDS:
-                raise AttributeError(name)
-            count, remaining, next_after, reset_after = cast("BucketTable", table).describe(state, now)
+            count, remaining, next_after, reset_after = table.describe(state, now)
             rule = table.rule
-            for field_name, value in zip(
-                _STATUS_FIELDS,
-                (key, next_after == 0.0, count, rule.limit, rule.window, remaining, next_after, reset_after),
-                strict=True,
-            ):
-                _setattr(self, field_name, value)
+            set_key, set_allowed, set_count, set_limit, set_window, set_remaining, set_retry, set_reset = _SETTERS
+            set_key(self, key)
+            set_allowed(self, next_after == 0.0)
+            set_count(self, count)
+            set_limit(self, rule.limit)
+            set_window(self, rule.window)
+            set_remaining(self, remaining)
+            set_retry(self, next_after)
+            set_reset(self, reset_after)
             return object.__getattribute__(self, name)
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,6 +122,9 @@ class RateLimitStatus(_Lazy):
 
 
 _STATUS_FIELDS: Final = tuple(field.name for field in fields(RateLimitStatus))
+# The slot descriptors' setters, in field order: the frozen dataclass refuses
+# plain assignment, and these are the cheapest way around it.
+_SETTERS: Final = tuple(getattr(RateLimitStatus, name).__set__ for name in _STATUS_FIELDS)
 
 
 def _number(name: str, value: object) -> float:
