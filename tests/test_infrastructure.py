@@ -978,3 +978,21 @@ async def test_swap_waits_for_holders_and_waiters_of_execute_protected() -> None
         assert sorted(finished) == ["holder", "waiter"]
         assert old_pool.closed
         assert old_factory.closed == old_factory.made == 1
+
+
+async def test_calls_outliving_the_infrastructure_still_time_out() -> None:
+    """A call still running when its infrastructure exits keeps its deadline."""
+    outcome: list[str] = []
+    async with anyio.create_task_group() as tg:
+        async with AsyncInfrastructure() as infra:
+
+            async def call() -> None:
+                try:
+                    await infra.execute_protected("k", anyio.sleep_forever, timeout=0.05)
+                except ProtectionTimeout:
+                    outcome.append("timeout")
+
+            tg.start_soon(call)
+            await anyio.wait_all_tasks_blocked()
+        assert infra._timer.pending == 0  # handed over, not forgotten
+    assert outcome == ["timeout"]

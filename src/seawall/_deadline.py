@@ -34,7 +34,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from seawall._clock import Clock
+from seawall._clock import Clock, MonotonicClock
 
 __all__ = ["GRANULARITY", "DeadlineTimer"]
 
@@ -131,6 +131,21 @@ class DeadlineTimer:
         finally:
             self.running = False
             self._sleep_scope = None
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Give the calls still registered their own deadline: this timer is stopping.
+
+        A call that outlives its infrastructure (it runs in another task group)
+        must still time out. On the monotonic clock, deadlines are in the event
+        loop's time already, so each scope simply gets its deadline back.
+        """
+        real_clock = isinstance(self._clock, MonotonicClock)
+        for group in self.groups.values():
+            for scope, deadline in group.items():
+                if real_clock:
+                    scope.deadline = deadline
+            group.clear()
 
     def __repr__(self) -> str:
         return f"DeadlineTimer(running={self.running}, pending={self.pending}, expired={self.expired})"
