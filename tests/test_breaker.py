@@ -564,6 +564,20 @@ async def test_decorator_keeps_metadata_and_guards(clock: FakeClock) -> None:
         await fetch(7)
 
 
+async def test_decorator_excluded_errors_do_not_count(clock: FakeClock) -> None:
+    """@breaker lets excluded errors through without counting them."""
+    breaker = make(clock, failure_threshold=1, exclude=(BusinessError,))
+
+    @breaker
+    async def business() -> None:
+        raise BusinessError
+
+    for _ in range(3):
+        with pytest.raises(BusinessError):
+            await business()
+    assert (await breaker.status()).failure_count == 0
+
+
 def test_decorator_rejects_sync_functions() -> None:
     """@breaker on a plain function fails at decoration time."""
     breaker = CircuitBreaker("svc")

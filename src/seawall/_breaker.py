@@ -514,9 +514,20 @@ class CircuitBreaker:
         if not inspect.iscoroutinefunction(fn):
             raise TypeError(f"@{type(self).__name__} decorates async functions, got {fn!r}")
         call = self.call
+        record = self._record
+        settle = self._settle
+        breaker = self
 
         @functools.wraps(fn)
         async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
+            # call()'s closed fast path, inlined: one coroutine fewer per call.
+            if record is not None and record.state is _CLOSED and not BREAKER_CALL_EXECUTED.handlers:
+                try:
+                    return await fn(*args, **kwargs)
+                except Exception as exc:
+                    if not isinstance(exc, breaker._exclude):
+                        settle(record, None, "failure", None)
+                    raise
             return await call(fn, *args, **kwargs)
 
         return guarded
