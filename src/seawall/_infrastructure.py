@@ -382,7 +382,8 @@ class AsyncInfrastructure:
             ProtectionTimeout: The call did not finish within ``timeout``.
             Exception: Whatever ``fn`` raised, unchanged.
         """
-        plan = self._plans.get(key)
+        # Plans are truthy; an unconfigured key finds its cached timeout-only plan.
+        plan = self._plans.get(key) or self._adhoc.get(key)
         if (
             plan is None
             or rate_limiter is not None
@@ -390,7 +391,7 @@ class AsyncInfrastructure:
             or connection_pool is not None
             or timeout is not None
         ):
-            plan = self._call_plan(key, plan, rate_limiter, circuit_breaker, connection_pool, timeout)
+            plan = self._call_plan(key, self._plans.get(key), rate_limiter, circuit_breaker, connection_pool, timeout)
         # One dict read tells whether any telemetry handler is attached at all;
         # only then are the seven topics of the hot path looked at one by one.
         observed = bool(_attached_handlers)
@@ -540,7 +541,8 @@ class AsyncInfrastructure:
         Yields the pool's connection (``None`` without a pool). The options are
         those of :meth:`execute_protected`.
         """
-        plan = self._plans.get(key)
+        # Plans are truthy; an unconfigured key finds its cached timeout-only plan.
+        plan = self._plans.get(key) or self._adhoc.get(key)
         if (
             plan is None
             or rate_limiter is not None
@@ -548,7 +550,7 @@ class AsyncInfrastructure:
             or connection_pool is not None
             or timeout is not None
         ):
-            plan = self._call_plan(key, plan, rate_limiter, circuit_breaker, connection_pool, timeout)
+            plan = self._call_plan(key, self._plans.get(key), rate_limiter, circuit_breaker, connection_pool, timeout)
         return Protection(self, plan)
 
     def _call_plan(
