@@ -967,3 +967,27 @@ async def test_blocks_tracked_without_asyncio_tasks(clock: FakeClock, monkeypatc
         assert list(breaker._inflight) == [anyio.get_current_task().id]
     assert breaker.state is BreakerState.CLOSED
     assert breaker._inflight == {}
+
+
+async def test_fast_path_block_ending_while_another_task_is_tracked(clock: FakeClock) -> None:
+    """A block that skipped bookkeeping still counts its failure while another task's block is tracked."""
+    breaker = make(clock, failure_threshold=1)
+    release = anyio.Event()
+
+    async def tracked() -> None:
+        async with breaker:
+            await release.wait()
+
+    with capture_events():
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(tracked)
+            await anyio.wait_all_tasks_blocked()
+            assert len(breaker._inflight) == 1
+            for info in telemetry.list_handlers(("seawall",)):
+                telemetry.detach(info.id)
+            with pytest.raises(Boom):
+                async with breaker:
+                    raise Boom
+            assert breaker.state is BreakerState.OPEN
+            release.set()
+    assert breaker._inflight == {}
