@@ -478,3 +478,14 @@ async def test_operation_entity_pair_and_failing_status_read(monkeypatch: pytest
     assert paired.headers["ratelimit-remaining"] == "2"
     assert unheaded.status_code == 200
     assert "ratelimit-limit" not in unheaded.headers
+
+
+def test_proxy_verdicts_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-address trust cache is cleared when full, so a flood of peers cannot grow memory."""
+    from seawall.integrations import fastapi as integration
+
+    monkeypatch.setattr(integration, "_CACHE_SIZE", 2)
+    resolver = ClientAddress(trusted_proxies=["10.0.0.0/8"])
+    answers = [resolver(_request(f"10.0.0.{i}", ["192.0.2.1"])) for i in range(1, 6)]
+    assert answers == ["192.0.2.1"] * 5
+    assert len(resolver._verdicts) <= 2

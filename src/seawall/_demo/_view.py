@@ -68,7 +68,7 @@ class PlainView:
         """Report a finished tick."""
         counts = " ".join(f"{key}={tick.admitted if key == 'admitted' else tick.counts[key]}" for _, key in _COLUMNS)
         self.print(
-            f"t={tick.start:5.1f}s phase={tick.phase:<9} {counts} breaker={tick.breaker} "
+            f"t={tick.start:6.2f}s phase={tick.phase:<9} {counts} breaker={tick.breaker} "
             f"pool={tick.pool_in_use}/{self._pool_size} p50={_ms(tick.p50())} p99={_ms(tick.p99())}"
         )
 
@@ -117,7 +117,7 @@ class LiveView:
         style = {"open": "red", "half_open": "yellow", "closed": "green"}
         for tick in self._rows[-12:]:
             table.add_row(
-                f"{tick.start:.1f}s",
+                f"{tick.start:.2f}s" if self._plan.tick < 0.5 else f"{tick.start:.1f}s",
                 tick.phase,
                 *_cells(tick),
                 f"[{style.get(tick.breaker, 'white')}]{tick.breaker}[/]",

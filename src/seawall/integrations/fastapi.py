@@ -19,6 +19,7 @@ field names of the IETF ``draft-ietf-httpapi-ratelimit-headers``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import ipaddress
 import math
@@ -185,7 +186,7 @@ class ClientAddress:
     bucket: ``protect("api", entity=ClientAddress(trusted_proxies=["10.0.0.0/8"]))``.
     """
 
-    __slots__ = ("_networks",)
+    __slots__ = ("_networks", "_verdicts")
 
     def __init__(self, *, trusted_proxies: Iterable[str] = ()) -> None:
         if isinstance(trusted_proxies, str):
@@ -197,44 +198,64 @@ class ClientAddress:
             except ValueError:
                 raise ValueError(f"trusted_proxies: {proxy!r} is not an IP address or network") from None
         self._networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = tuple(networks)
+        # canonical address -> is it a trusted proxy; bounded, see _trusted().
+        self._verdicts: dict[str, bool] = {}
 
-    def _trusted(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
-        return address is not None and any(address in network for network in self._networks)
+    def _trusted(self, canonical: str) -> bool:
+        verdict = self._verdicts.get(canonical)
+        if verdict is None:
+            address = ipaddress.ip_address(canonical)
+            verdict = any(address in network for network in self._networks)
+            if len(self._verdicts) >= _CACHE_SIZE:
+                self._verdicts.clear()  # a flood of distinct peers must not grow memory
+            self._verdicts[canonical] = verdict
+        return verdict
 
     def __call__(self, request: Request) -> str:
         """Return the client's address for ``request`` (``"unknown"`` when there is no peer)."""
-        peer = request.client.host if request.client is not None else None
-        if peer is None:
+        client = request.client
+        if client is None or client.host is None:
             return "unknown"
-        peer_ip = _parse_ip(peer)
-        if not self._trusted(peer_ip):
-            return str(peer_ip) if peer_ip is not None else peer
+        peer = _canonical(client.host)
+        if peer is None:
+            return client.host  # not an IP address (a test client, a Unix socket): use it as it is
+        if not self._networks or not self._trusted(peer):
+            return peer
         hops = [hop.strip() for value in request.headers.getlist("x-forwarded-for") for hop in value.split(",")]
-        client = str(peer_ip)
+        found = peer
         for hop in reversed(hops):
-            hop_ip = _parse_ip(hop)
-            if hop_ip is None:
+            address = _canonical(hop)
+            if address is None:
                 # A malformed entry was not written by a proxy we trust: stop
                 # at the last hop we could vouch for.
                 break
-            client = str(hop_ip)
-            if not self._trusted(hop_ip):
+            found = address
+            if not self._trusted(address):
                 break
-        return client
+        return found
 
     def __repr__(self) -> str:
         return f"ClientAddress(trusted_proxies={[str(network) for network in self._networks]!r})"
 
 
-def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+_CACHE_SIZE = 4096
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _canonical(text: str) -> str | None:
+    """The canonical form of an IP address (a port dropped), or None if it is none.
+
+    Cached: parsing and printing an address costs more than the rest of the
+    rate-limit decision, and a server sees the same peers over and over.
+    """
     try:
-        return ipaddress.ip_address(text)
+        return str(ipaddress.ip_address(text))
     except ValueError:
         pass
     # "203.0.113.7:5678" and "[2001:db8::1]:5678" carry a port.
     host = text.rsplit(":", 1)[0].strip("[]") if text.count(":") == 1 or text.startswith("[") else ""
     try:
-        return ipaddress.ip_address(host)
+        return str(ipaddress.ip_address(host))
     except ValueError:
         return None
 
