@@ -181,7 +181,6 @@ class AsyncInfrastructure:
         "_pending",
         "_plans",
         "_pools",
-        "_source",
         "_task_group",
         "_timer",
         "circuit_breaker",
@@ -201,7 +200,6 @@ class AsyncInfrastructure:
         self._task_group: anyio.abc.TaskGroup | None = None
         self._entered = False
         self._pending: dict[str, ProtectionConfig] = {}
-        self._source: str | None = None
         self.rate_limiter = RateLimiterRegistry(self)
         self.circuit_breaker = CircuitBreakerRegistry(self)
         self.connection_manager = ConnectionManager(self)
@@ -217,7 +215,6 @@ class AsyncInfrastructure:
         """
         infra = cls(backend=backend, clock=clock)
         infra._pending = load_toml(path)
-        infra._source = str(path)
         return infra
 
     async def __aenter__(self) -> AsyncInfrastructure:
