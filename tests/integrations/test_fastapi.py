@@ -489,3 +489,38 @@ def test_proxy_verdicts_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     answers = [resolver(_request(f"10.0.0.{i}", ["192.0.2.1"])) for i in range(1, 6)]
     assert answers == ["192.0.2.1"] * 5
     assert len(resolver._verdicts) <= 2
+
+
+async def test_headers_reach_responses_the_route_builds_itself() -> None:
+    """A route returning its own Response still gets RateLimit-*; its own header wins; the outer key speaks."""
+    from fastapi.responses import JSONResponse, PlainTextResponse
+
+    configs = {
+        "api": {"rate_limiter": {"limit": 4, "window": 10}},
+        "inner": {"rate_limiter": {"limit": 100, "window": 10}},
+    }
+    async with _app_with(configs) as (app, _):
+
+        @app.get("/json", dependencies=[Depends(protect("api", entity=client_address))])
+        async def as_json() -> JSONResponse:
+            return JSONResponse({"ok": True})
+
+        @app.get("/own", dependencies=[Depends(protect("api", entity=client_address))])
+        async def own() -> PlainTextResponse:
+            return PlainTextResponse("ok", headers={"RateLimit-Limit": "custom"})
+
+        @app.get(
+            "/nested",
+            dependencies=[Depends(protect("api", entity=client_address)), Depends(protect("inner", entity="x"))],
+        )
+        async def nested() -> str:
+            return "ok"
+
+        async with _client(app) as client:
+            as_json_response = await client.get("/json")
+            own_response = await client.get("/own")
+            nested_response = await client.get("/nested")
+    assert as_json_response.headers["ratelimit-remaining"] == "3"
+    assert own_response.headers.get_list("ratelimit-limit") == ["custom"]
+    assert own_response.headers["ratelimit-remaining"] == "2"
+    assert nested_response.headers["ratelimit-limit"] == "4"

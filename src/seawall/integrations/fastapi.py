@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import HTTPException, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from seawall._errors import (
     CircuitOpenError,
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ClientAddress",
     "EntityFunction",
+    "RateLimitHeadersMiddleware",
     "client_address",
     "error_response",
     "protect",
@@ -70,6 +72,8 @@ ERROR_STATUS: Mapping[type[SeawallError], int] = {
 }
 
 _STATE_ATTRIBUTE = "seawall_infrastructure"
+#: Where protect() leaves the RateLimit-* headers for the middleware (ASGI extension key).
+_SCOPE_KEY = "seawall.rate_limit_headers"
 
 
 def _ceil_seconds(seconds: float) -> int:
@@ -135,8 +139,8 @@ def setup(app: FastAPI, infra: AsyncInfrastructure, *, lifespan: bool = True) ->
 
     Registers the error handlers (``RateLimitExceeded`` -> 429,
     ``CircuitOpenError`` / ``PoolTimeout`` / ``RateLimiterError`` -> 503,
-    ``ProtectionTimeout`` -> 504), makes ``infra`` the one :func:`protect`
-    dependencies use, and (unless ``lifespan=False``) enters ``infra`` around
+    ``ProtectionTimeout`` -> 504), adds :class:`RateLimitHeadersMiddleware`,
+    makes ``infra`` the one :func:`protect` dependencies use, and (unless ``lifespan=False``) enters ``infra`` around
     the application's own lifespan so its pools start before the first
     request and close at shutdown.
 
@@ -148,6 +152,7 @@ def setup(app: FastAPI, infra: AsyncInfrastructure, *, lifespan: bool = True) ->
     """
     for kind in ERROR_STATUS:
         app.add_exception_handler(kind, _handle_error)
+    app.add_middleware(RateLimitHeadersMiddleware)
     setattr(app.state, _STATE_ATTRIBUTE, infra)
     if not lifespan:
         return
@@ -290,7 +295,7 @@ async def _entity_of(entity: str | EntityFunction | None, request: Request) -> s
 
 def protect(
     key: str, *, entity: str | EntityFunction | None = None, headers: bool = True, **options: Any
-) -> Callable[[Request, Response], AsyncIterator[Any]]:
+) -> Callable[[Request], AsyncIterator[Any]]:
     """A FastAPI dependency that protects the request with ``infra.protect(key)``.
 
     The request passes the key's rate limiter (bucket ``entity``), breaker and
@@ -319,7 +324,7 @@ def protect(
     if entity is not None and not (isinstance(entity, str) or callable(entity)):
         raise TypeError(f"protect(entity=...) must be a str or a function of the request, got {entity!r}")
 
-    async def seawall_protect(request: Request, response: Response) -> AsyncIterator[Any]:
+    async def seawall_protect(request: Request) -> AsyncIterator[Any]:
         infra = _infrastructure(request)
         call_options = dict(options)
         entity_id = await _entity_of(entity, request)
@@ -328,7 +333,7 @@ def protect(
         client_error: HTTPException | None = None
         async with infra.protect(key, **call_options) as connection:
             if headers:
-                await _add_rate_limit_headers(infra, key, call_options.get("rate_limiter"), response)
+                await _add_rate_limit_headers(infra, key, call_options.get("rate_limiter"), request)
             try:
                 yield connection
             except HTTPException as exc:
@@ -343,7 +348,9 @@ def protect(
     return seawall_protect
 
 
-async def _add_rate_limit_headers(infra: AsyncInfrastructure, key: str, bucket: Any, response: Response) -> None:
+async def _add_rate_limit_headers(infra: AsyncInfrastructure, key: str, bucket: Any, request: Request) -> None:
+    if _SCOPE_KEY in request.scope:
+        return  # an outer protect() of this request already set them: the first one speaks
     if isinstance(bucket, tuple):
         operation, entity_id = bucket
     else:
@@ -356,8 +363,42 @@ async def _add_rate_limit_headers(infra: AsyncInfrastructure, key: str, bucket: 
         # The request was admitted; a status read that fails must not fail it.
         logger.warning("rate_limit_headers_unavailable", key=key, error=exc.error_type)
         return
-    response.headers.update(
-        rate_limit_headers(
+    # The middleware installed by setup() adds them when the response starts,
+    # whatever the route returns (a Response object bypasses FastAPI's
+    # injected-response headers).
+    request.scope[_SCOPE_KEY] = [
+        (name.lower().encode("latin-1"), value.encode("latin-1"))
+        for name, value in rate_limit_headers(
             limit=status.limit, remaining=status.remaining, reset_after=status.reset_after, window=status.window
-        )
-    )
+        ).items()
+    ]
+
+
+class RateLimitHeadersMiddleware:
+    """Pure ASGI middleware adding the RateLimit-* headers :func:`protect` computed.
+
+    :func:`setup` installs it; the headers go on every response of an admitted
+    request (a header the route set itself is left alone).
+    """
+
+    __slots__ = ("app",)
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                extra = scope.get(_SCOPE_KEY)
+                if extra:
+                    headers = list(message.get("headers", ()))
+                    present = {name.lower() for name, _ in headers}
+                    headers.extend(header for header in extra if header[0] not in present)
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
