@@ -62,7 +62,10 @@ class SeawallError(Exception):
     _context_fields: ClassVar[tuple[str, ...]] = ("retry_after",)
 
     def __init__(self, message: str | None = None, *, retry_after: float | None = None) -> None:
-        super().__init__()
+        # Subclasses assign their fields directly instead of chaining
+        # ``super().__init__``: errors are raised on hot rejection paths, and
+        # each chained call with keywords costs about as much as the raise.
+        # ``BaseException.__new__`` has already initialised the exception.
         self._message = message
         self.retry_after = retry_after
 
@@ -117,7 +120,8 @@ class RateLimitExceeded(SeawallError):
         window: float | None = None,
         retry_after: float | None = None,
     ) -> None:
-        super().__init__(message, retry_after=retry_after)
+        self._message = message
+        self.retry_after = retry_after
         self.key = key
         self.limit = limit
         self.window = window
@@ -136,7 +140,8 @@ class RateLimiterError(SeawallError):
     _context_fields = ("key", "retry_after")
 
     def __init__(self, message: str | None = None, *, key: str | None = None, retry_after: float | None = None) -> None:
-        super().__init__(message, retry_after=retry_after)
+        self._message = message
+        self.retry_after = retry_after
         self.key = key
 
     def _default_message(self) -> str:
@@ -152,7 +157,8 @@ class CircuitOpenError(SeawallError):
     def __init__(
         self, message: str | None = None, *, name: str | None = None, retry_after: float | None = None
     ) -> None:
-        super().__init__(message, retry_after=retry_after)
+        self._message = message
+        self.retry_after = retry_after
         self.name = name
 
     def _default_message(self) -> str:
@@ -166,7 +172,8 @@ class _NotFound(SeawallError, LookupError):
     _what: ClassVar[str] = "entry"
 
     def __init__(self, message: str | None = None, *, name: str | None = None) -> None:
-        super().__init__(message)
+        self._message = message
+        self.retry_after = None
         self.name = name
 
     def _default_message(self) -> str:
@@ -208,7 +215,8 @@ class PoolTimeout(SeawallError, TimeoutError):
         timeout: float | None = None,
         retry_after: float | None = None,
     ) -> None:
-        super().__init__(message, retry_after=retry_after)
+        self._message = message
+        self.retry_after = retry_after
         self.name = name
         self.timeout = timeout
 
@@ -223,7 +231,8 @@ class PoolClosed(SeawallError):
     _context_fields = ("name",)
 
     def __init__(self, message: str | None = None, *, name: str | None = None) -> None:
-        super().__init__(message)
+        self._message = message
+        self.retry_after = None
         self.name = name
 
     def _default_message(self) -> str:
@@ -244,7 +253,8 @@ class ProtectionTimeout(SeawallError, TimeoutError):
         timeout: float | None = None,
         retry_after: float | None = None,
     ) -> None:
-        super().__init__(message, retry_after=retry_after)
+        self._message = message
+        self.retry_after = retry_after
         self.key = key
         self.timeout = timeout
 
@@ -259,7 +269,8 @@ class ConfigurationError(SeawallError, ValueError):
     _context_fields = ("path",)
 
     def __init__(self, message: str | None = None, *, path: str | None = None) -> None:
-        super().__init__(message)
+        self._message = message
+        self.retry_after = None
         self.path = path
 
     def _default_message(self) -> str:
