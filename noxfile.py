@@ -55,6 +55,13 @@ def typecheck(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def demo(session: nox.Session) -> None:
+    """Run the demo scenario; ``nox -s demo -- --no-live --duration 8`` is what CI runs."""
+    session.install(".[all]")
+    session.run("python", "-m", "seawall", "demo", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
     """Benchmarks against the peers; ``nox -s bench -- --quick`` for the smoke run."""
     session.install(".[all]", *BENCH_PEERS)
