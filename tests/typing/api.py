@@ -27,3 +27,49 @@ def telemetry_is_typed() -> None:
 def clock_is_typed() -> None:
     clock: seawall.Clock = seawall.FakeClock()
     assert_type(clock.now(), float)
+
+
+async def limiter_is_typed() -> None:
+    limiter = seawall.RateLimiter(10, 1.0)
+    assert_type(await limiter.hit("user:1"), seawall.RateLimitStatus)
+    assert_type((await limiter.status("user:1")).remaining, int)
+    assert_type(limiter.limit, float)
+    assert_type(limiter.window, float)
+    async with limiter("user:1", wait=False):
+        pass
+
+
+async def breaker_is_typed() -> None:
+    breaker = seawall.CircuitBreaker("db", failure_threshold=3)
+
+    async def fetch(user_id: int, *, fresh: bool = False) -> str:
+        return f"{user_id}:{fresh}"
+
+    assert_type(await breaker.call(fetch, 1, fresh=True), str)
+    guarded = breaker(fetch)
+    assert_type(await guarded(2), str)
+    assert_type(breaker.state, seawall.BreakerState)
+    assert_type(await breaker.status(), seawall.BreakerStatus)
+
+
+async def pool_is_typed() -> None:
+    class Factory:
+        async def create(self) -> list[int]:
+            return []
+
+        async def close(self, conn: list[int]) -> None:
+            conn.clear()
+
+    async with seawall.ConnectionPool(Factory(), size=2) as pool, pool.checkout() as conn:
+        assert_type(conn, list[int])
+    assert_type(pool.status(), seawall.PoolStatus)
+
+
+async def infrastructure_is_typed() -> None:
+    async with seawall.AsyncInfrastructure() as infra:
+
+        async def work() -> int:
+            return 1
+
+        assert_type(await infra.execute_protected("api", work), int)
+        assert_type(infra.list_protection_keys(), list[str])
