@@ -556,12 +556,40 @@ async def test_configure_from_mapping_is_all_or_nothing() -> None:
             await infra.configure_from_mapping([])  # type: ignore[arg-type]
 
 
-async def test_from_toml(tmp_path: Path) -> None:
+FACTORY_MODULE = """
+class Factory:
+    async def create(self):
+        return {"id": 1}
+
+    async def close(self, conn):
+        pass
+
+
+class FailingFactory:
+    async def create(self):
+        raise OSError("connection refused")
+
+    async def close(self, conn):
+        pass
+"""
+
+
+@pytest.fixture
+def factory_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """An importable module of factories, as a user's TOML file would name them."""
+    package = tmp_path / "importable"
+    package.mkdir()
+    (package / "toml_factories.py").write_text(FACTORY_MODULE)
+    monkeypatch.syspath_prepend(str(package))
+    return "toml_factories"
+
+
+async def test_from_toml(tmp_path: Path, factory_module: str) -> None:
     """from_toml validates the file at once and configures its keys on entry."""
     file = tmp_path / "seawall.toml"
     file.write_text(
         "[api]\ntimeout = 1.5\n[api.rate_limiter]\nlimit = 1\nwindow = 60\n"
-        '[pool.connection_pool]\nsize = 1\nfactory = "tests.test_infrastructure:Factory"\n'
+        f'[pool.connection_pool]\nsize = 1\nfactory = "{factory_module}:Factory"\n'
     )
     async with AsyncInfrastructure.from_toml(file) as infra:
         assert infra.list_protection_keys() == ["api", "pool"]
@@ -621,10 +649,10 @@ async def test_exit_on_cancellation_closes_pools() -> None:
     assert not infra._timer.running
 
 
-async def test_failed_entry_cleans_up(tmp_path: Path) -> None:
+async def test_failed_entry_cleans_up(tmp_path: Path, factory_module: str) -> None:
     """If a pool of a TOML file cannot start, entry fails and nothing is left running."""
     file = tmp_path / "s.toml"
-    file.write_text('[k.connection_pool]\nfactory = "tests.test_infrastructure:FailingFactory"\n')
+    file.write_text(f'[k.connection_pool]\nfactory = "{factory_module}:FailingFactory"\n')
     infra = AsyncInfrastructure.from_toml(file)
     with pytest.raises(OSError, match="refused"):
         async with infra:
