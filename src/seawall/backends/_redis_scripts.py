@@ -1,0 +1,105 @@
+"""The Lua scripts that decide rate limits on the Redis server.
+
+Each script is one atomic step on the server, timed by the server's clock
+(``redis.call('TIME')``; Redis >= 5 replicates scripts by their effects, so a
+non-deterministic read such as ``TIME`` is allowed before a write). The
+semantics are those of the in-memory tables in ``_limiter_memory.py``:
+
+* :data:`GCRA` keeps, per bucket, its *backlog* (seconds until the bucket is
+  empty again) and the server time, in microseconds, when it was written.
+  The backlog now is the stored one minus the time elapsed; a hit of
+  ``cost`` fits when ``backlog + cost * interval <= window`` (the level after
+  it is at most ``limit``). Storing a backlog (at most ``window``) instead of
+  an absolute arrival time keeps the float small, so a burst adds up exactly
+  as in memory, and the elapsed time is a difference of two exact integers.
+* :data:`FIXED_WINDOW` keeps, per bucket, its count and the index of the
+  aligned window (``floor(now / window)`` on the server clock) it counts;
+  a count of another window reads as zero.
+
+Both write with ``PX`` so an idle bucket vanishes once it is back to empty,
+and both return numbers as strings: Redis truncates Lua numbers in replies
+to integers. ``ARGV[4]`` is ``"1"`` to take, ``"0"`` to only look.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+__all__ = ["FIXED_WINDOW", "GCRA", "Script"]
+
+#: Relative tolerance of the admission test, as ``_limiter_memory._SLACK``.
+SLACK = 1e-9
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    """A Lua script and its SHA1, the name ``EVALSHA`` calls it by."""
+
+    source: str
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest())
+
+
+# KEYS[1] bucket; ARGV: window (s), interval (s per unit), cost, take ("1") or look ("0").
+# Reply: {admitted, backlog after the operation (s)}.
+GCRA = Script(
+    f"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local backlog = 0
+local stored = redis.call('GET', KEYS[1])
+if stored then
+  local space = string.find(stored, ' ', 1, true)
+  local elapsed = (now - tonumber(string.sub(stored, space + 1))) / 1000000
+  -- a server clock stepped back must not grow the bucket
+  if elapsed < 0 then elapsed = 0 end
+  backlog = tonumber(string.sub(stored, 1, space - 1)) - elapsed
+  if backlog < 0 then backlog = 0 end
+end
+if ARGV[4] == '1' then
+  local after = backlog + tonumber(ARGV[3]) * tonumber(ARGV[2])
+  if after <= tonumber(ARGV[1]) * (1 + {SLACK!r}) then
+    redis.call('SET', KEYS[1], string.format('%.17g %.17g', after, now), 'PX', math.ceil(after * 1000) + 1)
+    return {{1, string.format('%.17g', after)}}
+  end
+end
+return {{0, string.format('%.17g', backlog)}}
+"""
+)
+
+# KEYS[1] bucket; ARGV: window (s), limit, cost, take ("1") or look ("0").
+# Reply: {admitted, count after the operation, seconds until the window ends}.
+FIXED_WINDOW = Script(
+    f"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local span = tonumber(ARGV[1]) * 1000000
+local index = math.floor(now / span)
+local ends = (index + 1) * span
+-- now / span may round up across a boundary: the window must contain now
+if ends <= now then
+  index = index + 1
+  ends = ends + span
+end
+local count = 0
+local stored = redis.call('GET', KEYS[1])
+if stored then
+  local space = string.find(stored, ' ', 1, true)
+  if tonumber(string.sub(stored, space + 1)) == index then
+    count = tonumber(string.sub(stored, 1, space - 1))
+  end
+end
+local left = string.format('%.17g', (ends - now) / 1000000)
+if ARGV[4] == '1' then
+  local after = count + tonumber(ARGV[3])
+  if after <= tonumber(ARGV[2]) * (1 + {SLACK!r}) then
+    redis.call('SET', KEYS[1], string.format('%.17g %.17g', after, index), 'PX', math.ceil((ends - now) / 1000))
+    return {{1, string.format('%.17g', after), left}}
+  end
+end
+return {{0, string.format('%.17g', count), left}}
+"""
+)

@@ -1,0 +1,393 @@
+"""Rate-limit buckets in Redis, shared between processes and hosts.
+
+:class:`RedisBackend` implements :class:`~seawall.backends.RateLimitBackend`:
+every decision is one ``EVALSHA`` of a Lua script (``_redis_scripts.py``)
+that reads the server's clock, decides and writes atomically on the server.
+So limiters in any number of processes that share a Redis and a rule share
+their buckets, and their clocks never need to agree.
+
+Decisions are *pipelined automatically*: a decision asked for while another
+is on the wire waits for it and then goes out with every other decision
+that queued meanwhile, as one write and one read on one connection. A lone
+caller pays one round trip; a hundred concurrent callers pay about two
+between them instead of a hundred (each still one ``EVALSHA``, so the server
+runs exactly one command per decision). The batch is sent by a task of the
+backend, not by a caller, so a caller cancelled mid-flight never leaves a
+connection half-read: its decision is either never sent, or taken and
+discarded.
+
+When Redis fails (refused connection, socket timeout, any Redis error) the
+policy decides: ``on_error="allow"`` admits the hit (fail open) and
+``"deny"`` raises :class:`~seawall.RateLimiterError` from the Redis error.
+Both emit the ``("seawall", "rate_limiter", "rate_limiter_exception")``
+event and log a warning (at most one a second). No decision waits longer
+than the client's socket timeout, because :meth:`RedisBackend.from_url`
+builds its client without retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from types import TracebackType
+from typing import Any, Final, Literal
+
+import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+
+from seawall._errors import ConfigurationError, RateLimiterError
+from seawall._logging import logger
+from seawall._telemetry import LIMITER_EXCEPTION
+from seawall.backends._limiter_memory import GcraTable
+from seawall.backends._limiter_protocol import RateLimitDecision, RateLimitRule, check_rule
+from seawall.backends._redis_scripts import FIXED_WINDOW, GCRA, SLACK
+
+__all__ = ["RedisBackend"]
+
+OnError = Literal["allow", "deny"]
+
+#: Decisions sent in one write at most; a larger queue goes out in several.
+_MAX_BATCH: Final = 1024
+#: Seconds between two warnings about a failing Redis (telemetry sees every failure).
+_WARN_EVERY: Final = 1.0
+#: The errors that mean "Redis failed" (redis-py wraps socket errors in its own).
+_BACKEND_ERRORS: Final = (RedisError, OSError)
+
+_Command = tuple[str | int | bytes, ...]
+
+
+class RedisBackend:
+    """Rate-limit buckets in Redis: one atomic script per decision, on the server's clock.
+
+    Use :meth:`from_url` to let the backend own its client, or pass an
+    existing ``redis.asyncio.Redis`` (which the backend then only borrows:
+    :meth:`aclose` leaves it open). The backend holds one connection of the
+    client's pool while it has decisions to send.
+
+    Args:
+        client: A ``redis.asyncio.Redis`` client (not a cluster client).
+        prefix: The namespace of every key the backend writes
+            (``<prefix>:rl:<rule>:<key>``).
+        on_error: What a decision does when Redis fails: ``"allow"`` admits
+            the hit, ``"deny"`` raises :class:`~seawall.RateLimiterError`.
+
+    Raises:
+        TypeError: ``client`` is not a ``redis.asyncio.Redis`` or ``prefix`` not a str.
+        ValueError: ``on_error`` is neither ``"allow"`` nor ``"deny"``
+            (a :class:`~seawall.ConfigurationError`).
+    """
+
+    __slots__ = (
+        "_closed",
+        "_connection",
+        "_failures",
+        "_flusher",
+        "_owns_client",
+        "_pool",
+        "_queue",
+        "_rules",
+        "_warned_at",
+        "client",
+        "on_error",
+        "prefix",
+    )
+
+    def __init__(self, client: aioredis.Redis, *, prefix: str = "seawall", on_error: OnError = "allow") -> None:
+        if not isinstance(client, aioredis.Redis):
+            raise TypeError(f"client must be a redis.asyncio.Redis, got {client!r}")
+        _check_options(prefix, on_error)
+        self.client: Final = client
+        self.prefix: Final = prefix
+        self.on_error: Final[OnError] = on_error
+        self._owns_client = False
+        self._pool: ConnectionPool = client.connection_pool
+        self._connection: AbstractConnection | None = None
+        self._queue: list[tuple[_Command, asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._rules: dict[RateLimitRule, tuple[str, GcraTable | None]] = {}
+        self._closed = False
+        self._failures = 0
+        self._warned_at = -math.inf
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        prefix: str = "seawall",
+        on_error: OnError = "allow",
+        socket_timeout: float = 0.5,
+        **client_options: Any,
+    ) -> RedisBackend:
+        """A backend that owns a new client for ``url`` (closed by :meth:`aclose`).
+
+        Args:
+            url: A Redis URL, e.g. ``redis://localhost:6379/0``.
+            prefix: The namespace of every key the backend writes.
+            on_error: ``"allow"`` (admit when Redis fails) or ``"deny"``
+                (raise :class:`~seawall.RateLimiterError`).
+            socket_timeout: Seconds a connect, write or read may take; a
+                decision never waits longer for Redis (the client does not retry).
+            **client_options: Passed on to ``redis.asyncio.Redis.from_url``.
+
+        Raises:
+            ValueError: ``socket_timeout`` is not finite and positive, or ``on_error`` is unknown.
+        """
+        if isinstance(socket_timeout, bool) or not isinstance(socket_timeout, int | float):
+            raise TypeError(f"socket_timeout must be a finite positive number, got {socket_timeout!r}")
+        if not (math.isfinite(socket_timeout) and socket_timeout > 0):
+            raise ConfigurationError(
+                f"socket_timeout must be a finite positive number, got {socket_timeout!r}", path="socket_timeout"
+            )
+        options: dict[str, Any] = {
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": socket_timeout,
+            # A retry would multiply the time a decision can take when Redis is down.
+            "retry": Retry(NoBackoff(), 0),
+        }
+        options.update(client_options)
+        _check_options(prefix, on_error)  # before a client exists that would need closing
+        backend = cls(aioredis.Redis.from_url(url, **options), prefix=prefix, on_error=on_error)
+        backend._owns_client = True
+        return backend
+
+    # -- the RateLimitBackend protocol ----------------------------------------
+
+    async def take(self, key: str, cost: float, rule: RateLimitRule) -> RateLimitDecision:
+        """Take ``cost`` from bucket ``key`` if it fits now on the server's clock; one round trip."""
+        name, table = self._rule(rule)
+        try:
+            reply = await self._call(self._command(name, key, cost, rule, table, b"1"))
+        except _BACKEND_ERRORS as exc:
+            return self._failed(key, cost, rule, exc, "take")
+        return _decision(reply, cost, rule, table, peek=False)
+
+    async def peek(self, key: str, rule: RateLimitRule) -> RateLimitDecision:
+        """Report bucket ``key`` as a hit of cost 1 would find it now, taking nothing."""
+        name, table = self._rule(rule)
+        try:
+            reply = await self._call(self._command(name, key, 1, rule, table, b"0"))
+        except _BACKEND_ERRORS as exc:
+            return self._failed(key, 1, rule, exc, "peek")
+        return _decision(reply, 1, rule, table, peek=True)
+
+    async def reset(self, key: str, rule: RateLimitRule) -> None:
+        """Forget bucket ``key``.
+
+        Raises:
+            RateLimiterError: Redis failed, whatever the policy (a reset must not pass silently).
+        """
+        name, _ = self._rule(rule)
+        try:
+            await self._call(("DEL", name + key))
+        except _BACKEND_ERRORS as exc:
+            self._report(key, 1, rule, exc, "reset")
+            raise RateLimiterError(key=key) from exc
+
+    # -- lifetime ---------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Finish the decisions in flight, return the connection, and close the client if it is ours."""
+        if self._closed:
+            return
+        self._closed = True
+        flusher = self._flusher
+        if flusher is not None:
+            # Bounded by the socket timeout; shielded so a cancelled aclose() still lets it end cleanly.
+            await asyncio.shield(flusher)
+        await self._drop_connection()
+        if self._owns_client:
+            await self.client.aclose()
+
+    async def __aenter__(self) -> RedisBackend:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"queued={len(self._queue)}"
+        return f"RedisBackend(prefix={self.prefix!r}, on_error={self.on_error!r}, rules={len(self._rules)}, {state})"
+
+    # -- internals --------------------------------------------------------
+
+    def _rule(self, rule: RateLimitRule) -> tuple[str, GcraTable | None]:
+        found = self._rules.get(rule)
+        if found is None:
+            check_rule(rule)
+            # The whole rule is in the name, so limiters with different rules never share a bucket.
+            # The name is length-prefixed: a ``:`` in it cannot make two rules collide.
+            named = "-" if rule.name is None else f"{len(rule.name)}:{rule.name}"
+            prefix = f"{self.prefix}:rl:{rule.algorithm}:{float(rule.limit)!r}:{float(rule.window)!r}:{named}:"
+            # GCRA decisions are described by the memory table's own arithmetic (it is pure in the backlog).
+            found = self._rules[rule] = (prefix, GcraTable(rule) if rule.algorithm == "gcra" else None)
+        return found
+
+    @staticmethod
+    def _command(
+        name: str, key: str, cost: float, rule: RateLimitRule, table: GcraTable | None, take: bytes
+    ) -> _Command:
+        window = repr(float(rule.window))
+        if table is None:
+            return (
+                "EVALSHA",
+                FIXED_WINDOW.sha,
+                1,
+                name + key,
+                window,
+                repr(float(rule.limit)),
+                repr(float(cost)),
+                take,
+            )
+        interval = repr(rule.window / rule.limit)
+        return ("EVALSHA", GCRA.sha, 1, name + key, window, interval, repr(float(cost)), take)
+
+    async def _call(self, command: _Command) -> Any:
+        """Queue ``command`` for the next batch and wait for its reply."""
+        if self._closed:
+            raise RuntimeError("RedisBackend is closed")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((command, future))
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        """Send the queue in batches until it is empty (the one task that talks to Redis)."""
+        try:
+            while self._queue:
+                batch = self._queue[:_MAX_BATCH]
+                del self._queue[:_MAX_BATCH]
+                # A caller cancelled before its turn: its decision is never sent.
+                batch = [item for item in batch if not item[1].done()]
+                if batch:
+                    await self._send(batch, retry_scripts=True)
+        finally:
+            self._flusher = None
+
+    async def _send(self, batch: list[tuple[_Command, asyncio.Future[Any]]], *, retry_scripts: bool) -> None:
+        missing: list[tuple[_Command, asyncio.Future[Any]]] = []
+        try:
+            connection = self._connection
+            if connection is None:
+                connection = self._connection = await self._pool.get_connection()  # type: ignore[no-untyped-call] # redis-py leaves it untyped
+            await connection.send_packed_command(connection.pack_commands([command for command, _ in batch]))
+            for item in batch:
+                future = item[1]
+                try:
+                    reply = await connection.read_response()
+                except NoScriptError as exc:
+                    # The server lost its scripts (restart, SCRIPT FLUSH): load them and send again.
+                    if retry_scripts:
+                        missing.append(item)
+                    elif not future.done():
+                        future.set_exception(exc)
+                    continue
+                except ResponseError as exc:
+                    if not future.done():
+                        future.set_exception(exc)
+                    continue
+                if not future.done():
+                    future.set_result(reply)
+            if missing:
+                for script in (GCRA, FIXED_WINDOW):
+                    await connection.send_command("SCRIPT", "LOAD", script.source)
+                    await connection.read_response()
+        except BaseException as exc:
+            # The connection is in an unknown state: drop it, fail everything still waiting.
+            for _, future in (*batch, *missing):
+                if not future.done():
+                    if isinstance(exc, Exception):
+                        future.set_exception(exc)
+                    else:
+                        future.cancel()
+            await asyncio.shield(self._drop_connection())
+            if not isinstance(exc, Exception):
+                raise
+            return
+        if missing:
+            await self._send(missing, retry_scripts=False)
+
+    async def _drop_connection(self) -> None:
+        connection = self._connection
+        if connection is not None:
+            self._connection = None
+            await self._pool.release(connection)
+
+    def _failed(
+        self, key: str, cost: float, rule: RateLimitRule, exc: BaseException, operation: str
+    ) -> RateLimitDecision:
+        self._report(key, cost, rule, exc, operation)
+        if self.on_error == "deny":
+            raise RateLimiterError(key=key) from exc
+        # Fail open: the hit is admitted as if the bucket were empty.
+        limit = math.floor(rule.limit)
+        return RateLimitDecision(True, 0.0, 0.0, limit, 0.0, 0.0)
+
+    def _report(self, key: str, cost: float, rule: RateLimitRule, exc: BaseException, operation: str) -> None:
+        if LIMITER_EXCEPTION.handlers:
+            LIMITER_EXCEPTION.emit(
+                {"cost": cost},
+                {
+                    "key": key,
+                    "limit": rule.limit,
+                    "window": rule.window,
+                    "algorithm": rule.algorithm,
+                    "name": rule.name,
+                    "operation": operation,
+                    "policy": self.on_error,
+                    "error": exc,
+                },
+            )
+        # One warning a second at most: a Redis outage must not turn every request into a log line.
+        self._failures += 1
+        now = time.monotonic()
+        if now - self._warned_at >= _WARN_EVERY:
+            logger.warning(
+                "rate_limiter_backend_failed",
+                backend="redis",
+                key=key,
+                operation=operation,
+                policy=self.on_error,
+                error=repr(exc),
+                failures=self._failures,
+            )
+            self._warned_at = now
+            self._failures = 0
+
+
+def _check_options(prefix: object, on_error: object) -> None:
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be a str, got {prefix!r}")
+    if on_error not in ("allow", "deny"):
+        raise ConfigurationError(f"on_error must be 'allow' or 'deny', got {on_error!r}", path="on_error")
+
+
+def _decision(
+    reply: Any, cost: float, rule: RateLimitRule, table: GcraTable | None, *, peek: bool
+) -> RateLimitDecision:
+    """Turn a script's reply into the decision the memory backend would have made."""
+    admitted = reply[0] == 1
+    state = float(reply[1])
+    if table is not None:
+        count, remaining, next_after, reset_after = table.describe(state, 0.0)
+        retry_after = 0.0
+        if not (admitted or peek):
+            wait = state + cost * rule.window / rule.limit - rule.window
+            retry_after = wait if wait > 0.0 else 0.0
+    else:
+        left = float(reply[2])
+        count = state
+        remaining = max(math.floor(rule.limit * (1.0 + SLACK) - count), 0)
+        next_after = 0.0 if remaining >= 1 else left
+        reset_after = left if count > 0 else 0.0
+        retry_after = 0.0 if admitted or peek else left
+    if peek:
+        admitted = next_after == 0.0
+    return RateLimitDecision(admitted, retry_after, count, remaining, reset_after, next_after)

@@ -1,0 +1,498 @@
+"""RedisBackend against a real Redis: shared buckets, server-clock semantics, one command per decision, outages.
+
+The shared server (``redis_url``) serves the behaviour tests, each under its
+own key prefix and cleaned up after. Outages and command counting use a
+throwaway ``redis-server`` that each such test starts on a free port and
+stops (or kills, or freezes with SIGSTOP) itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from seawall import ConfigurationError, FakeClock, RateLimiter, RateLimiterError, RateLimitExceeded
+from seawall.backends import MemoryRateLimitBackend, RateLimitBackend, RateLimitRule, RedisBackend
+from seawall.backends._redis_scripts import FIXED_WINDOW, GCRA
+from seawall.testing import capture_events
+
+pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+
+ALGORITHMS = ("gcra", "fixed_window")
+
+
+@pytest.fixture
+async def prefix(redis_url: str) -> AsyncIterator[str]:
+    """A key prefix unique to the test; every key under it is deleted afterwards."""
+    unique = f"seawall-test-{uuid.uuid4().hex}"
+    yield unique
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{unique}:*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def backend(redis_url: str, prefix: str) -> AsyncIterator[RedisBackend]:
+    """A backend on the shared server, owning its client."""
+    async with RedisBackend.from_url(redis_url, prefix=prefix) as opened:
+        yield opened
+
+
+@pytest.fixture
+async def admin(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """A plain client of the shared server, for looking at keys."""
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+@dataclass
+class Server:
+    """A throwaway redis-server owned by one test."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+    def freeze(self) -> None:
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        os.kill(self.process.pid, signal.SIGCONT)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def server(redis_url: str, tmp_path: Path) -> Iterator[Server]:
+    """Start a private redis-server on a free port (no persistence); stop only that one afterwards."""
+    binary = shutil.which("redis-server")
+    if binary is None:  # pragma: no cover - the CI image has it next to the service
+        pytest.skip("no redis-server binary to start a throwaway server")
+    port = _free_port()
+    arguments = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
+    process = subprocess.Popen(
+        [binary, *arguments],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.1):
+                break
+        except OSError:  # pragma: no cover - depends on how fast the server starts
+            if time.monotonic() > deadline:
+                process.kill()
+                raise
+            time.sleep(0.02)
+    started = Server(process, f"redis://127.0.0.1:{port}/0")
+    try:
+        yield started
+    finally:
+        if process.poll() is None:
+            started.thaw()
+            process.terminate()
+            process.wait(timeout=10)
+
+
+async def _admitted(limiter: RateLimiter, key: str) -> bool:
+    try:
+        await limiter.hit(key)
+    except RateLimitExceeded:
+        return False
+    return True
+
+
+async def _server_time(client: aioredis.Redis) -> float:
+    seconds, micros = await client.time()
+    return seconds + micros / 1e6
+
+
+# -- configuration -----------------------------------------------------------------
+
+
+async def test_bad_configuration_fails_at_construction(redis_url: str) -> None:
+    """A non-client, a non-str prefix, an unknown policy or a bad socket timeout fail at once."""
+    with pytest.raises(TypeError, match=r"redis\.asyncio\.Redis"):
+        RedisBackend(object())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="prefix"):
+        RedisBackend.from_url(redis_url, prefix=3)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="on_error"):
+        RedisBackend.from_url(redis_url, on_error="maybe")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="socket_timeout"):
+        RedisBackend.from_url(redis_url, socket_timeout=0)
+    with pytest.raises(ConfigurationError, match="socket_timeout"):
+        RedisBackend.from_url(redis_url, socket_timeout=math.inf)
+    with pytest.raises(TypeError, match="socket_timeout"):
+        RedisBackend.from_url(redis_url, socket_timeout=True)
+
+
+async def test_it_is_a_remote_rate_limit_backend(backend: RedisBackend) -> None:
+    """The backend implements the async protocol only, so the limiter asks it for every decision."""
+    assert isinstance(backend, RateLimitBackend)
+    limiter = RateLimiter(2, 1.0, backend=backend)
+    assert limiter.resident_buckets is None
+    assert "on_error='allow'" in repr(backend)
+
+
+def test_importing_seawall_does_not_import_redis() -> None:
+    """The redis package is imported on first use of RedisBackend, never by ``import seawall``."""
+    code = "import sys, seawall, seawall.backends; assert 'redis' not in sys.modules; seawall.backends.RedisBackend"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    import seawall.backends
+
+    with pytest.raises(AttributeError, match="Nope"):
+        _ = seawall.backends.Nope
+
+
+# -- shared buckets ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+async def test_two_clients_share_one_bucket(redis_url: str, prefix: str, algorithm: str) -> None:
+    """Two limiters on two clients with the same rule admit exactly ``limit`` between them."""
+    async with (
+        RedisBackend.from_url(redis_url, prefix=prefix) as first,
+        RedisBackend.from_url(redis_url, prefix=prefix) as second,
+    ):
+        limiters = [
+            RateLimiter(7, 3600.0, algorithm=algorithm, backend=first, name="shared"),  # type: ignore[arg-type]
+            RateLimiter(7, 3600.0, algorithm=algorithm, backend=second, name="shared"),  # type: ignore[arg-type]
+        ]
+        outcomes = [await _admitted(limiters[i % 2], "user") for i in range(20)]
+        assert sum(outcomes) == 7
+        assert outcomes[:7] == [True] * 7
+        status = await limiters[1].status("user")
+        assert status.remaining == 0
+        assert not status.allowed
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+async def test_a_hundred_concurrent_hits_admit_exactly_limit(backend: RedisBackend, algorithm: str) -> None:
+    """100 hits at once on one key, pipelined together, admit exactly ``limit``."""
+    limiter = RateLimiter(10, 3600.0, algorithm=algorithm, backend=backend)  # type: ignore[arg-type]
+    outcomes = await asyncio.gather(*(_admitted(limiter, "hot") for _ in range(100)))
+    assert sum(outcomes) == 10
+
+
+async def test_rules_and_names_never_share_buckets(backend: RedisBackend, admin: aioredis.Redis, prefix: str) -> None:
+    """Buckets are namespaced by prefix, the whole rule and the name; each key carries a TTL."""
+    limiters = [
+        RateLimiter(1, 60.0, backend=backend),
+        RateLimiter(1, 60.0, backend=backend, name="a"),
+        RateLimiter(1, 60.0, backend=backend, name="a:b"),
+        RateLimiter(1, 30.0, backend=backend, name="a"),
+        RateLimiter(2, 60.0, backend=backend, name="a"),
+        RateLimiter(1, 60.0, algorithm="fixed_window", backend=backend, name="a"),
+    ]
+    for limiter in limiters:
+        assert await _admitted(limiter, "k")
+    keys = sorted([key async for key in admin.scan_iter(match=f"{prefix}:*")])
+    assert len(keys) == len(limiters)
+    assert all(key.startswith(f"{prefix}:rl:") and key.endswith(":k") for key in keys)
+    for key in keys:
+        assert 0 < await admin.pttl(key) <= 60_001
+    # The same rule written with an int or a float limit is the same rule.
+    assert not await _admitted(RateLimiter(1.0, 60, backend=backend, name="a"), "k")
+
+
+async def test_reset_forgets_the_bucket(backend: RedisBackend, admin: aioredis.Redis, prefix: str) -> None:
+    """reset() deletes the bucket's key, so the next hit finds it empty."""
+    limiter = RateLimiter(1, 60.0, backend=backend)
+    await limiter.hit("k")
+    assert not await _admitted(limiter, "k")
+    await limiter.reset("k")
+    assert [key async for key in admin.scan_iter(match=f"{prefix}:*")] == []
+    assert await _admitted(limiter, "k")
+
+
+async def test_idle_buckets_vanish(backend: RedisBackend, admin: aioredis.Redis, prefix: str) -> None:
+    """A bucket's key expires once the bucket is back to empty (PEXPIRE), for both algorithms."""
+    await RateLimiter(1, 0.05, backend=backend).hit("k")
+    await RateLimiter(1, 0.05, algorithm="fixed_window", backend=backend).hit("k")
+    keys = [key async for key in admin.scan_iter(match=f"{prefix}:*")]
+    assert len(keys) == 2
+    for key in keys:
+        assert 0 < await admin.pttl(key) <= 51
+    await anyio.sleep(0.2)  # the server's expiry runs on its own clock
+    assert [key for key in keys if await admin.exists(key)] == []
+
+
+# -- semantics: the server's clock, the memory backend's arithmetic ------------------
+
+
+async def test_gcra_retry_after_is_exact_on_the_server_clock(backend: RedisBackend) -> None:
+    """A denied GCRA hit reports when it would pass; retried after that, it passes."""
+    limiter = RateLimiter(2, 0.4, backend=backend)
+    await limiter.hit("k")
+    await limiter.hit("k")
+    with pytest.raises(RateLimitExceeded) as denied:
+        await limiter.hit("k")
+    retry_after = denied.value.retry_after
+    assert retry_after is not None
+    # One unit drains in 0.2 s; a little of it has drained since the burst.
+    assert 0.15 < retry_after <= 0.2
+    await anyio.sleep(retry_after - 0.05)
+    assert not await _admitted(limiter, "k")
+    await anyio.sleep(0.06)
+    assert await _admitted(limiter, "k")
+
+
+async def test_fixed_window_is_aligned_on_the_server_clock(backend: RedisBackend, admin: aioredis.Redis) -> None:
+    """A full fixed window reports the seconds to the next multiple of ``window`` on the server's clock."""
+    window = 0.5
+    limiter = RateLimiter(1, window, algorithm="fixed_window", backend=backend)
+    while True:
+        await limiter.reset("k")
+        await limiter.hit("k")
+        with pytest.raises(RateLimitExceeded) as denied:
+            await limiter.hit("k")
+        now = await _server_time(admin)
+        expected = (math.floor(now / window) + 1) * window - now
+        retry_after = denied.value.retry_after
+        assert retry_after is not None
+        if retry_after > 0.05:  # not across a boundary between the two reads: compare
+            break
+    assert retry_after == pytest.approx(expected, abs=0.02)
+    await anyio.sleep(retry_after + 0.01)
+    assert await _admitted(limiter, "k")
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+async def test_decisions_match_the_memory_backend(backend: RedisBackend, algorithm: str) -> None:
+    """The same sequence of costs gets the same decisions and numbers from Redis as from memory."""
+    rule = RateLimitRule(5, 10_000.0, algorithm, "same")  # type: ignore[arg-type]
+    memory = MemoryRateLimitBackend(clock=FakeClock())  # time stands still; the server's drains 5e-4/s
+    costs = [1, 2, 0.5, 1.5, 1, 3, 0.5, 0.25, 1, 0.25]
+    for cost in costs:
+        ours, theirs = await backend.take("k", cost, rule), await memory.take("k", cost, rule)
+        assert ours.admitted == theirs.admitted, cost
+        assert ours.remaining == theirs.remaining
+        assert ours.current_count == pytest.approx(theirs.current_count, abs=0.01)
+        if algorithm == "gcra":
+            assert ours.retry_after == pytest.approx(theirs.retry_after, abs=5.0)  # seconds of a 2,000 s interval
+            assert ours.next_after == pytest.approx(theirs.next_after, abs=5.0)
+            assert ours.reset_after == pytest.approx(theirs.reset_after, abs=5.0)
+        else:  # windows are aligned on different clocks: the same times are zero, the others the window's end
+            assert (ours.retry_after > 0, ours.next_after > 0) == (theirs.retry_after > 0, theirs.next_after > 0)
+            assert ours.retry_after in (0.0, ours.reset_after)
+    ours, theirs = await backend.peek("k", rule), await memory.peek("k", rule)
+    assert (ours.admitted, ours.remaining, ours.retry_after) == (theirs.admitted, theirs.remaining, 0.0)
+    assert ours.current_count == pytest.approx(theirs.current_count, abs=0.01)
+    await backend.reset("k", rule)
+    empty = await backend.peek("k", rule)
+    assert (empty.admitted, empty.current_count, empty.remaining, empty.reset_after) == (True, 0.0, 5, 0.0)
+
+
+async def test_status_and_acquire_go_through_the_server(backend: RedisBackend) -> None:
+    """status() reads the bucket without taking; acquire() waits the reported retry time."""
+    limiter = RateLimiter(1, 0.1, backend=backend)
+    await limiter.acquire("k")
+    status = await limiter.status("k")
+    assert (status.allowed, status.remaining) == (False, 0)
+    assert status.current_count == pytest.approx(1.0, abs=0.1)
+    start = time.monotonic()
+    await limiter.acquire("k")
+    assert time.monotonic() - start >= 0.05
+    async with limiter("other", wait=False):
+        pass
+
+
+async def test_lost_scripts_are_loaded_again(backend: RedisBackend, admin: aioredis.Redis) -> None:
+    """After SCRIPT FLUSH (or a restart) the next decision loads the scripts and still decides."""
+    limiter = RateLimiter(1, 60.0, backend=backend)
+    await limiter.hit("k")
+    await admin.script_flush()
+    assert not await _admitted(limiter, "k")
+    assert await admin.script_exists(GCRA.sha, FIXED_WINDOW.sha) == [True, True]
+
+
+# -- one command per decision --------------------------------------------------------
+
+
+async def test_one_command_per_decision(server: Server) -> None:
+    """Each decision is one EVALSHA (TIME, GET, SET inside it), alone or 100 at once."""
+    admin = aioredis.Redis.from_url(server.url, decode_responses=True)
+    async with RedisBackend.from_url(server.url, prefix="count") as backend:
+        gcra = RateLimiter(50, 60.0, backend=backend)
+        fixed = RateLimiter(50, 60.0, algorithm="fixed_window", backend=backend)
+        await gcra.hit("warm")
+        await fixed.hit("warm")  # scripts loaded (NOSCRIPT, SCRIPT LOAD) before counting
+        await admin.config_resetstat()
+        for _ in range(10):
+            await gcra.hit("k")
+        await asyncio.gather(*(_admitted(fixed, "k") for _ in range(100)))
+        stats = await admin.info("commandstats")
+    await admin.aclose()
+    calls = {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
+    calls.pop("info", None)
+    calls.pop("config|resetstat", None)
+    # 110 decisions, 110 scripts run, each reads the server clock once; 60 were admitted and wrote.
+    assert calls == {"evalsha": 110, "time": 110, "get": 110, "set": 60}
+
+
+# -- outages --------------------------------------------------------------------------
+
+
+async def test_allow_policy_admits_when_redis_is_down(server: Server, caplog: pytest.LogCaptureFixture) -> None:
+    """With Redis killed, "allow" admits, emits rate_limiter_exception and warns (at most once a second)."""
+    async with RedisBackend.from_url(server.url, prefix="down", socket_timeout=0.5) as backend:
+        limiter = RateLimiter(1, 60.0, backend=backend, name="api")
+        await limiter.hit("k")
+        server.kill()
+        with capture_events() as events, caplog.at_level(logging.WARNING, logger="seawall"):
+            start = time.monotonic()
+            first = await limiter.hit("k")
+            second = await limiter.hit("k")
+            status = await limiter.status("k")
+            elapsed = time.monotonic() - start
+        assert elapsed < 1.5
+        assert [first.allowed, second.allowed, status.allowed] == [True, True, True]
+        failures = [event for event in events if event.name == "rate_limiter_exception"]
+        assert len(failures) == 3
+        assert failures[0].metadata["key"] == "k"
+        assert failures[0].metadata["name"] == "api"
+        assert failures[0].metadata["policy"] == "allow"
+        assert isinstance(failures[0].metadata["error"], RedisError)
+        assert [event.name for event in events].count("request_allowed") == 2
+        messages = [record.getMessage() for record in caplog.records]
+        warnings = [message for message in messages if "rate_limiter_backend_failed" in message]
+        assert len(warnings) == 1
+        # reset() never passes silently, whatever the policy.
+        with pytest.raises(RateLimiterError) as failed:
+            await limiter.reset("k")
+        assert isinstance(failed.value.__cause__, RedisError)
+
+
+async def test_deny_policy_raises_when_redis_is_down(server: Server) -> None:
+    """With Redis killed, "deny" raises RateLimiterError from the Redis error, for hits and status."""
+    async with RedisBackend.from_url(server.url, prefix="down", on_error="deny", socket_timeout=0.5) as backend:
+        limiter = RateLimiter(1, 60.0, backend=backend)
+        server.kill()
+        with pytest.raises(RateLimiterError) as failed:
+            await limiter.hit("k")
+        assert failed.value.key == "k"
+        assert failed.value.error_type == "rate_limiter_exception"
+        assert isinstance(failed.value.__cause__, RedisError)
+        with pytest.raises(RateLimiterError):
+            await limiter.status("k")
+
+
+@pytest.mark.parametrize("policy", ["allow", "deny"])
+async def test_a_frozen_server_costs_at_most_the_socket_timeout(server: Server, policy: str) -> None:
+    """A server that accepts but never answers (SIGSTOP) delays a decision by the socket timeout, no more."""
+    async with RedisBackend.from_url(server.url, on_error=policy, socket_timeout=0.2) as backend:  # type: ignore[arg-type]
+        limiter = RateLimiter(1, 60.0, backend=backend)
+        await limiter.hit("warm")
+        server.freeze()
+        start = time.monotonic()
+        outcomes = await asyncio.gather(*(limiter.hit(f"k{i}") for i in range(5)), return_exceptions=True)
+        elapsed = time.monotonic() - start
+        server.thaw()
+        assert elapsed < 0.2 * 3  # one timeout for the batch on the wire, one for the next batch at most
+        if policy == "allow":
+            assert all(not isinstance(outcome, BaseException) for outcome in outcomes)
+        else:
+            assert all(isinstance(outcome, RateLimiterError) for outcome in outcomes)
+        # The server is back: the backend reconnects and decides again.
+        assert await _admitted(limiter, "after")
+
+
+async def test_a_redis_error_reply_follows_the_policy(backend: RedisBackend, admin: aioredis.Redis) -> None:
+    """An error reply (here WRONGTYPE from the script) is a backend failure too."""
+    rule = RateLimitRule(1, 60.0)
+    await backend.take("probe", 1, rule)
+    key = next(iter([key async for key in admin.scan_iter(match=f"{backend.prefix}:*")]))
+    wrong = key.removesuffix("probe") + "wrong"
+    await admin.lpush(wrong, "x")
+    assert (await backend.take("wrong", 1, rule)).admitted
+    deny = RedisBackend(backend.client, prefix=backend.prefix, on_error="deny")
+    with pytest.raises(RateLimiterError) as failed:
+        await deny.take("wrong", 1, rule)
+    assert isinstance(failed.value.__cause__, ResponseError)
+    await deny.aclose()
+
+
+# -- lifetime and cancellation ----------------------------------------------------
+
+
+async def test_a_borrowed_client_stays_open(redis_url: str, prefix: str) -> None:
+    """aclose() closes only what the backend owns; a closed backend refuses work."""
+    client = aioredis.Redis.from_url(redis_url)
+    backend = RedisBackend(client, prefix=prefix)
+    await backend.take("k", 1, RateLimitRule(1, 60.0))
+    await backend.aclose()
+    await backend.aclose()  # idempotent
+    assert "closed" in repr(backend)
+    assert await client.ping()
+    with pytest.raises(RuntimeError, match="closed"):
+        await backend.take("k", 1, RateLimitRule(1, 60.0))
+    await client.aclose()
+
+
+async def test_a_decision_cancelled_before_it_is_sent_takes_nothing(server: Server) -> None:
+    """A caller cancelled while its decision waits for the batch ahead takes nothing; aclose() waits for that batch."""
+    backend = RedisBackend.from_url(server.url, prefix="cancel", socket_timeout=5.0)
+    limiter = RateLimiter(5, 60.0, backend=backend)
+    await limiter.hit("warm")
+    server.freeze()
+    first = asyncio.ensure_future(limiter.hit("k"))
+    await anyio.wait_all_tasks_blocked()  # the first decision is on the wire
+    second = asyncio.ensure_future(limiter.hit("k"))
+    await anyio.wait_all_tasks_blocked()  # the second is queued behind it
+    second.cancel()
+    server.thaw()
+    await first
+    with pytest.raises(asyncio.CancelledError):
+        await second
+    assert (await limiter.status("k")).current_count == pytest.approx(1.0, abs=0.01)
+    third = asyncio.ensure_future(limiter.hit("k"))
+    await asyncio.sleep(0)  # queued and sent by the backend's task
+    await backend.aclose()
+    assert third.done()
+    assert not third.cancelled()
+
+
+async def test_a_cancelled_caller_leaves_the_others_answered(backend: RedisBackend) -> None:
+    """Cancelling some of many concurrent callers neither breaks the batch nor the backend."""
+    limiter = RateLimiter(1000, 60.0, backend=backend)
+    tasks = [asyncio.ensure_future(limiter.hit("k")) for _ in range(50)]
+    await asyncio.sleep(0)
+    for task in tasks[::2]:
+        task.cancel()
+    outcomes: list[Any] = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(not isinstance(outcome, BaseException) for outcome in outcomes[1::2])
+    assert await _admitted(limiter, "k")
+    count = (await limiter.status("k")).current_count
+    assert 26 <= round(count) <= 51
