@@ -1,5 +1,7 @@
 """State stores for the primitives: in-memory (default) and Redis."""
 
+from typing import TYPE_CHECKING, Any
+
 # -- circuit breaker (issue 4) --
 from seawall.backends._breaker_memory import MemoryBreakerBackend
 from seawall.backends._breaker_protocol import (
@@ -31,6 +33,19 @@ __all__: list[str] = [
     "RateLimitBackend",
     "RateLimitDecision",
     "RateLimitRule",
+    "RedisBackend",
     "Ticket",
     "Transition",
 ]
+
+# -- redis (imported on first use: importing seawall must not import redis) --
+if TYPE_CHECKING:
+    from seawall.backends.redis import RedisBackend
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RedisBackend":
+        from seawall.backends.redis import RedisBackend
+
+        return RedisBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
