@@ -3,7 +3,9 @@
 Public names only; each lives in a private module named after it.
 """
 
+from seawall._breaker import BreakerState, BreakerStatus, CircuitBreaker
 from seawall._clock import Clock, FakeClock, MonotonicClock
+from seawall._config import BreakerConfig, PoolConfig, ProtectionConfig, RateLimitConfig
 from seawall._errors import (
     CircuitBreakerNotFound,
     CircuitOpenError,
@@ -17,19 +19,10 @@ from seawall._errors import (
     RateLimitExceeded,
     SeawallError,
 )
-from seawall._version import __version__
-
-# -- rate limiter (issue 3) --
-from seawall._limiter import RateLimiter, RateLimitStatus
-
-# -- circuit breaker (issue 4) --
-from seawall._breaker import BreakerState, BreakerStatus, CircuitBreaker
-
-# -- connection pool (issue 5) --
-from seawall._pool import ConnectionPool, PoolStatus
-# -- coordinator (issue 6) --
-from seawall._config import BreakerConfig, PoolConfig, ProtectionConfig, RateLimitConfig
 from seawall._infrastructure import AsyncInfrastructure
+from seawall._limiter import RateLimiter, RateLimitStatus
+from seawall._pool import ConnectionPool, PoolStatus
+from seawall._version import __version__
 
 __all__ = [
     "AsyncInfrastructure",
