@@ -17,8 +17,10 @@ semantics are those of the in-memory tables in ``_limiter_memory.py``:
   a count of another window reads as zero.
 
 Both write with ``PX`` so an idle bucket vanishes once it is back to empty,
-and both return numbers as strings: Redis truncates Lua numbers in replies
-to integers. ``ARGV[4]`` is ``"1"`` to take, ``"0"`` to only look.
+and both reply with one string of space-separated numbers: Redis truncates
+Lua numbers in replies to integers, and one bulk string is about three times
+cheaper for the client to parse than an array of them. ``ARGV[4]`` is
+``"1"`` to take, ``"0"`` to only look.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class Script:
 
 
 # KEYS[1] bucket; ARGV: window (s), interval (s per unit), cost, take ("1") or look ("0").
-# Reply: {admitted, backlog after the operation (s)}.
+# Reply: "<admitted 1|0> <backlog after the operation, s>".
 GCRA = Script(
     f"""
 local t = redis.call('TIME')
@@ -63,15 +65,15 @@ if ARGV[4] == '1' then
   local after = backlog + tonumber(ARGV[3]) * tonumber(ARGV[2])
   if after <= tonumber(ARGV[1]) * (1 + {SLACK!r}) then
     redis.call('SET', KEYS[1], string.format('%.17g %.17g', after, now), 'PX', math.ceil(after * 1000) + 1)
-    return {{1, string.format('%.17g', after)}}
+    return string.format('1 %.17g', after)
   end
 end
-return {{0, string.format('%.17g', backlog)}}
+return string.format('0 %.17g', backlog)
 """
 )
 
 # KEYS[1] bucket; ARGV: window (s), limit, cost, take ("1") or look ("0").
-# Reply: {admitted, count after the operation, seconds until the window ends}.
+# Reply: "<admitted 1|0> <count after the operation> <seconds until the window ends>".
 FIXED_WINDOW = Script(
     f"""
 local t = redis.call('TIME')
@@ -97,9 +99,9 @@ if ARGV[4] == '1' then
   local after = count + tonumber(ARGV[3])
   if after <= tonumber(ARGV[2]) * (1 + {SLACK!r}) then
     redis.call('SET', KEYS[1], string.format('%.17g %.17g', after, index), 'PX', math.ceil((ends - now) / 1000))
-    return {{1, string.format('%.17g', after), left}}
+    return string.format('1 %.17g ', after) .. left
   end
 end
-return {{0, string.format('%.17g', count), left}}
+return string.format('0 %.17g ', count) .. left
 """
 )
