@@ -29,8 +29,26 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from seawall import ConfigurationError, FakeClock, RateLimiter, RateLimiterError, RateLimitExceeded
-from seawall.backends import MemoryRateLimitBackend, RateLimitBackend, RateLimitRule, RedisBackend
+from seawall import (
+    BreakerState,
+    CircuitBreaker,
+    CircuitOpenError,
+    ConfigurationError,
+    FakeClock,
+    RateLimiter,
+    RateLimiterError,
+    RateLimitExceeded,
+)
+from seawall.backends import (
+    BreakerBackend,
+    BreakerPolicy,
+    MemoryBreakerBackend,
+    MemoryRateLimitBackend,
+    RateLimitBackend,
+    RateLimitRule,
+    RedisBackend,
+    Transition,
+)
 from seawall.backends._redis_scripts import FIXED_WINDOW, GCRA
 from seawall.testing import capture_events
 
@@ -496,3 +514,131 @@ async def test_a_cancelled_caller_leaves_the_others_answered(backend: RedisBacke
     assert await _admitted(limiter, "k")
     count = (await limiter.status("k")).current_count
     assert 26 <= round(count) <= 51
+
+
+# -- circuit breaker state ----------------------------------------------------------
+
+POLICY = BreakerPolicy(failure_threshold=2, window=60.0, recovery_time=0.2, half_open_max_calls=1)
+
+
+async def _fail(breaker: CircuitBreaker) -> None:
+    with pytest.raises(RuntimeError):
+        async with breaker:
+            raise RuntimeError("down")
+
+
+async def test_breakers_on_two_clients_share_one_state(redis_url: str, prefix: str) -> None:
+    """Failures seen by two processes add up; the breaker one opens rejects in the other."""
+    async with (
+        RedisBackend.from_url(redis_url, prefix=prefix) as one,
+        RedisBackend.from_url(redis_url, prefix=prefix) as other,
+    ):
+        assert isinstance(one, BreakerBackend)
+        first = CircuitBreaker("db", failure_threshold=2, recovery_time=30.0, backend=one)
+        second = CircuitBreaker("db", failure_threshold=2, recovery_time=30.0, backend=other)
+        await _fail(first)
+        assert (await second.status()).failure_count == 1
+        await _fail(second)
+        with pytest.raises(CircuitOpenError) as rejected:
+            async with first:
+                pass
+        assert rejected.value.retry_after == pytest.approx(30.0, abs=1.0)
+        status = await second.status()
+        assert (status.state, status.failure_count) == (BreakerState.OPEN, 2)
+        await second.reset()
+        async with first:
+            pass
+        await first.trip()
+        assert (await second.status()).state is BreakerState.OPEN
+
+
+async def test_breaker_recovery_follows_the_memory_rules(backend: RedisBackend) -> None:
+    """OPEN turns HALF_OPEN after recovery_time; trial slots are bounded; trials close or re-open it."""
+    memory = MemoryBreakerBackend()
+    for store in (backend, memory):
+        await store.breaker_force("svc", POLICY, 0.0, BreakerState.OPEN)
+    rejected = await backend.breaker_admit("svc", POLICY, 0.0)
+    assert (rejected.ticket, rejected.state) == (None, BreakerState.OPEN)
+    assert 0.1 < rejected.retry_after <= 0.2
+    await anyio.sleep(0.21)
+    trial = await backend.breaker_admit("svc", POLICY, 0.0)
+    expected = await memory.breaker_admit("svc", POLICY, 0.21)
+    assert (trial.state, trial.transition) == (expected.state, expected.transition)
+    assert trial.ticket is not None
+    assert trial.ticket.trial == 1
+    busy = await backend.breaker_admit("svc", POLICY, 0.0)
+    assert busy.ticket is None
+    assert 0.1 < busy.retry_after <= 0.2
+    snapshot = await backend.breaker_snapshot("svc", POLICY, 0.0)
+    assert (snapshot.state, snapshot.trials) == (BreakerState.HALF_OPEN, 1)
+    assert snapshot.retry_after > 0.1
+    # A cancelled trial frees its slot and decides nothing.
+    assert await backend.breaker_settle("svc", POLICY, 0.0, trial.ticket, "cancelled") is None
+    second = await backend.breaker_admit("svc", POLICY, 0.0)
+    assert second.ticket is not None
+    reopened = await backend.breaker_settle("svc", POLICY, 0.0, second.ticket, "failure")
+    assert reopened == Transition(BreakerState.HALF_OPEN, BreakerState.OPEN)
+    await anyio.sleep(0.21)
+    third = await backend.breaker_admit("svc", POLICY, 0.0)
+    assert third.ticket is not None
+    closed = await backend.breaker_settle("svc", POLICY, 0.0, third.ticket, "success")
+    assert closed == Transition(BreakerState.HALF_OPEN, BreakerState.CLOSED)
+    # The old trial's ticket belongs to an old generation: it is a plain call now.
+    assert await backend.breaker_settle("svc", POLICY, 0.0, second.ticket, "success") is None
+    assert (await backend.breaker_snapshot("svc", POLICY, 0.0)).failure_count == 0
+
+
+async def test_a_hung_trial_stops_blocking_after_recovery_time(backend: RedisBackend) -> None:
+    """A trial that never settles frees its slot after recovery_time."""
+    await backend.breaker_force("svc", POLICY, 0.0, BreakerState.OPEN)
+    await anyio.sleep(0.21)
+    hung = await backend.breaker_admit("svc", POLICY, 0.0)
+    assert hung.ticket is not None
+    assert (await backend.breaker_admit("svc", POLICY, 0.0)).ticket is None
+    await anyio.sleep(0.21)
+    assert (await backend.breaker_snapshot("svc", POLICY, 0.0)).retry_after == 0.0
+    assert (await backend.breaker_admit("svc", POLICY, 0.0)).ticket is not None
+
+
+async def test_breaker_failures_count_within_the_window(backend: RedisBackend, admin: aioredis.Redis) -> None:
+    """Only failures in the last ``window`` seconds count; a closed breaker's hash expires after the window."""
+    policy = POLICY._replace(failure_threshold=3, window=0.2)
+    for store_now in (0.0, 0.0):
+        assert await backend.breaker_settle("svc", policy, store_now, None, "failure") is None
+    assert (await backend.breaker_snapshot("svc", policy, 0.0)).failure_count == 2
+    assert 0 < await admin.pttl(f"{backend.prefix}:cb:svc") <= 201
+    await anyio.sleep(0.21)
+    assert (await backend.breaker_snapshot("svc", policy, 0.0)).failure_count == 0
+    assert await backend.breaker_settle("svc", policy, 0.0, None, "success") is None
+    assert await backend.breaker_settle("svc", policy, 0.0, None, "failure") is None
+    ticket = (await backend.breaker_admit("svc", policy, 0.0)).ticket
+    assert await backend.breaker_settle("svc", policy, 0.0, ticket, "failure") is None
+    opened = await backend.breaker_settle("svc", policy, 0.0, None, "failure")
+    assert opened == Transition(BreakerState.CLOSED, BreakerState.OPEN)
+    assert await admin.pttl(f"{backend.prefix}:cb:svc") == -1  # an open breaker does not expire
+    assert await backend.breaker_force("svc", policy, 0.0, BreakerState.OPEN) is None
+    assert await backend.breaker_force("svc", policy, 0.0, BreakerState.CLOSED) is not None
+    assert await backend.breaker_force("svc", policy, 0.0, BreakerState.CLOSED) is None
+    with pytest.raises(ValueError, match="half_open"):
+        await backend.breaker_force("svc", policy, 0.0, BreakerState.HALF_OPEN)
+
+
+async def test_breaker_follows_the_policy_when_redis_is_down(server: Server) -> None:
+    """With Redis down, "allow" runs calls as if closed, "deny" rejects; settling never raises."""
+    allow = RedisBackend.from_url(server.url, prefix="down", socket_timeout=0.5)
+    deny = RedisBackend.from_url(server.url, prefix="down", on_error="deny", socket_timeout=0.5)
+    server.kill()
+    breaker = CircuitBreaker("svc", failure_threshold=1, backend=allow)
+    await _fail(breaker)  # admitted, and its failure is dropped with a warning
+    async with breaker:
+        pass
+    with pytest.raises(CircuitOpenError) as rejected:
+        async with CircuitBreaker("svc", backend=deny):
+            pass
+    assert isinstance(rejected.value.__cause__, RedisError)
+    with pytest.raises(RedisError):
+        await breaker.trip()
+    with pytest.raises(RedisError):
+        await breaker.status()
+    await allow.aclose()
+    await deny.aclose()

@@ -39,9 +39,19 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from seawall._errors import ConfigurationError, RateLimiterError
+from seawall._errors import CircuitOpenError, ConfigurationError, RateLimiterError
 from seawall._logging import logger
 from seawall._telemetry import LIMITER_EXCEPTION
+from seawall.backends import _redis_breaker as breaker_wire
+from seawall.backends._breaker_protocol import (
+    Admission,
+    BreakerPolicy,
+    BreakerSnapshot,
+    BreakerState,
+    Outcome,
+    Ticket,
+    Transition,
+)
 from seawall.backends._limiter_memory import GcraTable
 from seawall.backends._limiter_protocol import RateLimitDecision, RateLimitRule, check_rule
 from seawall.backends._redis_scripts import FIXED_WINDOW, GCRA, SLACK
@@ -228,6 +238,67 @@ class RedisBackend:
             self._report(key, 1, rule, exc, "reset")
             raise RateLimiterError(key=key) from exc
 
+    # -- the BreakerBackend protocol ------------------------------------------
+    # ``now`` (the breaker's clock) is not used: the script reads the server's clock.
+
+    async def breaker_admit(self, name: str, policy: BreakerPolicy, now: float) -> Admission:
+        """Admit a call or reject it, in one round trip.
+
+        When Redis fails, ``on_error="allow"`` admits the call as if the breaker
+        were closed, and ``"deny"`` rejects it with :class:`~seawall.CircuitOpenError`.
+        """
+        try:
+            reply = await self._call(self._breaker_command(name, policy, b"admit"))
+        except _BACKEND_ERRORS as exc:
+            self._warn("circuit_breaker_backend_failed", exc, name=name, operation="admit")
+            if self.on_error == "deny":
+                raise CircuitOpenError(name=name) from exc
+            # A plain call of no generation: its failure is reported to Redis when it answers again.
+            return Admission(Ticket(-1, None), 0.0, BreakerState.CLOSED, None)
+        return breaker_wire.admission(reply)
+
+    async def breaker_settle(
+        self, name: str, policy: BreakerPolicy, now: float, ticket: Ticket | None, outcome: Outcome
+    ) -> Transition | None:
+        """Record how an admitted call ended; a Redis failure is logged, never raised over the call's result."""
+        try:
+            reply = await self._call(
+                self._breaker_command(name, policy, b"settle", *breaker_wire.settle_arguments(ticket, outcome))
+            )
+        except _BACKEND_ERRORS as exc:
+            self._warn("circuit_breaker_backend_failed", exc, name=name, operation="settle")
+            return None
+        return breaker_wire.transition(reply)
+
+    async def breaker_force(
+        self, name: str, policy: BreakerPolicy, now: float, state: BreakerState
+    ) -> Transition | None:
+        """Force the state to CLOSED (failures cleared) or OPEN (for a fresh ``recovery_time``).
+
+        Raises:
+            ValueError: ``state`` is HALF_OPEN.
+            redis.exceptions.RedisError: Redis failed (an explicit command must not pass silently).
+        """
+        if state is BreakerState.HALF_OPEN:
+            raise ValueError(f"a breaker can be forced to closed or open, not {state!r}")
+        return breaker_wire.transition(
+            await self._call(self._breaker_command(name, policy, b"force", state.value.encode()))
+        )
+
+    async def breaker_snapshot(self, name: str, policy: BreakerPolicy, now: float) -> BreakerSnapshot:
+        """Report the state without changing it.
+
+        Raises:
+            redis.exceptions.RedisError: Redis failed.
+        """
+        return breaker_wire.snapshot(await self._call(self._breaker_command(name, policy, b"snapshot")))
+
+    def _breaker_command(self, name: str, policy: BreakerPolicy, operation: bytes, *extra: bytes) -> bytes:
+        key = f"{self.prefix}:cb:{name}".encode()
+        return _pack(
+            b"EVALSHA", breaker_wire.BREAKER.sha.encode(), b"1", key, operation, *breaker_wire.arguments(policy), *extra
+        )
+
     # -- lifetime ---------------------------------------------------------
 
     async def aclose(self) -> None:
@@ -335,7 +406,7 @@ class RedisBackend:
                     if not future.done():
                         future.set_result(reply)
                 if missing:
-                    for script in (GCRA, FIXED_WINDOW):
+                    for script in (GCRA, FIXED_WINDOW, breaker_wire.BREAKER):
                         await connection.send_packed_command(_pack(b"SCRIPT", b"LOAD", script.source.encode()))
                         await connection.read_response(timeout=math.inf)
         except BaseException as exc:
@@ -384,18 +455,20 @@ class RedisBackend:
                     "error": exc,
                 },
             )
+        self._warn("rate_limiter_backend_failed", exc, key=key, operation=operation)
+
+    def _warn(self, event: str, exc: BaseException, **context: Any) -> None:
         # One warning a second at most: a Redis outage must not turn every request into a log line.
         self._failures += 1
         now = time.monotonic()
         if now - self._warned_at >= _WARN_EVERY:
             logger.warning(
-                "rate_limiter_backend_failed",
+                event,
                 backend="redis",
-                key=key,
-                operation=operation,
                 policy=self.on_error,
                 error=f"{type(exc).__name__}: {exc}",
                 failures=self._failures,
+                **context,
             )
             self._warned_at = now
             self._failures = 0
