@@ -30,6 +30,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from seawall import (
+    AsyncInfrastructure,
     BreakerState,
     CircuitBreaker,
     CircuitOpenError,
@@ -642,3 +643,24 @@ async def test_breaker_follows_the_policy_when_redis_is_down(server: Server) -> 
         await breaker.status()
     await allow.aclose()
     await deny.aclose()
+
+
+async def test_the_coordinator_keeps_limits_and_breakers_in_redis(backend: RedisBackend, prefix: str) -> None:
+    """AsyncInfrastructure(backend=RedisBackend) puts both the buckets and the breaker state in Redis."""
+    async with AsyncInfrastructure(backend=backend) as infra:
+        await infra.configure_protection(
+            "api", {"rate_limiter": {"limit": 2, "window": 60}, "circuit_breaker": {"failure_threshold": 1}}
+        )
+
+        async def work() -> str:
+            return "done"
+
+        assert await infra.execute_protected("api", work) == "done"
+        assert await infra.execute_protected("api", work) == "done"
+        with pytest.raises(RateLimitExceeded):
+            await infra.execute_protected("api", work)
+        status = await infra.get_protection_status("api")
+        assert status["rate_limiter"]["remaining"] == 0
+        assert status["circuit_breaker"]["state"] == "closed"
+    keys = [key async for key in backend.client.scan_iter(match=f"{prefix}:*")]
+    assert any(b":rl:" in key for key in keys)
