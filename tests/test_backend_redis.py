@@ -480,6 +480,19 @@ async def test_a_borrowed_client_stays_open(redis_url: str, prefix: str) -> None
     await client.aclose()
 
 
+async def test_a_client_decoding_responses_works_too(redis_url: str, prefix: str) -> None:
+    """Replies arrive as str from a client with decode_responses=True; decisions are the same."""
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    async with RedisBackend(client, prefix=prefix) as backend:
+        limiter = RateLimiter(1, 60.0, algorithm="fixed_window", backend=backend)
+        assert await _admitted(limiter, "k")
+        assert not await _admitted(limiter, "k")
+        breaker = CircuitBreaker("svc", failure_threshold=1, backend=backend)
+        await _fail(breaker)
+        assert (await breaker.status()).state is BreakerState.OPEN
+    await client.aclose()
+
+
 async def test_a_decision_cancelled_before_it_is_sent_takes_nothing(server: Server) -> None:
     """A caller cancelled while its decision waits for the batch ahead takes nothing; aclose() waits for that batch."""
     backend = RedisBackend.from_url(server.url, prefix="cancel", socket_timeout=5.0)

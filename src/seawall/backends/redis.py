@@ -1,28 +1,31 @@
-"""Rate-limit buckets in Redis, shared between processes and hosts.
+"""Rate-limit buckets and circuit breaker state in Redis, shared between processes and hosts.
 
-:class:`RedisBackend` implements :class:`~seawall.backends.RateLimitBackend`:
-every decision is one ``EVALSHA`` of a Lua script (``_redis_scripts.py``)
+:class:`RedisBackend` implements :class:`~seawall.backends.RateLimitBackend`
+and :class:`~seawall.backends.BreakerBackend`: every decision is one
+``EVALSHA`` of a Lua script (``_redis_scripts.py``, ``_redis_breaker.py``)
 that reads the server's clock, decides and writes atomically on the server.
-So limiters in any number of processes that share a Redis and a rule share
-their buckets, and their clocks never need to agree.
+So limiters and breakers in any number of processes that share a Redis and a
+rule share their state, and their clocks never need to agree.
 
 Decisions are *pipelined automatically*: a decision asked for while another
 is on the wire waits for it and then goes out with every other decision
 that queued meanwhile, as one write and one read on one connection. A lone
 caller pays one round trip; a hundred concurrent callers pay about two
 between them instead of a hundred (each still one ``EVALSHA``, so the server
-runs exactly one command per decision). The batch is sent by a task of the
-backend, not by a caller, so a caller cancelled mid-flight never leaves a
-connection half-read: its decision is either never sent, or taken and
-discarded.
+runs exactly one script per decision). A lone caller sends its own decision
+(no task hop); queued ones are sent by a task of the backend, so a caller
+cancelled while queued is simply never sent, and one cancelled on the wire
+only costs its own connection (redis-py drops it; the next decision opens
+another). A decision that was sent may have been taken.
 
 When Redis fails (refused connection, socket timeout, any Redis error) the
 policy decides: ``on_error="allow"`` admits the hit (fail open) and
 ``"deny"`` raises :class:`~seawall.RateLimiterError` from the Redis error.
 Both emit the ``("seawall", "rate_limiter", "rate_limiter_exception")``
 event and log a warning (at most one a second). No decision waits longer
-than the client's socket timeout, because :meth:`RedisBackend.from_url`
-builds its client without retries.
+than the client's socket timeout: the replies of a batch share one deadline
+of that length, and :meth:`RedisBackend.from_url` builds its client without
+retries.
 """
 
 from __future__ import annotations
@@ -106,7 +109,7 @@ class _Wire:
 
 
 class RedisBackend:
-    """Rate-limit buckets in Redis: one atomic script per decision, on the server's clock.
+    """Rate-limit buckets and breaker state in Redis: one atomic script per decision, on the server's clock.
 
     Use :meth:`from_url` to let the backend own its client, or pass an
     existing ``redis.asyncio.Redis`` (which the backend then only borrows:
@@ -116,9 +119,10 @@ class RedisBackend:
     Args:
         client: A ``redis.asyncio.Redis`` client (not a cluster client).
         prefix: The namespace of every key the backend writes
-            (``<prefix>:rl:<rule>:<key>``).
+            (``<prefix>:rl:<rule>:<key>`` for buckets, ``<prefix>:cb:<name>`` for breakers).
         on_error: What a decision does when Redis fails: ``"allow"`` admits
-            the hit, ``"deny"`` raises :class:`~seawall.RateLimiterError`.
+            the hit (or the call), ``"deny"`` raises :class:`~seawall.RateLimiterError`
+            (:class:`~seawall.CircuitOpenError` for a breaker).
 
     Raises:
         TypeError: ``client`` is not a ``redis.asyncio.Redis`` or ``prefix`` not a str.
