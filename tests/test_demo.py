@@ -32,6 +32,29 @@ def test_short_plain_run_behaves_as_designed(capsys: pytest.CaptureFixture[str],
     assert logging.getLogger("seawall").level == level  # the demo's quieting is undone
 
 
+def test_run_on_redis_shares_state_through_the_server(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, redis_url: str
+) -> None:
+    """With --redis the same scenario runs on the Redis backend and still behaves as designed."""
+    import redis
+
+    def evalsha_calls() -> int:
+        client = redis.Redis.from_url(redis_url)
+        try:
+            stats = client.info("commandstats").get("cmdstat_evalsha", {})
+            return int(stats.get("calls", 0))
+        finally:
+            client.close()
+
+    before = evalsha_calls()
+    assert run_demo(duration=3, live=False, seed=2, chart=tmp_path / "t.png", redis=redis_url) == 0
+    out = capsys.readouterr().out
+    assert "[ok] the breaker closed again after the outage" in out
+    assert "scenario ran as designed" in out
+    # Every limiter and breaker decision of the run went to the server as a script.
+    assert evalsha_calls() - before > 100
+
+
 def test_live_view_runs(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """The rich live view renders the table and the summary."""
     assert run_demo(duration=2, live=True, seed=2, chart=tmp_path / "c.png") == 0

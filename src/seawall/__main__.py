@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--no-live", action="store_true", help="plain log lines instead of a live view")
     demo.add_argument("--seed", type=int, default=None, help="seed for a reproducible scenario")
     demo.add_argument("--chart", default=None, metavar="PATH", help="PNG timeline path (default: temp dir)")
+    demo.add_argument("--redis", default=None, metavar="URL", help="share buckets and breaker state through this Redis")
     args = parser.parse_args(argv)
     if args.version:
         from seawall import __version__
@@ -29,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from seawall._demo import run_demo
 
-        return run_demo(duration=args.duration, live=not args.no_live, seed=args.seed, chart=args.chart)
+        return run_demo(
+            duration=args.duration, live=not args.no_live, seed=args.seed, chart=args.chart, redis=args.redis
+        )
     parser.print_help()
     return 0
 

@@ -36,7 +36,12 @@ def _default_chart(seed: int) -> Path:
 
 
 def run_demo(
-    *, duration: float = 20.0, live: bool = True, seed: int | None = None, chart: str | Path | None = None
+    *,
+    duration: float = 20.0,
+    live: bool = True,
+    seed: int | None = None,
+    chart: str | Path | None = None,
+    redis: str | None = None,
 ) -> int:
     """Run the demo scenario.
 
@@ -45,6 +50,8 @@ def run_demo(
         live: Show a live ``rich`` view; ``False`` prints plain lines.
         seed: Seed of the clients' rates and jitter (random when ``None``).
         chart: Where to write the PNG timeline (default: the temp directory).
+        redis: A Redis URL: keep rate-limit buckets and breaker state there
+            (``RedisBackend``) instead of in memory.
 
     Returns:
         The exit status: 0 when the scenario behaved as designed, 1 when it
@@ -92,7 +99,7 @@ def run_demo(
     seawall_logger.setLevel(logging.CRITICAL)
     try:
         with view:
-            anyio.run(run_scenario, recorder, view.tick, announce)
+            anyio.run(run_scenario, recorder, view.tick, announce, redis)
     finally:
         seawall_logger.setLevel(level)
     return _conclude(recorder, view, Path(chart) if chart is not None else _default_chart(plan.seed))

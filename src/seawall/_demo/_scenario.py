@@ -7,11 +7,13 @@ at most ``_MAX_IN_FLIGHT`` outstanding per client).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx
@@ -20,6 +22,9 @@ from seawall import telemetry
 from seawall._demo._plan import ClientSpec, Plan
 from seawall._demo._upstream import Upstream
 from seawall._telemetry import BREAKER_STATE_CHANGED
+
+if TYPE_CHECKING:
+    from seawall import AsyncInfrastructure
 
 __all__ = ["OUTCOMES", "Recorder", "Tick", "Verdict", "run_scenario"]
 
@@ -233,44 +238,69 @@ async def _tick_reports(recorder: Recorder, report: Callable[[Tick], None], stop
         report(tick)
 
 
-async def run_scenario(recorder: Recorder, report: Callable[[Tick], None], announce: Callable[[str], None]) -> None:
+async def run_scenario(
+    recorder: Recorder,
+    report: Callable[[Tick], None],
+    announce: Callable[[str], None],
+    redis_url: str | None = None,
+) -> None:
     """Run the whole scenario of ``recorder.plan``, recording its figures.
 
     Args:
         recorder: Receives every figure of the run.
         report: Called with each tick once it is over (the live view).
         announce: Called once with the upstream's URL when it is listening.
+        redis_url: Keep rate-limit buckets and breaker state in this Redis
+            (under a prefix of their own) instead of in memory.
     """
     from seawall import AsyncInfrastructure
+
+    plan = recorder.plan
+    upstream = Upstream(lambda: plan.phase_at(recorder.elapsed()), slow_delay=plan.slow_delay)
+    async with contextlib.AsyncExitStack() as stack:
+        backend = None
+        if redis_url is not None:
+            from seawall.backends.redis import RedisBackend
+
+            # A prefix of this run's own, so concurrent demos never share buckets.
+            prefix = f"seawall-demo-{uuid.uuid4().hex[:12]}"
+            backend = await stack.enter_async_context(RedisBackend.from_url(redis_url, prefix=prefix))
+        infra = await stack.enter_async_context(AsyncInfrastructure(backend=backend))
+        async with anyio.create_task_group() as servers:
+            for key, config in plan.protections().items():
+                await infra.configure_protection(key, config)
+            await servers.start(upstream.serve)
+            announce(upstream.url)
+            await _drive_clients(infra, upstream, recorder, report)
+            servers.cancel_scope.cancel()
+
+
+async def _drive_clients(
+    infra: AsyncInfrastructure, upstream: Upstream, recorder: Recorder, report: Callable[[Tick], None]
+) -> None:
+    """Run every client against the app for the plan's duration, sampling as they go."""
     from seawall._demo._app import build_app
     from seawall.integrations.httpx import ProtectedTransport
 
     plan = recorder.plan
-    upstream = Upstream(lambda: plan.phase_at(recorder.elapsed()), slow_delay=plan.slow_delay)
     handler_id = f"seawall-demo-{id(recorder)}"
-    async with AsyncInfrastructure() as infra, anyio.create_task_group() as servers:
-        for key, config in plan.protections().items():
-            await infra.configure_protection(key, config)
-        await servers.start(upstream.serve)
-        announce(upstream.url)
-        transport = ProtectedTransport(infra, "upstream")
-        async with httpx.AsyncClient(transport=transport, base_url=upstream.url) as upstream_client:
-            app = build_app(infra, upstream_client)
-            telemetry.attach(handler_id, [BREAKER_STATE_CHANGED.event], recorder.on_breaker)
-            try:
-                recorder.start = anyio.current_time()
-                stop_at = recorder.start + plan.duration
-                stop = anyio.Event()
-                async with anyio.create_task_group() as background:
-                    background.start_soon(_sample, infra, recorder, stop, min(0.05, plan.tick / 4))
-                    background.start_soon(_tick_reports, recorder, report, stop)
-                    async with anyio.create_task_group() as load:
-                        for index, spec in enumerate(plan.clients):
-                            rng = random.Random(plan.seed * 1000 + index)
-                            load.start_soon(_drive, spec, index, app, recorder, rng, stop_at)
-                    # Every request has finished: let the last tick report, then stop.
-                    await anyio.sleep_until(max(stop_at, anyio.current_time()))
-                    stop.set()
-            finally:
-                telemetry.detach(handler_id)
-        servers.cancel_scope.cancel()
+    transport = ProtectedTransport(infra, "upstream")
+    async with httpx.AsyncClient(transport=transport, base_url=upstream.url) as upstream_client:
+        app = build_app(infra, upstream_client)
+        telemetry.attach(handler_id, [BREAKER_STATE_CHANGED.event], recorder.on_breaker)
+        try:
+            recorder.start = anyio.current_time()
+            stop_at = recorder.start + plan.duration
+            stop = anyio.Event()
+            async with anyio.create_task_group() as background:
+                background.start_soon(_sample, infra, recorder, stop, min(0.05, plan.tick / 4))
+                background.start_soon(_tick_reports, recorder, report, stop)
+                async with anyio.create_task_group() as load:
+                    for index, spec in enumerate(plan.clients):
+                        rng = random.Random(plan.seed * 1000 + index)
+                        load.start_soon(_drive, spec, index, app, recorder, rng, stop_at)
+                # Every request has finished: let the last tick report, then stop.
+                await anyio.sleep_until(max(stop_at, anyio.current_time()))
+                stop.set()
+        finally:
+            telemetry.detach(handler_id)
