@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import pickle
+import random
 import time
 import tracemalloc
 from collections.abc import Iterator
@@ -991,3 +992,124 @@ async def test_fast_path_block_ending_while_another_task_is_tracked(clock: FakeC
             assert breaker.state is BreakerState.OPEN
             release.set()
     assert breaker._inflight == {}
+
+
+# -- admit_nowait / settle_nowait: the synchronous form of async with ---------
+
+
+def run_nowait(breaker: CircuitBreaker, error: BaseException | None) -> float | None:
+    """One call through admit_nowait/settle_nowait ending with ``error``; the rejection's retry_after, if any."""
+    try:
+        permit = breaker.admit_nowait()
+    except CircuitOpenError as exc:
+        return exc.retry_after
+    breaker.settle_nowait(permit, error)
+    return None
+
+
+async def run_with(breaker: CircuitBreaker, error: BaseException | None) -> float | None:
+    """The same call through ``async with``."""
+    try:
+        async with breaker:
+            if error is not None:
+                raise error
+    except CircuitOpenError as exc:
+        return exc.retry_after
+    except BaseException as exc:
+        if exc is not error:  # pragma: no cover - a failure of the test itself
+            raise
+    return None
+
+
+async def test_nowait_pair_decides_exactly_as_async_with(clock: FakeClock) -> None:
+    """On the same schedule of outcomes, admit/settle_nowait leave the breaker exactly where async with does."""
+    sync = make(clock, exclude=BusinessError)
+    wait = make(clock, exclude=BusinessError)
+    rng = random.Random(11)
+    states = set()
+    for _ in range(300):
+        error = rng.choice([None, None, Boom(), Boom(), BusinessError(), Interrupt()])
+        assert run_nowait(sync, error) == await run_with(wait, error)
+        mine, theirs = await sync.status(), await wait.status()
+        assert mine == theirs
+        states.add(mine.state)
+        clock.advance(rng.choice([0.0, 0.5, 2.0, 5.0]))
+    assert states == {BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN}
+
+
+async def test_closed_admission_needs_no_permit_and_failures_still_count(clock: FakeClock) -> None:
+    """Closed and unobserved: admit_nowait returns None; a success needs no settling, failures open it."""
+    breaker = make(clock, exclude=BusinessError)
+    assert breaker.admit_nowait() is None
+    breaker.settle_nowait(None)  # a no-op
+    breaker.settle_nowait(None, BusinessError())
+    breaker.settle_nowait(None, Interrupt())
+    assert (await breaker.status()).failure_count == 0
+    for _ in range(3):
+        assert breaker.admit_nowait() is None
+        breaker.settle_nowait(None, Boom())
+    assert breaker.state is BreakerState.OPEN
+    with pytest.raises(CircuitOpenError) as info:
+        breaker.admit_nowait()
+    assert info.value.retry_after == pytest.approx(5.0)
+    assert info.value.name == "svc"
+
+
+async def test_half_open_permits_hold_trial_slots_until_settled(clock: FakeClock) -> None:
+    """Half-open: a permit holds a trial slot; a second is rejected; settling a success closes the breaker."""
+    breaker = make(clock, failure_threshold=1)
+    breaker.settle_nowait(breaker.admit_nowait(), Boom())
+    clock.advance(5.0)
+    permit = breaker.admit_nowait()
+    assert permit is not None
+    assert permit.trial
+    assert repr(permit) == "<BreakerPermit trial=True open>"
+    assert (await breaker.status()).trials_in_flight == 1
+    with pytest.raises(CircuitOpenError):
+        breaker.admit_nowait()
+    breaker.settle_nowait(permit)
+    assert repr(permit) == "<BreakerPermit trial=True settled>"
+    assert breaker.state is BreakerState.CLOSED
+    with pytest.raises(RuntimeError, match="settled already"):
+        breaker.settle_nowait(permit)
+    assert breaker.state is BreakerState.CLOSED
+
+
+async def test_cancelled_trial_permit_frees_its_slot(clock: FakeClock) -> None:
+    """A trial settled with a cancellation frees its slot and decides nothing."""
+    breaker = make(clock, failure_threshold=1)
+    breaker.settle_nowait(breaker.admit_nowait(), Boom())
+    clock.advance(5.0)
+    permit = breaker.admit_nowait()
+    breaker.settle_nowait(permit, anyio.get_cancelled_exc_class()())
+    status = await breaker.status()
+    assert (status.state, status.trials_in_flight) == (BreakerState.HALF_OPEN, 0)
+    assert breaker.admit_nowait() is not None
+
+
+async def test_observed_calls_get_a_permit_and_emit_call_executed(clock: FakeClock) -> None:
+    """With a call_executed listener a closed call gets a permit, and settling it emits the event with its duration."""
+    breaker = make(clock)
+    with capture_events() as events:
+        permit = breaker.admit_nowait()
+        assert permit is not None
+        assert not permit.trial
+        clock.advance(0.25)
+        breaker.settle_nowait(permit, Boom())
+    (event,) = [e for e in events if e.name == "call_executed"]
+    assert event.measurements == {"duration": 0.25}
+    assert event.metadata == {"name": "svc", "success": False, "outcome": "failure", "trial": False}
+    assert (await breaker.status()).failure_count == 1
+    assert breaker._inflight == {}  # nothing kept per task
+
+
+async def test_nowait_pair_would_block_on_a_shared_backend(clock: FakeClock) -> None:
+    """With a protocol-only backend admit_nowait/settle_nowait raise WouldBlock and ask the store nothing."""
+    backend = ProtocolOnlyBackend()
+    breaker = CircuitBreaker("remote", backend=backend, clock=clock)
+    with pytest.raises(anyio.WouldBlock):
+        breaker.admit_nowait()
+    with pytest.raises(anyio.WouldBlock):
+        breaker.settle_nowait(None, Boom())
+    breaker.settle_nowait(None)  # a closed success has nothing to tell any store
+    assert backend.calls == []

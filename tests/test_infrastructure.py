@@ -23,6 +23,7 @@ from seawall import (
     RateLimitExceeded,
 )
 from seawall._deadline import GRANULARITY
+from seawall.backends import MemoryBreakerBackend, MemoryRateLimitBackend
 from seawall.testing import FakeClock, capture_events
 
 pytestmark = pytest.mark.anyio
@@ -838,7 +839,7 @@ async def test_testing_advance_fires_fake_clock_timeouts() -> None:
 
 
 class ResettingFactory(Factory):
-    """A factory with a reset hook: the pool's return path awaits, so no fast path."""
+    """A factory with a reset hook: the pool's return path awaits (checkin_nowait would block)."""
 
     async def reset(self, conn: object) -> None:
         pass
@@ -1024,3 +1025,175 @@ async def test_calls_outliving_the_infrastructure_still_time_out() -> None:
             await anyio.wait_all_tasks_blocked()
         assert infra._timer.pending == 0  # handed over, not forgotten
     assert outcome == ["timeout"]
+
+
+# -- layers that cannot decide without awaiting -----------------------------------------
+
+
+class SharedBackend:
+    """A rate-limit and breaker store known only by its async protocols (as Redis is), kept in memory."""
+
+    def __init__(self) -> None:
+        self.limits = MemoryRateLimitBackend()
+        self.breakers = MemoryBreakerBackend()
+        self.calls: list[str] = []
+
+    async def take(self, key: str, cost: float, rule: Any) -> Any:
+        self.calls.append("take")
+        return await self.limits.take(key, cost, rule)
+
+    async def peek(self, key: str, rule: Any) -> Any:
+        return await self.limits.peek(key, rule)
+
+    async def reset(self, key: str, rule: Any) -> None:
+        await self.limits.reset(key, rule)
+
+    async def breaker_admit(self, name: str, policy: Any, now: float) -> Any:
+        self.calls.append("admit")
+        return await self.breakers.breaker_admit(name, policy, now)
+
+    async def breaker_settle(self, name: str, policy: Any, now: float, ticket: Any, outcome: Any) -> Any:
+        self.calls.append(f"settle:{outcome}")
+        return await self.breakers.breaker_settle(name, policy, now, ticket, outcome)
+
+    async def breaker_force(self, name: str, policy: Any, now: float, state: Any) -> Any:
+        return await self.breakers.breaker_force(name, policy, now, state)
+
+    async def breaker_snapshot(self, name: str, policy: Any, now: float) -> Any:
+        return await self.breakers.breaker_snapshot(name, policy, now)
+
+
+@pytest.mark.parametrize("use_protect", [False, True])
+async def test_a_shared_backend_is_awaited_on_every_layer(use_protect: bool) -> None:
+    """With a shared store the limiter and breaker are awaited: admissions, failures and timeouts all reach it."""
+    backend = SharedBackend()
+
+    async def run(infra: AsyncInfrastructure, fn: Any, **options: Any) -> Any:
+        if use_protect:
+            async with infra.protect("api", **options):
+                return await fn()
+        return await infra.execute_protected("api", fn, **options)
+
+    async def fails() -> None:
+        raise ConnectionResetError
+
+    async with AsyncInfrastructure(backend=backend) as infra:
+        await infra.configure_protection(
+            "api",
+            {
+                "rate_limiter": {"limit": 3, "window": 60},
+                "circuit_breaker": {"failure_threshold": 5},
+                "connection_pool": {"size": 1},
+            },
+        )
+        assert await run(infra, ok) == "ok"
+        with pytest.raises(ConnectionResetError):
+            await run(infra, fails)
+        with pytest.raises(ProtectionTimeout):
+            await run(infra, anyio.sleep_forever, timeout=0.01)
+        with pytest.raises(RateLimitExceeded):
+            await run(infra, ok)
+        assert backend.calls == [
+            "take",
+            "admit",
+            "settle:success",
+            "take",
+            "admit",
+            "settle:failure",
+            "take",
+            "admit",
+            "settle:failure",
+            "take",
+        ]
+        assert (await infra.get_protection_status("api"))["connection_pool"]["in_use"] == 0
+
+
+@pytest.mark.parametrize("use_protect", [False, True])
+async def test_a_call_queued_for_the_worker_then_failing_returns_it(use_protect: bool) -> None:
+    """A call that waits for the only worker (no idle one to take at once) and then fails gives the worker back."""
+    async with AsyncInfrastructure() as infra:
+        await infra.configure_protection("db", {"connection_pool": {"size": 1, "factory": Factory()}})
+        release = anyio.Event()
+
+        async def fails() -> None:
+            raise ConnectionResetError
+
+        async def call() -> None:
+            if use_protect:
+                async with infra.protect("db"):
+                    await fails()
+            else:
+                await infra.execute_protected("db", fails)
+
+        async def queued() -> None:
+            with pytest.raises(ConnectionResetError):
+                await call()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(infra.execute_protected, "db", release.wait)
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(queued)
+            await anyio.wait_all_tasks_blocked()
+            assert (await infra.get_protection_status("db"))["connection_pool"]["waiting"] == 1
+            release.set()
+        status = (await infra.get_protection_status("db"))["connection_pool"]
+        assert (status["idle"], status["in_use"], status["waiting"]) == (1, 0, 0)
+
+
+@pytest.mark.parametrize("use_protect", [False, True])
+async def test_a_closed_pool_is_reported_as_triggered(use_protect: bool) -> None:
+    """A key whose pool was closed under it raises PoolClosed, reported as the pool layer's protection."""
+    async with AsyncInfrastructure() as infra:
+        await infra.configure_protection("db", {"connection_pool": {"size": 1}})
+        await infra.connection_manager.get("db").close()
+
+        async def call() -> None:
+            if use_protect:
+                async with infra.protect("db"):
+                    pytest.fail("must not run")  # pragma: no cover
+            else:
+                await infra.execute_protected("db", ok)
+
+        # Only this event: listening to execute_* would take the observed path.
+        with (
+            capture_events([("seawall", "infrastructure", "protection_triggered")]) as events,
+            pytest.raises(PoolClosed),
+        ):
+            await call()
+        assert [event.metadata["layer"] for event in events] == ["connection_pool"]
+
+
+@pytest.mark.parametrize("use_protect", [False, True])
+async def test_a_call_timing_out_in_the_pool_queue_is_reported(use_protect: bool) -> None:
+    """A call that waits for a worker longer than the pool's timeout raises PoolTimeout, reported as the pool's."""
+    clock = FakeClock()
+    async with AsyncInfrastructure(clock=clock) as infra:
+        await infra.configure_protection("db", {"connection_pool": {"size": 1, "timeout": 1}, "timeout": 60})
+        release = anyio.Event()
+        errors: list[BaseException] = []
+
+        async def call() -> None:
+            if use_protect:
+                async with infra.protect("db"):
+                    pytest.fail("must not run")  # pragma: no cover
+            else:
+                await infra.execute_protected("db", ok)
+
+        async def queued() -> None:
+            try:
+                await call()
+            except PoolTimeout as exc:
+                errors.append(exc)
+
+        with capture_events([("seawall", "infrastructure", "protection_triggered")]) as events:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(infra.execute_protected, "db", release.wait)
+                await anyio.wait_all_tasks_blocked()
+                tg.start_soon(queued)
+                await anyio.wait_all_tasks_blocked()
+                clock.advance(1)
+                await anyio.wait_all_tasks_blocked()
+                release.set()
+        assert len(errors) == 1
+        assert [event.metadata["layer"] for event in events] == ["connection_pool"]
+        assert (await infra.get_protection_status("db"))["connection_pool"]["in_use"] == 0

@@ -8,6 +8,7 @@ import gc
 import logging
 import math
 import pickle
+import random
 from datetime import timedelta
 from typing import Any
 
@@ -725,3 +726,172 @@ def test_gcra_table_details() -> None:
     assert table.retry_after("k", 1, 0.25) == pytest.approx(0.25)
     del table
     gc.collect()
+
+
+# -- hit_nowait: the synchronous form of hit() --------------------------------
+
+
+def refusal(call: Any) -> tuple[float, float, float] | str:
+    """What a decision raised: the RateLimitExceeded fields, or the status fields as a string."""
+    try:
+        status = call()
+    except RateLimitExceeded as exc:
+        return (exc.retry_after, exc.limit, exc.window)
+    return repr(status.to_dict())
+
+
+@pytest.mark.parametrize("algorithm", ["gcra", "fixed_window"])
+async def test_hit_nowait_decides_exactly_as_hit(algorithm: Any) -> None:
+    """On the same schedule of hits, hit_nowait() admits, denies and reports exactly what hit() does."""
+    clock = FakeClock(100.0)
+    sync = RateLimiter(3, 2.0, algorithm=algorithm, clock=clock)
+    wait = RateLimiter(3, 2.0, algorithm=algorithm, clock=clock)
+    rng = random.Random(7)
+    outcomes = []
+    for _ in range(200):
+        key = rng.choice(["a", "b"])
+        cost = rng.choice([1, 1, 2, 0.5])
+        mine = refusal(lambda key=key, cost=cost: sync.hit_nowait(key, cost))
+        try:
+            status: Any = await wait.hit(key, cost)
+        except RateLimitExceeded as exc:
+            theirs: Any = (exc.retry_after, exc.limit, exc.window)
+        else:
+            theirs = repr(status.to_dict())
+        assert mine == theirs
+        outcomes.append(isinstance(mine, str))
+        clock.advance(rng.choice([0.0, 0.1, 0.4, 1.0]))
+    assert any(outcomes)  # the schedule saw both answers
+    assert not all(outcomes)
+
+
+async def test_hit_nowait_returns_the_lazy_status_and_denies_taking_nothing() -> None:
+    """A hit_nowait() status reads like hit()'s; a denial leaves the bucket as it was."""
+    clock = FakeClock()
+    limiter = RateLimiter(2, 1.0, clock=clock)
+    status = limiter.hit_nowait("k", 2)
+    assert (status.key, status.allowed, status.remaining, status.current_count) == ("k", False, 0, 2)
+    before = await limiter.status("k")
+    with pytest.raises(RateLimitExceeded) as info:
+        limiter.hit_nowait("k")
+    assert info.value.retry_after == pytest.approx(0.5)
+    assert info.value.key == "k"
+    assert await limiter.status("k") == before
+    clock.advance(0.5)
+    assert limiter.hit_nowait("k").remaining == 0
+
+
+async def test_hit_nowait_checks_its_arguments() -> None:
+    """hit_nowait() refuses what hit() refuses, with the same errors."""
+    limiter = RateLimiter(2, 1.0, clock=FakeClock())
+    with pytest.raises(TypeError, match="key must be a str"):
+        limiter.hit_nowait(3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="cost"):
+        limiter.hit_nowait("k", "1")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="above the limit"):
+        limiter.hit_nowait("k", 3)
+    with pytest.raises(ValueError, match="cost"):
+        limiter.hit_nowait("k", -1)
+    assert limiter.hit_nowait(type("Key", (str,), {})("k")).key == "k"
+    assert limiter.resident_buckets == 1
+
+
+async def test_hit_nowait_does_not_jump_the_queue() -> None:
+    """While acquire() waiters queue on a key, hit_nowait() is denied as hit() is, with the same retry_after."""
+    clock = FakeClock()
+    limiter = RateLimiter(2, 2.0, clock=clock)
+    limiter.hit_nowait("k", 2)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(limiter.acquire, "k", 1)
+        await anyio.wait_all_tasks_blocked()
+        with pytest.raises(RateLimitExceeded) as info:
+            limiter.hit_nowait("k")
+        assert info.value.retry_after == pytest.approx((await denied(limiter)).retry_after)
+        assert info.value.retry_after == pytest.approx(2.0)
+        assert limiter.hit_nowait("other").key == "other"  # other keys are not held up
+        clock.advance(1.0)
+        await anyio.wait_all_tasks_blocked()
+    clock.advance(1.0)
+    limiter.hit_nowait("k")
+
+
+async def test_hit_nowait_would_block_on_a_remote_backend() -> None:
+    """With a remote backend hit_nowait() raises WouldBlock and asks nothing; hit() then decides."""
+    clock = FakeClock()
+    backend = RemoteBackend(clock)
+    limiter = RateLimiter(1, 1.0, backend=backend, clock=clock)
+    with pytest.raises(anyio.WouldBlock):
+        limiter.hit_nowait("k")
+    assert backend.calls == []
+    await limiter.hit("k")
+    assert backend.calls == ["take"]
+
+
+async def test_hit_nowait_telemetry_is_hits() -> None:
+    """hit_nowait() emits request_allowed / request_denied with hit()'s payloads."""
+    clock = FakeClock()
+    limiter = RateLimiter(1, 1.0, name="api", clock=clock)
+    with capture_events() as events:
+        limiter.hit_nowait("k")
+        with pytest.raises(RateLimitExceeded):
+            limiter.hit_nowait("k")
+    assert [event.name for event in events] == ["request_allowed", "request_denied"]
+    assert events[0].metadata == {
+        "key": "k",
+        "limit": 1,
+        "window": 1.0,
+        "cost": 1,
+        "algorithm": "gcra",
+        "name": "api",
+    }
+    assert events[1].measurements["retry_after"] == pytest.approx(1.0)
+
+
+def denial(call: Any) -> float | None:
+    """The retry_after of the RateLimitExceeded ``call()`` raised, or None if it admitted."""
+    try:
+        call()
+    except RateLimitExceeded as exc:
+        return exc.retry_after
+    return None
+
+
+async def test_acquire_nowait_decides_as_hit_nowait_and_returns_nothing() -> None:
+    """acquire_nowait() admits and denies exactly as hit_nowait(), takes the same cost, and returns None."""
+    clock = FakeClock()
+    plain = RateLimiter(3, 1.0, clock=clock)
+    status = RateLimiter(3, 1.0, clock=clock)
+    rng = random.Random(5)
+    for _ in range(100):
+        cost = rng.choice([1, 2])
+        assert denial(lambda cost=cost: plain.acquire_nowait("k", cost)) == denial(
+            lambda cost=cost: status.hit_nowait("k", cost)
+        )
+        clock.advance(rng.choice([0.0, 0.2, 0.5]))
+    assert await plain.status("k") == await status.status("k")
+
+
+async def test_acquire_nowait_errors_and_remote_backends() -> None:
+    """acquire_nowait() checks its arguments, denies behind queued waiters, and would block on a remote backend."""
+    clock = FakeClock()
+    limiter = RateLimiter(1, 1.0, clock=clock)
+    with pytest.raises(TypeError, match="key must be a str"):
+        limiter.acquire_nowait(None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="above the limit"):
+        limiter.acquire_nowait("k", 2)
+    assert limiter.acquire_nowait("k", 0.5) is None  # type: ignore[func-returns-value]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(limiter.acquire, "k", 1)
+        await anyio.wait_all_tasks_blocked()
+        with pytest.raises(RateLimitExceeded) as info:
+            limiter.acquire_nowait("k", 0.5)
+        assert info.value.retry_after == pytest.approx(1.0)
+        clock.advance(0.5)
+    backend = RemoteBackend(clock)
+    remote = RateLimiter(1, 1.0, backend=backend, clock=clock)
+    with pytest.raises(anyio.WouldBlock):
+        remote.acquire_nowait("k")
+    assert backend.calls == []
+    with capture_events() as events:
+        limiter.acquire_nowait("fresh")
+    assert [event.name for event in events] == ["request_allowed"]

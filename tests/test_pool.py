@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
 from datetime import timedelta
@@ -959,3 +960,277 @@ async def _swallow_os_error(job: Any) -> None:
         await job()
     except OSError:
         pass
+
+
+# -- checkout_nowait / checkin_nowait / checkin: the non-waiting form ----------
+
+
+async def test_checkout_nowait_lends_idle_workers_lifo_and_would_block_when_none() -> None:
+    """checkout_nowait lends idle workers top first; with none idle it raises WouldBlock and changes nothing."""
+    factory = Factory()
+    async with ConnectionPool(factory, size=2, max_overflow=1) as pool:
+        first = pool.checkout_nowait()
+        second = pool.checkout_nowait()
+        assert first.conn is not second.conn
+        assert repr(first) == f"<PoolLease conn={first.conn!r}>"
+        assert counts(pool) == (0, 2, 0, 0)
+        with pytest.raises(anyio.WouldBlock):
+            pool.checkout_nowait()  # an overflow worker would have to be created
+        assert counts(pool) == (0, 2, 0, 0)
+        assert len(factory.made) == 2
+        pool.checkin_nowait(second)
+        pool.checkin_nowait(first)
+        assert counts(pool) == (2, 0, 0, 0)
+        again = pool.checkout_nowait()
+        assert again.conn is first.conn  # LIFO, as checkout()
+        pool.checkin_nowait(again)
+
+
+async def test_nowait_pair_agrees_with_checkout_on_a_random_schedule() -> None:
+    """Interleaving checkout_nowait/checkin_nowait and async checkouts keeps every count as checkout() alone would."""
+    rng = random.Random(3)
+    factory = Factory()
+    async with ConnectionPool(factory, size=4) as pool:
+        leases: list[Any] = []
+        for _ in range(200):
+            if leases and rng.random() < 0.5:
+                pool.checkin_nowait(leases.pop(rng.randrange(len(leases))))
+            else:
+                try:
+                    leases.append(pool.checkout_nowait())
+                except anyio.WouldBlock:
+                    assert len(leases) == 4
+            assert counts(pool) == (4 - len(leases), len(leases), 0, 0)
+            async with pool.checkout() if len(leases) < 4 else contextlib.nullcontext():
+                pass
+        for lease in leases:
+            pool.checkin_nowait(lease)
+        assert counts(pool) == (4, 0, 0, 0)
+        assert len(factory.made) == 4
+
+
+async def test_checkin_nowait_hands_the_worker_to_the_oldest_waiter() -> None:
+    """A worker given back with checkin_nowait goes to a task waiting in checkout(), not to the stack."""
+    factory = Factory()
+    async with ConnectionPool(factory, size=1) as pool:
+        lease = pool.checkout_nowait()
+        got: list[Any] = []
+
+        async def waiter() -> None:
+            async with pool.checkout() as conn:
+                got.append(conn)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter)
+            await settle()
+            assert counts(pool) == (0, 1, 0, 1)
+            pool.checkin_nowait(lease)
+        assert got == [lease.conn]
+        assert counts(pool) == (1, 0, 0, 0)
+
+
+async def test_checkin_nowait_twice_or_foreign_lease_is_an_error() -> None:
+    """Giving a lease back twice, or to another pool, raises RuntimeError and changes no count."""
+    async with ConnectionPool(Factory(), size=1) as pool, ConnectionPool(Factory(), size=1) as other:
+        lease = pool.checkout_nowait()
+        with pytest.raises(RuntimeError, match="not checked out of this pool"):
+            other.checkin_nowait(lease)
+        with pytest.raises(RuntimeError, match="not checked out of this pool"):
+            await other.checkin(lease)
+        pool.checkin_nowait(lease)
+        with pytest.raises(RuntimeError, match="given back already"):
+            pool.checkin_nowait(lease)
+        with pytest.raises(RuntimeError, match="given back already"):
+            pool.checkin_nowait(lease, raised=True)
+        assert counts(pool) == (1, 0, 0, 0)
+        assert counts(other) == (1, 0, 0, 0)
+
+
+async def test_checkout_nowait_on_a_closed_pool() -> None:
+    """checkout_nowait on a closed pool raises PoolClosed."""
+    pool = ConnectionPool(Factory(), size=1, name="db")
+    await pool.start()
+    await pool.close()
+    with pytest.raises(PoolClosed):
+        pool.checkout_nowait()
+
+
+async def test_checkout_nowait_retires_dead_idle_workers() -> None:
+    """Dead idle workers met by checkout_nowait are closed, never lent; with none left it would block."""
+    factory = Factory()
+    async with ConnectionPool(factory, size=2) as pool:
+        for conn in factory.made:
+            conn.closed = True  # died while idle
+        with pytest.raises(anyio.WouldBlock):
+            pool.checkout_nowait()
+        await settle()
+        assert counts(pool) == (0, 0, 0, 0)
+        async with pool.checkout() as fresh:
+            assert not fresh.closed
+        lease = pool.checkout_nowait()
+        assert lease.conn is fresh
+        lease.conn.closed = True  # died while lent
+        pool.checkin_nowait(lease)
+        await settle()
+        assert counts(pool) == (0, 0, 0, 0)
+        assert factory.open_count() == 0
+
+
+async def test_expired_workers_are_not_lent_and_are_closed_on_return() -> None:
+    """With max_lifetime, checkout_nowait skips expired idle workers and checkin_nowait closes expired ones."""
+    clock = FakeClock()
+    factory = Factory()
+    async with ConnectionPool(factory, size=1, max_lifetime=10.0, clock=clock) as pool:
+        lease = pool.checkout_nowait()
+        pool.checkin_nowait(lease)
+        lease = pool.checkout_nowait()
+        clock.advance(10.0)
+        pool.checkin_nowait(lease)
+        await settle()
+        assert lease.conn.closed
+        assert counts(pool) == (0, 0, 0, 0)
+        async with pool.checkout():
+            pass
+        clock.advance(10.0)
+        with pytest.raises(anyio.WouldBlock):
+            pool.checkout_nowait()
+        await settle()
+        assert factory.open_count() == 0
+
+
+async def test_a_resetting_pool_needs_the_awaited_checkin() -> None:
+    """With a reset hook checkin_nowait raises WouldBlock, the worker stays lent, and checkin() resets it."""
+    factory = ResettingFactory()
+    async with ConnectionPool(factory, size=1) as pool:
+        lease = pool.checkout_nowait()
+        with pytest.raises(anyio.WouldBlock):
+            pool.checkin_nowait(lease)
+        assert counts(pool) == (0, 1, 0, 0)
+        await pool.checkin(lease)
+        assert lease.conn.resets == 1
+        assert counts(pool) == (1, 0, 0, 0)
+
+
+async def test_a_failed_block_with_a_check_hook_needs_the_awaited_checkin() -> None:
+    """After a failure a check hook must run: checkin_nowait(raised=True) would block; checkin() checks."""
+
+    class CheckingFactory(Factory):
+        def __init__(self) -> None:
+            super().__init__()
+            self.checked: list[Conn] = []
+
+        async def check(self, worker: Conn) -> bool:
+            self.checked.append(worker)
+            return False
+
+    factory = CheckingFactory()
+    async with ConnectionPool(factory, size=1) as pool:
+        lease = pool.checkout_nowait()
+        pool.checkin_nowait(lease)  # a success needs no check
+        lease = pool.checkout_nowait()
+        with pytest.raises(anyio.WouldBlock):
+            pool.checkin_nowait(lease, raised=True)
+        await pool.checkin(lease, raised=True)
+        assert factory.checked == [lease.conn]
+        assert lease.conn.closed  # the check said dead
+        assert counts(pool) == (0, 0, 0, 0)
+
+
+async def test_a_failed_block_without_check_hook_returns_synchronously() -> None:
+    """With no check hook, checkin_nowait(raised=True) puts a live worker back at once."""
+    async with ConnectionPool(Factory(), size=1) as pool:
+        lease = pool.checkout_nowait()
+        pool.checkin_nowait(lease, raised=True)
+        assert counts(pool) == (1, 0, 0, 0)
+
+
+async def test_cancelled_awaited_checkin_loses_nothing() -> None:
+    """checkin() is shielded: cancelled while the reset runs, the worker still goes back."""
+    factory = ResettingFactory()
+    factory.reset_gate = anyio.Event()
+    async with ConnectionPool(factory, size=1) as pool:
+        lease = pool.checkout_nowait()
+        scope = anyio.CancelScope()
+
+        async def give_back() -> None:
+            with scope:
+                await pool.checkin(lease)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(give_back)
+            await settle()
+            scope.cancel()
+            await settle()
+            assert counts(pool) == (0, 1, 0, 0)  # still resetting, under the shield
+            factory.reset_gate.set()
+        assert counts(pool) == (1, 0, 0, 0)
+        assert lease.conn.resets == 1
+
+
+async def test_overflow_lease_given_back_with_nobody_waiting_is_closed() -> None:
+    """An overflow worker lent by checkout_nowait and given back unneeded is closed, as with checkout()."""
+    factory = Factory()
+    async with ConnectionPool(factory, size=1, max_overflow=1) as pool:
+        async with pool.checkout():
+            async with pool.checkout():
+                pass
+            assert counts(pool) == (0, 1, 0, 0)
+        lease = pool.checkout_nowait()
+        async with pool.checkout():  # creates the overflow worker
+            pass
+        await settle()
+        assert len(factory.made) == 3
+        pool.checkin_nowait(lease)
+        assert counts(pool) == (1, 0, 0, 0)
+
+
+async def test_lease_orphaned_by_close_is_accepted_back() -> None:
+    """A lease whose worker close() closed after the grace period is taken back without effect."""
+    factory = ResettingFactory()
+    pool = ConnectionPool(factory, size=1)
+    await pool.start()
+    lease = pool.checkout_nowait()
+    other = ConnectionPool(Factory(), size=1)
+    await other.start()
+    other_lease = other.checkout_nowait()
+    with anyio.fail_after(5):
+        await pool.close(grace=0.01)
+        await other.close(grace=0.01)
+    assert lease.conn.closed
+    await pool.checkin(lease)  # reset pools take the awaited path
+    other.checkin_nowait(other_lease)  # plain pools the synchronous one
+    assert counts(pool) == (0, 0, 0, 0)
+    assert counts(other) == (0, 0, 0, 0)
+
+
+async def test_nowait_checkout_telemetry() -> None:
+    """checkout_nowait/checkin_nowait emit checkout and checkin events like checkout() does."""
+    clock = FakeClock()
+    async with ConnectionPool(Factory(), size=1, name="db", clock=clock) as pool:
+        with capture_events() as events:
+            lease = pool.checkout_nowait()
+            clock.advance(0.5)
+            pool.checkin_nowait(lease, raised=True)
+            lease = pool.checkout_nowait()
+            await pool.checkin(lease)
+        lease = pool.checkout_nowait()  # lent unobserved ...
+        with capture_events() as late:
+            pool.checkin_nowait(lease)  # ... so its return has no "held" to report
+    assert [e.name for e in events] == ["checkout", "checkin", "checkout", "checkin"]
+    assert events[0].measurements == {"duration": 0.0, "wait": 0.0}
+    assert events[0].metadata == {"pool": "db"}
+    assert events[1].measurements == {"duration": 0.5, "held": 0.5}
+    assert events[1].metadata == {"pool": "db", "raised": True}
+    assert events[3].metadata == {"pool": "db", "raised": False}
+    assert late == []
+
+
+async def test_bulkhead_lease_given_back_twice_is_an_error() -> None:
+    """On a bulkhead (no factory hooks) a second checkin_nowait of one lease raises and changes no count."""
+    async with ConnectionPool(None, size=2) as pool:
+        lease = pool.checkout_nowait()
+        assert lease.conn is None
+        pool.checkin_nowait(lease)
+        with pytest.raises(RuntimeError, match="given back already"):
+            pool.checkin_nowait(lease)
+        assert counts(pool) == (2, 0, 0, 0)

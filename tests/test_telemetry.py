@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from seawall import telemetry
-from seawall._telemetry import LIMITER_REQUEST_ALLOWED, topic
+from seawall._telemetry import ANY_HANDLER, LIMITER_REQUEST_ALLOWED, topic
 from seawall.testing import capture_events
 
 EVENT = ("tests", "telemetry", "ping")
@@ -134,6 +134,24 @@ def test_topic_guard_is_false_without_handlers_and_true_with() -> None:
     assert event_topic.handlers
     telemetry.detach("g")
     assert not event_topic.handlers
+
+
+def test_any_handler_flag_follows_attach_and_detach() -> None:
+    """ANY_HANDLER.attached is True exactly while some handler is attached to some event."""
+    assert telemetry.list_handlers() == []
+    assert ANY_HANDLER.attached is False
+    telemetry.attach("a", EVENT, lambda e, m, md: None)
+    telemetry.attach("b", OTHER, lambda e, m, md: None)
+    assert ANY_HANDLER.attached is True
+    assert repr(ANY_HANDLER) == "AnyHandler(attached=True)"
+    telemetry.detach("a")
+    assert ANY_HANDLER.attached is True
+    assert telemetry.detach("missing") is False
+    telemetry.detach("b")
+    assert ANY_HANDLER.attached is False
+    with capture_events():
+        assert ANY_HANDLER.attached is True
+    assert ANY_HANDLER.attached is False
 
 
 def test_attach_from_many_threads_keeps_every_handler() -> None:

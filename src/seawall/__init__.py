@@ -3,7 +3,7 @@
 Public names only; each lives in a private module named after it.
 """
 
-from seawall._breaker import BreakerState, BreakerStatus, CircuitBreaker
+from seawall._breaker import BreakerPermit, BreakerState, BreakerStatus, CircuitBreaker
 from seawall._clock import Clock, FakeClock, MonotonicClock
 from seawall._config import BreakerConfig, PoolConfig, ProtectionConfig, RateLimitConfig
 from seawall._errors import (
@@ -21,12 +21,13 @@ from seawall._errors import (
 )
 from seawall._infrastructure import AsyncInfrastructure
 from seawall._limiter import RateLimiter, RateLimitStatus
-from seawall._pool import ConnectionPool, PoolStatus
+from seawall._pool import ConnectionPool, PoolLease, PoolStatus
 from seawall._version import __version__
 
 __all__ = [
     "AsyncInfrastructure",
     "BreakerConfig",
+    "BreakerPermit",
     "BreakerState",
     "BreakerStatus",
     "CircuitBreaker",
@@ -39,6 +40,7 @@ __all__ = [
     "MonotonicClock",
     "PoolClosed",
     "PoolConfig",
+    "PoolLease",
     "PoolNotFound",
     "PoolStatus",
     "PoolTimeout",

@@ -34,6 +34,7 @@ from types import TracebackType
 from typing import Any, ParamSpec, Protocol, TypeVar, runtime_checkable
 
 import anyio
+from anyio import WouldBlock
 
 from seawall._clock import Clock, default_clock
 from seawall._errors import CircuitOpenError, ConfigurationError
@@ -54,7 +55,7 @@ from seawall.backends._breaker_protocol import (
     Transition,
 )
 
-__all__ = ["BreakerLike", "BreakerState", "BreakerStatus", "CircuitBreaker"]
+__all__ = ["BreakerLike", "BreakerPermit", "BreakerState", "BreakerStatus", "CircuitBreaker"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -213,6 +214,30 @@ class _Inflight:
         self.outer = outer
 
 
+class BreakerPermit:
+    """An admitted call's pass from :meth:`CircuitBreaker.admit_nowait`, for :meth:`~CircuitBreaker.settle_nowait`.
+
+    Opaque and single use: it carries what the breaker must know when the
+    call ends (a half-open trial's slot, the start time for telemetry).
+    """
+
+    __slots__ = ("_settled", "_start", "_ticket")
+
+    def __init__(self, ticket: Ticket, start: float | None) -> None:
+        self._ticket = ticket
+        self._start = start
+        self._settled = False
+
+    @property
+    def trial(self) -> bool:
+        """Whether the call holds a half-open trial slot."""
+        return self._ticket.trial is not None
+
+    def __repr__(self) -> str:
+        state = "settled" if self._settled else "open"
+        return f"<BreakerPermit trial={self.trial} {state}>"
+
+
 class CircuitBreaker:
     """A circuit breaker guarding calls to one dependency.
 
@@ -236,13 +261,12 @@ class CircuitBreaker:
             positive, or a count is below 1.
 
     Use it as ``async with breaker:``, ``await breaker.call(fn, *args)``, or
-    as a decorator ``@breaker`` on an async function. The
+    as a decorator ``@breaker`` on an async function; code that cannot await
+    (or saves the frames) pairs :meth:`admit_nowait` with :meth:`settle_nowait`. The
     ``("seawall", "circuit_breaker", "fuse_installed")`` event is emitted once,
     when the breaker is constructed.
     """
 
-    # ``_record`` and ``_inflight`` are also read by the coordinator's inline
-    # fast path (``seawall._fastpath``): keep their meaning when changing them.
     __slots__ = (
         "__weakref__",
         "_backend",
@@ -399,6 +423,73 @@ class CircuitBreaker:
             self._last_state = state
         if transition is not None:
             self._changed(transition)
+
+    # -- the non-waiting form -------------------------------------------
+
+    def admit_nowait(self) -> BreakerPermit | None:
+        """Admit one call now, synchronously, or raise: what entering ``async with breaker`` decides.
+
+        Pair it with :meth:`settle_nowait` once the call has ended. It needs
+        the breaker's state in this process (the default in-memory backend);
+        with a shared backend (Redis) admission is a round trip, and it raises
+        :class:`anyio.WouldBlock` having done nothing: use ``async with
+        breaker`` or :meth:`call` then.
+
+        Returns:
+            ``None`` when the breaker is closed and nobody listens to
+            ``call_executed``: the call is admitted with nothing to remember,
+            and a success need not be settled at all (settling ``None`` with
+            no error is a no-op, so the hot path may skip it). Otherwise a
+            :class:`BreakerPermit` - a half-open trial, or a call being timed
+            for telemetry - that must be settled exactly once, whatever the
+            outcome, or a trial slot stays taken until ``recovery_time`` passes.
+
+        Raises:
+            CircuitOpenError: The breaker is open, or its trial slots are taken.
+            anyio.WouldBlock: The state lives in a shared backend; nothing was done.
+        """
+        record = self._record
+        if record is None:
+            raise WouldBlock
+        state = record.state
+        if state is _CLOSED and not BREAKER_CALL_EXECUTED.handlers:
+            return None
+        if state is _OPEN:
+            remaining = record.opened_at + self._recovery_time - self._now()
+            if remaining > 0:
+                if BREAKER_CALL_REJECTED.handlers:
+                    self._emit_rejected(_OPEN, remaining)
+                raise _open_error(self._name, remaining)
+        ticket = self._admit(record)
+        return BreakerPermit(ticket, self._now() if BREAKER_CALL_EXECUTED.handlers else None)
+
+    def settle_nowait(self, permit: BreakerPermit | None, exc: BaseException | None = None) -> None:
+        """Record how a call admitted by :meth:`admit_nowait` ended; what leaving ``async with breaker`` records.
+
+        Args:
+            permit: What :meth:`admit_nowait` returned for the call.
+            exc: The exception the call raised, or ``None`` for a success. An
+                ``Exception`` is a failure unless it is one of ``exclude``;
+                cancellation and other ``BaseException`` are neither.
+
+        Raises:
+            RuntimeError: ``permit`` was settled already.
+            anyio.WouldBlock: The state lives in a shared backend (no permit
+                can come from such a breaker).
+        """
+        if permit is None and exc is None:
+            return  # a closed call's success changes nothing
+        record = self._record
+        if record is None:
+            raise WouldBlock
+        if permit is None:
+            if isinstance(exc, Exception) and not isinstance(exc, self._exclude):
+                self._settle(record, None, "failure", None)
+            return
+        if permit._settled:
+            raise RuntimeError("this BreakerPermit was settled already")
+        permit._settled = True
+        self._settle(record, permit._ticket, self._outcome(exc), permit._start)
 
     # -- the guarded call ------------------------------------------------
 

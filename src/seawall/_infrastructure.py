@@ -31,21 +31,17 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
+from anyio import WouldBlock
 
-from seawall._breaker import BreakerLike, CircuitBreaker
+from seawall._breaker import BreakerLike, BreakerPermit, CircuitBreaker
 from seawall._clock import Clock, MonotonicClock, default_clock
 from seawall._config import DEFAULT_TIMEOUT, BreakerConfig, PoolConfig, ProtectionConfig, RateLimitConfig, load_toml
 from seawall._deadline import DeadlineTimer
 from seawall._errors import ConfigurationError, ProtectionKeyNotFound, ProtectionTimeout, SeawallError
-from seawall._fastpath import (
-    CLOSED,
-    breaker_fast_path,
-    limiter_fast_path,
-    pool_fast_path,
-)
+from seawall._fastpath import nowait_breaker, nowait_limiter
 from seawall._limiter import RateLimiter
 from seawall._logging import logger
-from seawall._pool import ConnectionPool
+from seawall._pool import ConnectionPool, PoolLease
 from seawall._registries import (
     CircuitBreakerRegistry,
     ConnectionManager,
@@ -54,16 +50,12 @@ from seawall._registries import (
     jsonable,
 )
 from seawall._telemetry import (
-    BREAKER_CALL_EXECUTED,
+    ANY_HANDLER,
     INFRA_EXECUTE_EXCEPTION,
     INFRA_EXECUTE_START,
     INFRA_EXECUTE_STOP,
     INFRA_PROTECTION_TRIGGERED,
-    LIMITER_REQUEST_ALLOWED,
-    POOL_CHECKIN,
-    POOL_CHECKOUT,
 )
-from seawall._telemetry import _events_by_id as _attached_handlers
 
 __all__ = ["AsyncInfrastructure"]
 
@@ -110,21 +102,17 @@ class _Plan:
 
     __slots__ = (
         "breaker",
-        "breaker_inflight",
         "bucket",
         "config",
         "drained",
-        "fast_pool",
         "inflight",
         "key",
         "limiter",
-        "limiter_now",
-        "limiter_waiting",
+        "nowait_breaker",
+        "nowait_limiter",
         "owner",
         "pool",
-        "record",
         "retired",
-        "take",
         "timeout",
     )
 
@@ -151,11 +139,10 @@ class _Plan:
         self.inflight = 0
         self.retired = False
         self.drained: anyio.Event | None = None
-        # The synchronous fast paths of the in-memory primitives (see _fastpath):
-        # None where a layer must go through its public async API every time.
-        self.take, self.limiter_now, self.limiter_waiting = limiter_fast_path(limiter)
-        self.record, self.breaker_inflight = breaker_fast_path(breaker)
-        self.fast_pool = pool_fast_path(pool)
+        # The layers whose non-waiting form decides every call (see _fastpath);
+        # None where a layer must be awaited every time.
+        self.nowait_limiter = nowait_limiter(limiter)
+        self.nowait_breaker = nowait_breaker(breaker)
 
 
 class AsyncInfrastructure:
@@ -389,10 +376,9 @@ class AsyncInfrastructure:
             or timeout is not None
         ):
             plan = self._call_plan(key, self._plans.get(key), rate_limiter, circuit_breaker, connection_pool, timeout)
-        # One dict read tells whether any telemetry handler is attached at all;
-        # only then are the seven topics of the hot path looked at one by one.
-        observed = bool(_attached_handlers)
-        if observed and (
+        # One attribute read tells whether any telemetry handler is attached at
+        # all; only then are the execute_* topics looked at one by one.
+        if ANY_HANDLER.attached and (
             INFRA_EXECUTE_START.handlers or INFRA_EXECUTE_STOP.handlers or INFRA_EXECUTE_EXCEPTION.handlers
         ):
             async with Protection(self, plan):
@@ -400,35 +386,31 @@ class AsyncInfrastructure:
         # The unobserved hot path, written out flat: every coroutine frame and
         # object saved here is a measurable share of the whole chain's cost.
         # ``Protection`` is the same logic spread over __aenter__/__aexit__.
-        # Each layer first tries its in-memory primitive's synchronous fast path
-        # (see _fastpath) and falls back to the public async API.
+        # Each layer uses its primitive's synchronous non-waiting form where it
+        # can decide (see _fastpath), else the waiting form.
         #
         # A replaced pool stays open for the calls that fetched the old plan:
         # a call holding a worker is waited for by the pool's own close(), and a
         # call that awaits anything before its checkout is counted in
-        # ``owner.inflight`` from just before that first await. On the fast
-        # path nothing is awaited before the worker is taken: nothing to count.
+        # ``owner.inflight`` from just before that first await. When every
+        # layer decides without awaiting, nothing is awaited before the worker
+        # is taken: nothing to count.
         pool = plan.pool
         counted = False
         try:
             limiter = plan.limiter
             if limiter is not None:
-                take = plan.take
-                if (
-                    take is None
-                    or plan.limiter_waiting
-                    or (observed and LIMITER_REQUEST_ALLOWED.handlers)
-                    or take(plan.bucket, 1, plan.limiter_now()) is None  # type: ignore[misc]
-                ):
-                    # Not decidable in-process, or denied: hit() decides (again) and raises.
-                    if pool is not None:
-                        counted = True
-                        plan.owner.inflight += 1
-                    try:
+                try:
+                    if plan.nowait_limiter is not None:
+                        limiter.acquire_nowait(plan.bucket)
+                    else:
+                        if pool is not None:
+                            counted = True
+                            plan.owner.inflight += 1
                         await limiter.hit(plan.bucket)
-                    except SeawallError as exc:
-                        self._triggered(plan.key, "rate_limiter", exc)
-                        raise
+                except SeawallError as exc:
+                    self._triggered(plan.key, "rate_limiter", exc)
+                    raise
             scope = (_CancelScopeClass or _cancel_scope_class())()
             group: dict[Any, float] | None = None
             with scope:
@@ -443,43 +425,43 @@ class AsyncInfrastructure:
                 try:
                     breaker = plan.breaker
                     if breaker is not None:
-                        record = plan.record
-                        if (
-                            record is None
-                            or record.state is not CLOSED
-                            or (observed and BREAKER_CALL_EXECUTED.handlers)
-                        ):
-                            if pool is not None and not counted:
-                                counted = True
-                                plan.owner.inflight += 1
-                            try:
+                        sync_breaker = plan.nowait_breaker
+                        permit = None
+                        try:
+                            if sync_breaker is not None:
+                                permit = sync_breaker.admit_nowait()
+                            else:
+                                if pool is not None and not counted:
+                                    counted = True
+                                    plan.owner.inflight += 1
                                 await breaker.__aenter__()
-                            except SeawallError as exc:
-                                self._triggered(plan.key, "circuit_breaker", exc)
-                                raise
+                        except SeawallError as exc:
+                            self._triggered(plan.key, "circuit_breaker", exc)
+                            raise
                     try:
                         if pool is None:
                             result = await fn()
                         else:
-                            fast_pool = plan.fast_pool
-                            if (
-                                fast_pool is not None
-                                and fast_pool._idle
-                                and not fast_pool._closed
-                                and not (observed and (POOL_CHECKOUT.handlers or POOL_CHECKIN.handlers))
-                            ):
-                                worker = fast_pool._idle.pop()
-                                fast_pool._busy.add(worker)
+                            try:
+                                lease = pool.checkout_nowait()
+                            except WouldBlock:
+                                lease = None
+                            except SeawallError as exc:
+                                self._triggered(plan.key, "connection_pool", exc)
+                                raise
+                            if lease is not None:
                                 try:
                                     result = await fn()
                                 except BaseException:
-                                    await fast_pool._check_in(worker, True)  # shielded inside
+                                    try:
+                                        pool.checkin_nowait(lease, raised=True)
+                                    except WouldBlock:
+                                        await pool.checkin(lease, raised=True)  # shielded inside
                                     raise
-                                if worker.orphaned:
-                                    await fast_pool._check_in(worker, False)
-                                else:
-                                    fast_pool._busy.discard(worker)
-                                    fast_pool._give_back(worker)
+                                try:
+                                    pool.checkin_nowait(lease)
+                                except WouldBlock:
+                                    await pool.checkin(lease)
                             else:
                                 if not counted:
                                     counted = True
@@ -502,12 +484,21 @@ class AsyncInfrastructure:
                         if scope.cancel_called and isinstance(exc, _cancelled_class()):
                             # Our deadline fired: the breaker must see a timeout, a failure.
                             timed_out = self._timed_out(plan)
-                            await breaker.__aexit__(ProtectionTimeout, timed_out, None)
+                            if sync_breaker is not None:
+                                sync_breaker.settle_nowait(permit, timed_out)
+                            else:
+                                await breaker.__aexit__(ProtectionTimeout, timed_out, None)
                             raise timed_out from None
-                        await breaker.__aexit__(type(exc), exc, exc.__traceback__)
+                        if sync_breaker is not None:
+                            sync_breaker.settle_nowait(permit, exc)
+                        else:
+                            await breaker.__aexit__(type(exc), exc, exc.__traceback__)
                         raise
-                    if breaker is not None and (plan.record is None or plan.breaker_inflight):
-                        await breaker.__aexit__(None, None, None)
+                    if breaker is not None:
+                        if sync_breaker is None:
+                            await breaker.__aexit__(None, None, None)
+                        elif permit is not None:  # a success without a permit changes nothing
+                            sync_breaker.settle_nowait(permit)
                     return result
                 finally:
                     if group is not None:
@@ -780,7 +771,17 @@ class Protection:
     layers take the same synchronous fast paths as ``execute_protected``.
     """
 
-    __slots__ = ("_breaker_in", "_checkout", "_group", "_infra", "_plan", "_scope", "_started", "_worker")
+    __slots__ = (
+        "_breaker_in",
+        "_checkout",
+        "_group",
+        "_infra",
+        "_lease",
+        "_permit",
+        "_plan",
+        "_scope",
+        "_started",
+    )
 
     def __init__(self, infra: AsyncInfrastructure, plan: _Plan) -> None:
         self._infra = infra
@@ -788,7 +789,8 @@ class Protection:
         self._scope: Any = None
         self._group: dict[Any, float] | None = None
         self._checkout: Any = None
-        self._worker: Any = None
+        self._lease: PoolLease[Any] | None = None
+        self._permit: BreakerPermit | None = None
         self._breaker_in = False
         self._started: float | None = None
 
@@ -797,8 +799,7 @@ class Protection:
             raise RuntimeError("a Protection can be entered only once; call infra.protect() again")
         plan = self._plan
         infra = self._infra
-        observed = bool(_attached_handlers)  # see execute_protected
-        if observed and (
+        if ANY_HANDLER.attached and (  # see execute_protected
             INFRA_EXECUTE_START.handlers or INFRA_EXECUTE_STOP.handlers or INFRA_EXECUTE_EXCEPTION.handlers
         ):
             self._started = infra._now()
@@ -808,20 +809,16 @@ class Protection:
                 )
         limiter = plan.limiter
         if limiter is not None:
-            take = plan.take
-            if (
-                take is None
-                or plan.limiter_waiting
-                or (observed and LIMITER_REQUEST_ALLOWED.handlers)
-                or take(plan.bucket, 1, plan.limiter_now()) is None  # type: ignore[misc]
-            ):
-                try:
+            try:
+                if plan.nowait_limiter is not None:
+                    limiter.acquire_nowait(plan.bucket)
+                else:
                     await limiter.hit(plan.bucket)
-                except BaseException as exc:
-                    if isinstance(exc, SeawallError):
-                        infra._triggered(plan.key, "rate_limiter", exc)
-                    self._finish(exc)
-                    raise
+            except BaseException as exc:
+                if isinstance(exc, SeawallError):
+                    infra._triggered(plan.key, "rate_limiter", exc)
+                self._finish(exc)
+                raise
         # From here on the call is in flight: a replaced pool waits for it.
         pool = plan.pool
         if pool is not None:
@@ -841,26 +838,27 @@ class Protection:
         try:
             breaker = plan.breaker
             if breaker is not None:
-                record = plan.record
-                if record is None or record.state is not CLOSED or (observed and BREAKER_CALL_EXECUTED.handlers):
-                    try:
+                try:
+                    sync_breaker = plan.nowait_breaker
+                    if sync_breaker is not None:
+                        self._permit = sync_breaker.admit_nowait()
+                    else:
                         await breaker.__aenter__()
-                    except SeawallError as exc:
-                        infra._triggered(plan.key, "circuit_breaker", exc)
-                        raise
+                except SeawallError as exc:
+                    infra._triggered(plan.key, "circuit_breaker", exc)
+                    raise
                 self._breaker_in = True
             if pool is None:
                 return None
-            fast_pool = plan.fast_pool
-            if (
-                fast_pool is not None
-                and fast_pool._idle
-                and not fast_pool._closed
-                and not (observed and (POOL_CHECKOUT.handlers or POOL_CHECKIN.handlers))
-            ):
-                worker = self._worker = fast_pool._idle.pop()
-                fast_pool._busy.add(worker)
-                return worker.conn
+            try:
+                lease = self._lease = pool.checkout_nowait()
+            except WouldBlock:
+                pass
+            except SeawallError as exc:
+                infra._triggered(plan.key, "connection_pool", exc)
+                raise
+            else:
+                return lease.conn
             checkout = pool.checkout()
             try:
                 conn = await checkout.__aenter__()
@@ -881,21 +879,20 @@ class Protection:
         original = raised = exc
         try:
             # 1. give the connection back (a failing check-in replaces the block's outcome)
-            worker = self._worker
+            lease = self._lease
             checkout = self._checkout
-            if worker is not None:
-                self._worker = None
-                fast_pool = plan.fast_pool
-                assert fast_pool is not None
-                if exc is None and not worker.orphaned:
-                    fast_pool._busy.discard(worker)
-                    fast_pool._give_back(worker)
-                else:
+            if lease is not None:
+                self._lease = None
+                pool = plan.pool
+                assert pool is not None
+                try:
                     try:
-                        await fast_pool._check_in(worker, exc is not None)
-                    except BaseException as checkin_exc:
-                        raised = exc = checkin_exc
-                        exc_type, tb = type(checkin_exc), checkin_exc.__traceback__
+                        pool.checkin_nowait(lease, raised=exc is not None)
+                    except WouldBlock:
+                        await pool.checkin(lease, raised=exc is not None)  # shielded inside
+                except BaseException as checkin_exc:
+                    raised = exc = checkin_exc
+                    exc_type, tb = type(checkin_exc), checkin_exc.__traceback__
             elif checkout is not None:
                 self._checkout = None
                 try:
@@ -912,12 +909,16 @@ class Protection:
                 self._breaker_in = False
                 breaker = plan.breaker
                 assert breaker is not None
-                if raised is not None or plan.record is None or plan.breaker_inflight:
-                    try:
+                sync_breaker = plan.nowait_breaker
+                permit, self._permit = self._permit, None
+                try:
+                    if sync_breaker is None:
                         await breaker.__aexit__(exc_type, raised, tb)
-                    except BaseException as breaker_exc:
-                        if breaker_exc is not raised:
-                            raised, exc_type, tb = breaker_exc, type(breaker_exc), breaker_exc.__traceback__
+                    elif raised is not None or permit is not None:  # a success without a permit changes nothing
+                        sync_breaker.settle_nowait(permit, raised)
+                except BaseException as breaker_exc:
+                    if breaker_exc is not raised:
+                        raised, exc_type, tb = breaker_exc, type(breaker_exc), breaker_exc.__traceback__
         finally:
             group = self._group
             if group is not None:

@@ -18,6 +18,10 @@ Two ways through a limiter:
   windows, remote backends) wait in a FIFO lock per key and retry after the
   ``retry_after`` the backend reports.
 
+Both have a synchronous non-waiting form for buckets in this process
+(:meth:`~RateLimiter.hit_nowait`, :meth:`~RateLimiter.acquire_nowait`), which
+raise :class:`anyio.WouldBlock` with a remote backend.
+
 The status returned by :meth:`~RateLimiter.hit` is a frozen dataclass whose
 fields are computed on first access: building eight fields of a frozen
 dataclass costs about as much as the whole decision, and most callers never
@@ -39,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn, cast
 
 import anyio
 from aiolimiter import AsyncLimiter
+from anyio import WouldBlock
 
 from seawall._clock import Clock, MonotonicClock, default_clock
 from seawall._errors import ConfigurationError, RateLimitExceeded
@@ -433,6 +438,92 @@ class RateLimiter:
         status = _new(RateLimitStatus)
         _set_source(status, (self._table, key, state, now))
         return status
+
+    def hit_nowait(self, key: str = "default", cost: float = 1) -> RateLimitStatus:
+        """:meth:`hit`, synchronously: admit one hit of ``cost`` on bucket ``key`` now, or raise.
+
+        The same decision as ``await limiter.hit(key, cost)`` - same bucket,
+        same status, same :class:`~seawall.RateLimitExceeded`, same telemetry
+        - for callers that cannot or would rather not await (a synchronous
+        callback, a hot path saving a coroutine frame). It can decide only
+        when the buckets are in this process (the in-memory backend); with a
+        remote backend (Redis) the decision is a round trip, and it raises
+        :class:`anyio.WouldBlock` having done nothing: ``await hit()`` then.
+        Tasks waiting in :meth:`acquire` on the key go first, exactly as for
+        :meth:`hit`: a hit that would pass them is denied, not queued.
+
+        Args:
+            key: The bucket.
+            cost: What the hit takes from the bucket (a finite positive number up to ``limit``).
+
+        Returns:
+            The bucket's status after the hit (its fields are computed when first read).
+
+        Raises:
+            anyio.WouldBlock: The backend is remote; nothing was taken or asked.
+            RateLimitExceeded: The hit does not fit now (nothing was taken).
+            TypeError: ``key`` is not a str or ``cost`` not a number.
+            ValueError: ``cost`` is not finite and positive, or above ``limit``.
+        """
+        # hit()'s in-process branch, repeated rather than shared: a helper
+        # call would cost hit() a frame on every decision. Tests hold the two
+        # to the same answers.
+        if type(key) is not str:
+            key = _bad_key(key)
+        if cost != 1:
+            cost = self._check_cost(cost)
+        take = self._take
+        if take is None:
+            raise WouldBlock
+        now = self._now()
+        if self._waiting and key in self._waiting:
+            self._deny_queued(key, cost, now)
+        state = take(key, cost, now)
+        if state is None:
+            self._deny(key, cost, cast("BucketTable", self._table).retry_after(key, cost, now))
+        if LIMITER_REQUEST_ALLOWED.handlers:
+            self._emit_allowed(key, cost)
+        status = _new(RateLimitStatus)
+        _set_source(status, (self._table, key, state, now))
+        return status
+
+    def acquire_nowait(self, key: str = "default", cost: float = 1) -> None:
+        """:meth:`acquire` without the waiting: take ``cost`` from bucket ``key`` now, or raise.
+
+        The pair of :meth:`acquire` as anyio's ``acquire_nowait`` is of
+        ``acquire``: where :meth:`acquire` would wait (the hit does not fit,
+        or tasks already wait on the key), this raises instead. It decides
+        exactly as :meth:`hit_nowait` and emits the same telemetry, but
+        returns nothing, which spares building a status: the form for hot
+        paths that only need "admitted or not". Like :meth:`hit_nowait` it
+        needs the buckets in this process.
+
+        Args:
+            key: The bucket.
+            cost: What the hit takes from the bucket (a finite positive number up to ``limit``).
+
+        Raises:
+            anyio.WouldBlock: The backend is remote; nothing was taken or asked.
+            RateLimitExceeded: The hit does not fit now (nothing was taken);
+                ``retry_after`` is when it would.
+            TypeError: ``key`` is not a str or ``cost`` not a number.
+            ValueError: ``cost`` is not finite and positive, or above ``limit``.
+        """
+        # hit_nowait() without the status (building it costs as much as the decision).
+        if type(key) is not str:
+            key = _bad_key(key)
+        if cost != 1:
+            cost = self._check_cost(cost)
+        take = self._take
+        if take is None:
+            raise WouldBlock
+        now = self._now()
+        if self._waiting and key in self._waiting:
+            self._deny_queued(key, cost, now)
+        if take(key, cost, now) is None:
+            self._deny(key, cost, cast("BucketTable", self._table).retry_after(key, cost, now))
+        if LIMITER_REQUEST_ALLOWED.handlers:
+            self._emit_allowed(key, cost)
 
     async def _hit_remote(self, key: str, cost: float) -> RateLimitStatus:
         queue = self._waiting.get(key)

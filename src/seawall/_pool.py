@@ -37,13 +37,14 @@ from types import TracebackType
 from typing import Any, Final, Generic, Protocol, TypeVar, cast, runtime_checkable
 
 import anyio
+from anyio import WouldBlock
 
 from seawall._clock import Clock, MonotonicClock, default_clock
 from seawall._errors import PoolClosed, PoolTimeout
 from seawall._logging import logger
-from seawall._telemetry import POOL_CHECKIN, POOL_CHECKOUT, POOL_TIMEOUT
+from seawall._telemetry import ANY_HANDLER, POOL_CHECKIN, POOL_CHECKOUT, POOL_TIMEOUT
 
-__all__ = ["ConnectionPool", "PoolCheckout", "PoolFactory", "PoolStatus"]
+__all__ = ["ConnectionPool", "PoolCheckout", "PoolFactory", "PoolLease", "PoolStatus"]
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
@@ -113,18 +114,33 @@ class PoolStatus:
         }
 
 
-class _Worker:
-    """One pooled worker and the times the pool tracks for it."""
+class PoolLease(Generic[T]):
+    """One pooled worker, as :meth:`ConnectionPool.checkout_nowait` lends it.
 
-    __slots__ = ("conn", "created", "idle_since", "orphaned")
+    Attributes:
+        conn: The worker (connection, client...; ``None`` in a bulkhead). Use
+            it until the lease is given back with
+            :meth:`~ConnectionPool.checkin_nowait` or
+            :meth:`~ConnectionPool.checkin`, and not after.
 
-    def __init__(self, conn: Any, created: float) -> None:
+    The pool keeps one lease per worker for the worker's whole life, so a
+    lease is a handle on the worker, not on one checkout: give it back once.
+    """
+
+    __slots__ = ("_created", "_idle_since", "_lent_at", "_orphaned", "conn")
+
+    def __init__(self, conn: T, created: float) -> None:
         self.conn = conn
-        self.created = created
-        self.idle_since = created
+        self._created = created
+        self._idle_since = created
         # Set when close() gave up waiting for the holder and closed the
         # worker under it: the holder's return then has nothing left to do.
-        self.orphaned = False
+        self._orphaned = False
+        # When an observed checkout_nowait() lent it (for the checkin event's "held").
+        self._lent_at: float | None = None
+
+    def __repr__(self) -> str:
+        return f"<PoolLease conn={self.conn!r}>"
 
 
 class _NullFactory:
@@ -240,6 +256,8 @@ class ConnectionPool(Generic[T]):
         "_deadlines",
         "_drained",
         "_factory",
+        "_fast_return",
+        "_fast_take",
         "_idle",
         "_is_closed",
         "_limit",
@@ -248,6 +266,7 @@ class ConnectionPool(Generic[T]):
         "_name",
         "_overflow",
         "_plain_return",
+        "_plain_take",
         "_real_clock",
         "_reaper",
         "_reset",
@@ -310,10 +329,12 @@ class ConnectionPool(Generic[T]):
         # A return with nothing to await (no reset, no age limit) is pure
         # bookkeeping; __aexit__ does it inline.
         self._plain_return = self._reset is None and self._max_lifetime is None
+        # An idle worker that needs no test (no is_closed, no age limit) is lent as it is.
+        self._plain_take = self._is_closed is None and self._max_lifetime is None
 
         self._limit = self._size + self._overflow
-        self._idle: list[_Worker] = []  # a stack: the top is the most recently returned
-        self._busy: set[_Worker] = set()
+        self._idle: list[PoolLease[Any]] = []  # a stack: the top is the most recently returned
+        self._busy: set[PoolLease[Any]] = set()
         self._waiters: deque[asyncio.Future[Any]] = deque()
         # Deadlines of the waiters that have one. One timer serves them all,
         # armed for the earliest: a loop timer per waiter would cost a heap
@@ -325,6 +346,10 @@ class ConnectionPool(Generic[T]):
         self._closing = 0  # of those, being closed right now
         self._started = False
         self._closed = False
+        # The non-waiting forms' common cases, one flag each (cleared by close()):
+        # lend the top idle worker untested; put a worker back untested, no reset, no idle clock.
+        self._fast_take = self._plain_take
+        self._fast_return = self._plain_take and self._reset is None and self._max_idle is None
         self._drained: asyncio.Future[None] | None = None
         self._close_done: asyncio.Event | None = None
         self._reaper: asyncio.Task[None] | None = None
@@ -384,6 +409,136 @@ class ConnectionPool(Generic[T]):
             return PoolCheckout(self, self._timeout)
         return PoolCheckout(self, _seconds("timeout", timeout, allow_none=False))
 
+    # -- the non-waiting form ------------------------------------------------
+
+    def checkout_nowait(self) -> PoolLease[T]:
+        """Borrow an idle worker now, synchronously, or raise :class:`anyio.WouldBlock`.
+
+        The non-waiting form of :meth:`checkout` (as anyio's ``acquire_nowait``
+        is of ``acquire``): it lends the most recently returned idle worker,
+        tested as :meth:`checkout` tests it (``is_closed``, ``max_lifetime``).
+        When no idle worker is ready - one would have to be created (I/O) or
+        waited for - it raises :class:`anyio.WouldBlock` and lends nothing:
+        ``async with pool.checkout()`` then. Dead or expired idle workers met
+        on the way are retired, as :meth:`checkout` retires them.
+
+        Give the lease back exactly once, with :meth:`checkin_nowait` or
+        ``await`` :meth:`checkin`, on every path (``try``/``finally``), or the
+        worker stays lent.
+
+        Returns:
+            The lease; ``lease.conn`` is the worker.
+
+        Raises:
+            anyio.WouldBlock: No idle worker is ready; nothing was lent.
+            PoolClosed: The pool is closed.
+        """
+        idle = self._idle
+        if idle and self._fast_take:
+            worker = idle.pop()
+            self._busy.add(worker)
+            if ANY_HANDLER.attached:
+                self._lent(worker)
+            return worker
+        if self._closed:
+            raise PoolClosed(name=self._name)
+        while idle:
+            worker = idle.pop()
+            if self._usable(worker):
+                self._busy.add(worker)
+                if ANY_HANDLER.attached:
+                    self._lent(worker)
+                return worker
+            self._retire(worker)
+        raise WouldBlock
+
+    def checkin_nowait(self, lease: PoolLease[T], *, raised: bool = False) -> None:
+        """Give back a worker lent by :meth:`checkout_nowait`, synchronously, or raise :class:`anyio.WouldBlock`.
+
+        It can when the return awaits nothing: the factory has no ``reset``,
+        and - after a block that raised - no ``check`` either. Then the worker
+        goes to the oldest waiter or back to the idle stack, or, found dead
+        (``is_closed``) or past ``max_lifetime``, or surplus overflow, is
+        closed in a background task (its slot frees when the close is done).
+        Otherwise it raises :class:`anyio.WouldBlock` with the worker still
+        lent: ``await pool.checkin(lease, raised=raised)`` then. A lease whose
+        worker :meth:`close` already closed under its holder (after the
+        grace period) is accepted and nothing is done.
+
+        Args:
+            lease: What :meth:`checkout_nowait` returned.
+            raised: Whether the block that used the worker raised (the
+                factory's ``check`` then decides whether the worker lives).
+
+        Raises:
+            anyio.WouldBlock: The return must await ``reset``/``check``; the worker is still lent.
+            RuntimeError: ``lease`` is not lent out by this pool (given back already?).
+        """
+        if self._fast_return and not raised and lease._lent_at is None:
+            # The common case, with _give_back()'s own common case inline: a
+            # frame is a third of the cost of this call.
+            try:
+                self._busy.remove(lease)
+            except KeyError:
+                raise RuntimeError(f"{lease!r} is not checked out of this pool (given back already?)") from None
+            if not self._waiters and self._total - self._closing <= self._size:
+                self._idle.append(lease)
+            else:
+                self._give_back(lease)
+            return
+        if self._reset is not None or (raised and self._check is not None):
+            raise WouldBlock
+        try:
+            self._busy.remove(lease)
+        except KeyError:
+            if lease._orphaned:
+                return  # close() closed it after the grace period
+            raise RuntimeError(f"{lease!r} is not checked out of this pool (given back already?)") from None
+        if lease._lent_at is not None:
+            self._returned(lease, raised)
+        if self._plain_take or self._usable(lease):
+            self._give_back(lease)
+        else:
+            self._spawn_dispose(lease)
+
+    async def checkin(self, lease: PoolLease[T], *, raised: bool = False) -> None:
+        """Give back a worker lent by :meth:`checkout_nowait`, awaiting what the return needs.
+
+        Runs what leaving ``async with pool.checkout()`` runs: the factory's
+        ``check`` after a block that raised, its ``reset``, or the close of a
+        dead worker. Shielded from cancellation, so a cancelled caller loses
+        nothing.
+
+        Args:
+            lease: What :meth:`checkout_nowait` returned.
+            raised: Whether the block that used the worker raised.
+
+        Raises:
+            RuntimeError: ``lease`` is not lent out by this pool (given back already?).
+        """
+        if lease not in self._busy:
+            if lease._orphaned:
+                return
+            raise RuntimeError(f"{lease!r} is not checked out of this pool (given back already?)")
+        if lease._lent_at is not None:
+            self._returned(lease, raised)
+        await self._check_in(lease, raised)
+
+    def _lent(self, worker: PoolLease[Any]) -> None:
+        """Telemetry of a ``checkout_nowait`` while some handler is attached (it never waits)."""
+        if POOL_CHECKOUT.handlers or POOL_CHECKIN.handlers:
+            worker._lent_at = self._clock.now()
+            if POOL_CHECKOUT.handlers:
+                POOL_CHECKOUT.emit({"duration": 0.0, "wait": 0.0}, {"pool": self._name})
+
+    def _returned(self, worker: PoolLease[Any], raised: bool) -> None:
+        """Telemetry of the return of a worker an observed ``checkout_nowait`` lent."""
+        lent_at = cast(float, worker._lent_at)
+        worker._lent_at = None
+        if POOL_CHECKIN.handlers:
+            held = self._clock.now() - lent_at
+            POOL_CHECKIN.emit({"duration": held, "held": held}, {"pool": self._name, "raised": raised})
+
     async def start(self) -> None:
         """Create the ``size`` workers (concurrently); idempotent.
 
@@ -397,7 +552,7 @@ class ConnectionPool(Generic[T]):
         if self._started:
             return
         errors: list[Exception] = []
-        created: list[_Worker] = []
+        created: list[PoolLease[Any]] = []
 
         async def make_one() -> None:
             # The slot is reserved here, not by the spawner, so a child that is
@@ -452,6 +607,7 @@ class ConnectionPool(Generic[T]):
             return
         self._close_done = asyncio.Event()
         self._closed = True
+        self._fast_take = self._fast_return = False
         try:
             if self._reaper is not None:
                 self._reaper.cancel()
@@ -476,7 +632,7 @@ class ConnectionPool(Generic[T]):
                     logger.warning("pool_close_grace_expired", pool=self._name, in_use=len(self._busy))
                     with anyio.CancelScope(shield=True):
                         for worker in list(self._busy):
-                            worker.orphaned = True
+                            worker._orphaned = True
                             self._busy.discard(worker)
                             await self._dispose(worker)
             if self._tasks:
@@ -504,13 +660,13 @@ class ConnectionPool(Generic[T]):
 
     # -- internals -------------------------------------------------------------
 
-    def _usable(self, worker: _Worker) -> bool:
+    def _usable(self, worker: PoolLease[Any]) -> bool:
         """Whether an idle or returned worker may be handed out (no I/O)."""
         if self._is_closed is not None and self._is_closed(worker.conn):
             return False
-        return self._max_lifetime is None or self._clock.now() - worker.created < self._max_lifetime
+        return self._max_lifetime is None or self._clock.now() - worker._created < self._max_lifetime
 
-    async def _acquire(self, max_wait: float | None) -> _Worker:
+    async def _acquire(self, max_wait: float | None) -> PoolLease[Any]:
         """The slow path of checkout: retire dead idle workers, create, or wait."""
         if self._closed:
             raise PoolClosed(name=self._name)
@@ -527,7 +683,7 @@ class ConnectionPool(Generic[T]):
         got = await self._wait(max_wait)
         if got is _SLOT:
             return await self._create_reserved()
-        return cast(_Worker, got)
+        return cast("PoolLease[Any]", got)
 
     async def _wait(self, max_wait: float | None) -> object:
         """Queue up (FIFO) for a worker or a free slot."""
@@ -613,7 +769,7 @@ class ConnectionPool(Generic[T]):
         if fut.cancelled():
             return
         got = fut.result()
-        if isinstance(got, _Worker):
+        if isinstance(got, PoolLease):
             # Handed a worker just as it was cancelled: it goes to the next
             # waiter or back to the stack, untouched (it was reset already).
             self._busy.discard(got)
@@ -622,7 +778,7 @@ class ConnectionPool(Generic[T]):
             self._total -= 1
             self._slot_freed()
 
-    async def _create_reserved(self) -> _Worker:
+    async def _create_reserved(self) -> PoolLease[Any]:
         """Create a worker in a slot already counted in ``_total``."""
         try:
             conn = await self._factory.create()
@@ -630,14 +786,14 @@ class ConnectionPool(Generic[T]):
             self._total -= 1
             self._slot_freed()
             raise
-        worker = _Worker(conn, self._clock.now())
+        worker = PoolLease(conn, self._clock.now())
         if self._closed:
             self._spawn_dispose(worker)
             raise PoolClosed(name=self._name)
         self._busy.add(worker)
         return worker
 
-    def _give_back(self, worker: _Worker) -> None:
+    def _give_back(self, worker: PoolLease[Any]) -> None:
         """Hand a healthy, not-lent worker to the oldest waiter, the stack, or close it."""
         waiters = self._waiters
         while waiters:
@@ -650,7 +806,7 @@ class ConnectionPool(Generic[T]):
             self._spawn_dispose(worker)
             return
         if self._max_idle is not None:
-            worker.idle_since = self._clock.now()
+            worker._idle_since = self._clock.now()
             if self._reaper is None and self._total - self._closing > self._size:
                 self._reaper = asyncio.get_running_loop().create_task(self._reap(self._max_idle))
         self._idle.append(worker)
@@ -667,11 +823,11 @@ class ConnectionPool(Generic[T]):
         if self._drained is not None and not self._busy and not self._drained.done():
             self._drained.set_result(None)
 
-    def _retire(self, worker: _Worker) -> None:
+    def _retire(self, worker: PoolLease[Any]) -> None:
         """Close a dead or expired worker in the background; its slot frees when done."""
         self._spawn_dispose(worker)
 
-    def _spawn_dispose(self, worker: _Worker) -> None:
+    def _spawn_dispose(self, worker: PoolLease[Any]) -> None:
         # Counted as closing from now, so status() never shows it as in use.
         self._closing += 1
         self._spawn(self._closed_counted(worker))
@@ -681,12 +837,12 @@ class ConnectionPool(Generic[T]):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _dispose(self, worker: _Worker) -> None:
+    async def _dispose(self, worker: PoolLease[Any]) -> None:
         """Close a worker that is in neither the stack nor the lent set; free its slot."""
         self._closing += 1
         await self._closed_counted(worker)
 
-    async def _closed_counted(self, worker: _Worker) -> None:
+    async def _closed_counted(self, worker: PoolLease[Any]) -> None:
         # The slot stays counted in ``_total`` until the close is done, so the
         # server never sees more than size + max_overflow connections.
         try:
@@ -709,10 +865,10 @@ class ConnectionPool(Generic[T]):
         except Exception as exc:
             logger.warning("pool_worker_close_failed", pool=self._name, error=repr(exc))
 
-    async def _check_in(self, worker: _Worker, raised: bool) -> None:
+    async def _check_in(self, worker: PoolLease[Any], raised: bool) -> None:
         """The return path that awaits (reset, check, close); shielded from cancellation."""
         with anyio.CancelScope(shield=True):
-            if worker.orphaned:
+            if worker._orphaned:
                 return  # close() closed it after the grace period
             try:
                 dead = not self._usable(worker)
@@ -746,11 +902,11 @@ class ConnectionPool(Generic[T]):
         while True:
             now = clock.now()
             # The stack is ordered by idle_since, oldest at the bottom.
-            while idle and self._total - self._closing > self._size and idle[0].idle_since + max_idle <= now:
+            while idle and self._total - self._closing > self._size and idle[0]._idle_since + max_idle <= now:
                 self._spawn_dispose(idle.pop(0))
             wake = max_idle
             if idle and self._total - self._closing > self._size:
-                wake = idle[0].idle_since + max_idle - now
+                wake = idle[0]._idle_since + max_idle - now
             await clock.sleep(wake)
 
 
@@ -762,7 +918,7 @@ class PoolCheckout(Generic[T_co]):
     def __init__(self, pool: ConnectionPool[Any], timeout: float | None) -> None:
         self._pool = pool
         self._timeout = timeout
-        self._worker: _Worker | None = None
+        self._worker: PoolLease[Any] | None = None
         self._started: float | None = None
 
     async def __aenter__(self) -> T_co:
@@ -806,7 +962,7 @@ class PoolCheckout(Generic[T_co]):
         if (
             exc_type is None
             and pool._plain_return
-            and not worker.orphaned
+            and not worker._orphaned
             and (pool._is_closed is None or not pool._is_closed(worker.conn))
         ):
             pool._busy.discard(worker)

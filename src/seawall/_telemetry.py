@@ -11,6 +11,8 @@ and safe:
 * Primitives guard emission with ``if TOPIC.handlers:`` *before* they build
   the measurement dicts, so an event nobody listens to costs one attribute
   read (see ``benchmarks/bench_telemetry.py``).
+* A hot path guarding several topics first reads ``ANY_HANDLER.attached``
+  (``False`` while no handler is attached to anything), one attribute read.
 * Emission iterates a snapshot, so a handler may attach or detach others (or
   itself) while an event is being delivered.
 
@@ -29,6 +31,8 @@ from seawall._logging import logger
 
 __all__ = [
     "ALL_EVENTS",
+    "ANY_HANDLER",
+    "AnyHandler",
     "Event",
     "Handler",
     "HandlerInfo",
@@ -77,6 +81,26 @@ class Topic:
         return f"Topic({self.event!r}, handlers={[handler_id for handler_id, _ in self.handlers]!r})"
 
 
+class AnyHandler:
+    """Whether any handler is attached to any event: ``if ANY_HANDLER.attached:``.
+
+    For hot paths that guard several topics: one attribute read tells whether
+    looking at each topic's ``handlers`` is worth it at all. Kept up to date
+    by :func:`attach` and :func:`detach` (under their lock).
+    """
+
+    __slots__ = ("attached",)
+
+    def __init__(self) -> None:
+        self.attached = False
+
+    def __repr__(self) -> str:
+        return f"AnyHandler(attached={self.attached})"
+
+
+#: The one :class:`AnyHandler`; read it, never assign to it.
+ANY_HANDLER: Final = AnyHandler()
+
 _lock = threading.Lock()  # attach/detach may come from any thread; emission takes no lock
 _topics: dict[Event, Topic] = {}
 _events_by_id: dict[str, tuple[Event, ...]] = {}
@@ -121,6 +145,7 @@ def attach(handler_id: str, events: Event | Iterable[Event], handler: Handler) -
         if handler_id in _events_by_id:
             raise ValueError(f"a telemetry handler with id {handler_id!r} is attached already")
         _events_by_id[handler_id] = checked
+        ANY_HANDLER.attached = True
         for event in checked:
             event_topic = _topics.setdefault(event, Topic(event))
             event_topic.handlers = (*event_topic.handlers, (handler_id, handler))
@@ -132,6 +157,7 @@ def detach(handler_id: str) -> bool:
         events = _events_by_id.pop(handler_id, None)
         if events is None:
             return False
+        ANY_HANDLER.attached = bool(_events_by_id)
         for event in events:
             event_topic = _topics[event]
             event_topic.handlers = tuple(pair for pair in event_topic.handlers if pair[0] != handler_id)

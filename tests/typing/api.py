@@ -37,6 +37,8 @@ async def limiter_is_typed() -> None:
     assert_type(limiter.window, float)
     async with limiter("user:1", wait=False):
         pass
+    assert_type(limiter.hit_nowait("user:1", cost=2), seawall.RateLimitStatus)
+    assert_type(limiter.acquire_nowait("user:1"), None)
 
 
 async def breaker_is_typed() -> None:
@@ -50,6 +52,12 @@ async def breaker_is_typed() -> None:
     assert_type(await guarded(2), str)
     assert_type(breaker.state, seawall.BreakerState)
     assert_type(await breaker.status(), seawall.BreakerStatus)
+    permit = breaker.admit_nowait()
+    assert_type(permit, seawall.BreakerPermit | None)
+    if permit is not None:
+        assert_type(permit.trial, bool)
+    breaker.settle_nowait(permit)
+    breaker.settle_nowait(permit, ValueError("failed"))
 
 
 async def pool_is_typed() -> None:
@@ -62,6 +70,11 @@ async def pool_is_typed() -> None:
 
     async with seawall.ConnectionPool(Factory(), size=2) as pool, pool.checkout() as conn:
         assert_type(conn, list[int])
+        lease = pool.checkout_nowait()
+        assert_type(lease, seawall.PoolLease[list[int]])
+        assert_type(lease.conn, list[int])
+        pool.checkin_nowait(lease, raised=False)
+        await pool.checkin(lease, raised=True)
     assert_type(pool.status(), seawall.PoolStatus)
 
 
