@@ -452,7 +452,7 @@ class ConnectionPool(Generic[T]):
             self._retire(worker)
         raise WouldBlock
 
-    def checkin_nowait(self, lease: PoolLease[T], *, raised: bool = False) -> None:
+    def checkin_nowait(self, lease: PoolLease[T], raised: bool = False) -> None:
         """Give back a worker lent by :meth:`checkout_nowait`, synchronously, or raise :class:`anyio.WouldBlock`.
 
         It can when the return awaits nothing: the factory has no ``reset``,
@@ -474,6 +474,8 @@ class ConnectionPool(Generic[T]):
             anyio.WouldBlock: The return must await ``reset``/``check``; the worker is still lent.
             RuntimeError: ``lease`` is not lent out by this pool (given back already?).
         """
+        # (``raised`` is not keyword-only: CPython 3.11 does not specialize
+        # calls of functions with keyword-only parameters.)
         if self._fast_return and not raised and lease._lent_at is None:
             # The common case, with _give_back()'s own common case inline: a
             # frame is a third of the cost of this call.
@@ -501,7 +503,7 @@ class ConnectionPool(Generic[T]):
         else:
             self._spawn_dispose(lease)
 
-    async def checkin(self, lease: PoolLease[T], *, raised: bool = False) -> None:
+    async def checkin(self, lease: PoolLease[T], raised: bool = False) -> None:
         """Give back a worker lent by :meth:`checkout_nowait`, awaiting what the return needs.
 
         Runs what leaving ``async with pool.checkout()`` runs: the factory's
@@ -931,7 +933,7 @@ class PoolCheckout(Generic[T_co]):
         # Fast path: an idle worker, taken with bookkeeping only.
         if idle and not pool._closed:
             worker = idle.pop()
-            if pool._usable(worker):
+            if pool._fast_take or pool._usable(worker):
                 pool._busy.add(worker)
             else:
                 pool._retire(worker)
@@ -958,7 +960,15 @@ class PoolCheckout(Generic[T_co]):
         if POOL_CHECKIN.handlers and self._started is not None:
             held = pool._clock.now() - self._started
             POOL_CHECKIN.emit({"duration": held, "held": held}, {"pool": pool._name, "raised": exc_type is not None})
-        # Fast path: nothing to await, so nothing can be cancelled halfway.
+        # Fast paths: nothing to await, so nothing can be cancelled halfway.
+        if exc_type is None and pool._fast_return:
+            # No reset, no tests, no idle clock, open (so not orphaned): checkin_nowait()'s common case.
+            pool._busy.discard(worker)
+            if not pool._waiters and pool._total - pool._closing <= pool._size:
+                pool._idle.append(worker)
+            else:
+                pool._give_back(worker)
+            return
         if (
             exc_type is None
             and pool._plain_return
