@@ -20,6 +20,7 @@ ALL_ERRORS: list[tuple[type[seawall.SeawallError], str, tuple[type[BaseException
     (seawall.ProtectionTimeout, "timeout", (TimeoutError,)),
     (seawall.ProtectionKeyNotFound, "protection_key_not_found", (LookupError,)),
     (seawall.ConfigurationError, "invalid_config", (ValueError,)),
+    (seawall.ConfigurationTypeError, "invalid_config", (ValueError, TypeError)),
 ]
 
 

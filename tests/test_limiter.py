@@ -128,6 +128,22 @@ async def test_bad_call_arguments(algorithm: str) -> None:
     assert limiter.resident_buckets == 0
 
 
+@pytest.mark.parametrize("algorithm", ["gcra", "fixed_window"])
+async def test_bad_types_are_value_errors_too(algorithm: str) -> None:
+    """As the contract promises, `except ValueError` catches wrong types too; a bool is no cost."""
+    limiter = RateLimiter(5, 1.0, algorithm=algorithm, clock=FakeClock())  # type: ignore[arg-type]
+    for call in (limiter.hit, limiter.acquire):
+        with pytest.raises(ValueError, match="key must be a str"):
+            await call(123)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="cost"):
+            await call("k", True)
+        with pytest.raises(ConfigurationError, match="cost"):
+            await call("k", "2")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="limit"):
+        RateLimiter("5", 1.0)  # type: ignore[arg-type]
+    assert limiter.resident_buckets == 0
+
+
 async def test_str_subclass_keys_are_accepted() -> None:
     """A key of a str subclass is a key."""
 

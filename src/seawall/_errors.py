@@ -14,6 +14,7 @@ raised by the code it protects pass through unchanged, never wrapped::
     ├── ProtectionTimeout ......... timeout                   (also TimeoutError)
     ├── ProtectionKeyNotFound ..... protection_key_not_found  (also LookupError)
     └── ConfigurationError ........ invalid_config            (also ValueError)
+        └── ConfigurationTypeError  invalid_config            (also TypeError)
 
 Each error carries a stable machine-readable ``error_type``, a human
 ``message`` and ``retry_after`` (seconds, or ``None`` when unknown), plus the
@@ -32,6 +33,7 @@ __all__ = [
     "CircuitBreakerNotFound",
     "CircuitOpenError",
     "ConfigurationError",
+    "ConfigurationTypeError",
     "PoolClosed",
     "PoolNotFound",
     "PoolTimeout",
@@ -275,3 +277,12 @@ class ConfigurationError(SeawallError, ValueError):
 
     def _default_message(self) -> str:
         return f"invalid configuration at {self.path!r}"
+
+
+class ConfigurationTypeError(ConfigurationError, TypeError):
+    """A value of the wrong type: a ``ConfigurationError`` that is also a ``TypeError``.
+
+    The contract promises ``ValueError`` for bad input, and Python users also
+    expect ``TypeError`` for a value of the wrong type; this error is both, so
+    either ``except`` clause catches it.
+    """

@@ -46,7 +46,7 @@ from aiolimiter import AsyncLimiter
 from anyio import WouldBlock
 
 from seawall._clock import Clock, MonotonicClock, default_clock
-from seawall._errors import ConfigurationError, RateLimitExceeded
+from seawall._errors import ConfigurationError, ConfigurationTypeError, RateLimitExceeded
 from seawall._logging import logger
 from seawall._telemetry import LIMITER_REQUEST_ALLOWED, LIMITER_REQUEST_DENIED
 from seawall.backends._limiter_memory import GcraTable, MemoryRateLimitBackend
@@ -132,12 +132,17 @@ _STATUS_FIELDS: Final = tuple(field.name for field in fields(RateLimitStatus))
 _SETTERS: Final = tuple(getattr(RateLimitStatus, name).__set__ for name in _STATUS_FIELDS)
 
 
+#: The default cost. Hot paths skip validation for exactly this object (small
+#: ints are cached), so ``cost=True`` or ``cost=1.0`` still gets checked.
+_ONE: Final = 1
+
+
 def _number(name: str, value: object) -> float:
     """Return ``value`` if it is a finite positive number, else raise naming ``name``."""
     if isinstance(value, timedelta) and name == "window":
         value = value.total_seconds()
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a finite positive number, got {value!r}")
+        raise ConfigurationTypeError(f"{name} must be a finite positive number, got {value!r}", path=name)
     if not (math.isfinite(value) and value > 0):
         raise ConfigurationError(f"{name} must be a finite positive number, got {value!r}", path=name)
     return value
@@ -146,7 +151,7 @@ def _number(name: str, value: object) -> float:
 def _bad_key(key: object) -> str:
     if isinstance(key, str):
         return key
-    raise TypeError(f"key must be a str, got {key!r}")
+    raise ConfigurationTypeError(f"key must be a str, got {key!r}", path="key")
 
 
 class _ClockTimer:
@@ -422,7 +427,7 @@ class RateLimiter:
         """
         if type(key) is not str:
             key = _bad_key(key)
-        if cost != 1:
+        if cost is not _ONE:  # not `!= 1`: True == 1, and a bool is no cost
             cost = self._check_cost(cost)
         take = self._take
         if take is None:
@@ -470,7 +475,7 @@ class RateLimiter:
         # to the same answers.
         if type(key) is not str:
             key = _bad_key(key)
-        if cost != 1:
+        if cost is not _ONE:  # not `!= 1`: True == 1, and a bool is no cost
             cost = self._check_cost(cost)
         take = self._take
         if take is None:
@@ -512,7 +517,7 @@ class RateLimiter:
         # hit_nowait() without the status (building it costs as much as the decision).
         if type(key) is not str:
             key = _bad_key(key)
-        if cost != 1:
+        if cost is not _ONE:  # not `!= 1`: True == 1, and a bool is no cost
             cost = self._check_cost(cost)
         take = self._take
         if take is None:
@@ -575,7 +580,7 @@ class RateLimiter:
         """
         if type(key) is not str:
             key = _bad_key(key)
-        if cost != 1:
+        if cost is not _ONE:  # not `!= 1`: True == 1, and a bool is no cost
             cost = self._check_cost(cost)
         waiting = self._waiting.get(key)
         if waiting is None:
