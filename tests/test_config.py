@@ -106,7 +106,7 @@ def test_unknown_option_without_close_match_lists_valid_names() -> None:
             "at least",
         ),
         ({"circuit_breaker": {"recovery_time": 0}}, "external_api.circuit_breaker.recovery_time", "above 0"),
-        ({"circuit_breaker": {"exclude": [42]}}, "external_api.circuit_breaker.exclude[0]", "exception class"),
+        ({"circuit_breaker": {"exclude": [42]}}, "external_api.circuit_breaker.exclude[0]", "Exception subclass"),
         ({"circuit_breaker": {"exclude": 42}}, "external_api.circuit_breaker.exclude", "list of exception"),
         ({"connection_pool": {"size": 0}}, "external_api.connection_pool.size", "at least 1"),
         ({"connection_pool": {"max_overflow": -1}}, "external_api.connection_pool.max_overflow", "at least 0"),

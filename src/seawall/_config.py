@@ -78,16 +78,18 @@ def _count(value: object, path: str, *, minimum: int) -> int:
     return value
 
 
-def _exception_types(value: object, path: str) -> tuple[type[BaseException], ...]:
+def _exception_types(value: object, path: str) -> tuple[type[Exception], ...]:
     """A tuple of exception classes; import strings are resolved."""
     items = [value] if isinstance(value, str | type) else value
     if not isinstance(items, list | tuple):
         raise _fail(path, f"expected a list of exception classes, got {_describe(value)}")
-    resolved: list[type[BaseException]] = []
+    resolved: list[type[Exception]] = []
     for index, item in enumerate(items):
         entry = _import_string(item, f"{path}[{index}]") if isinstance(item, str) else item
-        if not (isinstance(entry, type) and issubclass(entry, BaseException)):
-            raise _fail(f"{path}[{index}]", f"expected an exception class, got {_describe(entry)}")
+        # Exception, not BaseException: cancellation and exits are never failures,
+        # so excluding them means nothing and CircuitBreaker refuses them too.
+        if not (isinstance(entry, type) and issubclass(entry, Exception)):
+            raise _fail(f"{path}[{index}]", f"expected an Exception subclass, got {_describe(entry)}")
         resolved.append(entry)
     return tuple(resolved)
 

@@ -37,7 +37,13 @@ from seawall._breaker import BreakerLike, BreakerPermit, CircuitBreaker
 from seawall._clock import Clock, MonotonicClock, default_clock
 from seawall._config import DEFAULT_TIMEOUT, BreakerConfig, PoolConfig, ProtectionConfig, RateLimitConfig, load_toml
 from seawall._deadline import DeadlineTimer
-from seawall._errors import ConfigurationError, ProtectionKeyNotFound, ProtectionTimeout, SeawallError
+from seawall._errors import (
+    ConfigurationError,
+    ConfigurationTypeError,
+    ProtectionKeyNotFound,
+    ProtectionTimeout,
+    SeawallError,
+)
 from seawall._fastpath import nowait_breaker, nowait_limiter
 from seawall._limiter import RateLimiter
 from seawall._logging import logger
@@ -551,6 +557,9 @@ class AsyncInfrastructure:
         timeout: float | timedelta | None,
     ) -> _Plan:
         """A one-call plan: the key's layers with the call's options applied."""
+        if base is None and not isinstance(key, str):
+            # Configured keys are str; an unknown non-str key must not run as a key of its own.
+            raise ConfigurationTypeError(f"a protection key must be a str, got {key!r}", path="key")
         if (
             base is None
             and rate_limiter is None

@@ -40,7 +40,7 @@ import anyio
 from anyio import WouldBlock
 
 from seawall._clock import Clock, MonotonicClock, default_clock
-from seawall._errors import PoolClosed, PoolTimeout
+from seawall._errors import ConfigurationTypeError, PoolClosed, PoolTimeout
 from seawall._logging import logger
 from seawall._telemetry import ANY_HANDLER, POOL_CHECKIN, POOL_CHECKOUT, POOL_TIMEOUT
 
@@ -169,7 +169,16 @@ class _CallableFactory:
         self._create = create
 
     async def create(self) -> Any:
-        return await self._create()
+        made = self._create()
+        if not inspect.isawaitable(made):
+            # A plain function is accepted (``lambda: asyncpg.connect(dsn)``
+            # returns an awaitable), so a sync one is only caught here.
+            raise ConfigurationTypeError(
+                f"the pool's factory {self._create!r} returned {made!r}, not an awaitable: a callable "
+                "factory must be async (or return an awaitable), e.g. `async def connect(): ...`",
+                path="factory",
+            )
+        return await made
 
     async def close(self, worker: Any) -> None:
         closer = getattr(worker, "aclose", None) or getattr(worker, "close", None)

@@ -21,6 +21,7 @@ from seawall._errors import (
     CircuitBreakerNotFound,
     CircuitOpenError,
     ConfigurationError,
+    ConfigurationTypeError,
     PoolNotFound,
     ProtectionKeyNotFound,
 )
@@ -58,12 +59,15 @@ class RateLimiterRegistry:
     ``window``); the bucket of an entity is ``"<operation>:<entity_id>"``.
     """
 
-    __slots__ = ("_by_operation", "_infra", "_rules")
+    __slots__ = ("_by_operation", "_configured", "_infra", "_rules")
 
     def __init__(self, infra: AsyncInfrastructure) -> None:
         self._infra = infra
         self._rules: dict[tuple[float, float, str], RateLimiter] = {}
         self._by_operation: dict[str, RateLimiter] = {}
+        # Operations whose limiter a protection key's configuration bound:
+        # ``check_rate`` must never swap their rule behind the key's back.
+        self._configured: set[str] = set()
 
     def limiter(self, config: RateLimitConfig) -> RateLimiter:
         """The (shared) limiter enforcing ``config``'s rule, created on first use."""
@@ -77,8 +81,10 @@ class RateLimiterRegistry:
         """Make ``limiter`` the one counting ``operation``'s buckets (``None`` forgets it)."""
         if limiter is None:
             self._by_operation.pop(operation, None)
+            self._configured.discard(operation)
         else:
             self._by_operation[operation] = limiter
+            self._configured.add(operation)
 
     def for_operation(self, operation: str) -> RateLimiter | None:
         """The limiter counting ``operation``'s buckets, if there is one."""
@@ -100,8 +106,13 @@ class RateLimiterRegistry:
 
         Raises:
             RateLimitExceeded: The bucket is full; nothing was counted.
-            ConfigurationError: ``limit`` or ``window`` is invalid.
+            ConfigurationError: ``limit`` or ``window`` is invalid, ``entity_id``
+                or ``operation`` is not a str, or ``operation`` is a configured
+                protection key whose rule differs from ``limit`` per ``window``.
         """
+        for name, value in (("entity_id", entity_id), ("operation", operation)):
+            if not isinstance(value, str):
+                raise ConfigurationTypeError(f"{name} must be a str, got {value!r}", path=name)
         limiter = self._limiter_for(operation, limit, window)
         try:
             return await limiter.hit(bucket_key(operation, entity_id))
@@ -138,6 +149,13 @@ class RateLimiterRegistry:
         current = self._by_operation.get(operation)
         if current is not None and current.limit == limit and current.window == window:
             return current  # the common case: the same rule as last time, no validation
+        if current is not None and operation in self._configured:
+            raise ConfigurationError(
+                f"operation {operation!r} is a configured protection key limited to {current.limit} per "
+                f"{current.window}s; check_rate() with {limit} per {window}s would change the rule its calls "
+                "run under (reconfigure the key, or use another operation name)",
+                path=f"{operation}.rate_limiter",
+            )
         limiter = self.limiter(RateLimitConfig.from_mapping({"limit": limit, "window": window}, operation))
         self._by_operation[operation] = limiter
         return limiter
