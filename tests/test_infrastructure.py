@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from seawall import (
@@ -22,7 +24,7 @@ from seawall import (
     ProtectionTimeout,
     RateLimitExceeded,
 )
-from seawall._deadline import GRANULARITY
+from seawall._deadline import GRANULARITY, TICK
 from seawall.backends import MemoryBreakerBackend, MemoryRateLimitBackend
 from seawall.testing import FakeClock, capture_events
 
@@ -239,6 +241,118 @@ async def test_timeout_fires_within_granularity_on_the_real_clock() -> None:
     assert min(lateness) >= -1e-3  # the loop clock's resolution
     # The best of five: one slow run on a loaded machine is not the timer's lateness.
     assert min(lateness) <= GRANULARITY
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Let other tasks run until ``condition`` holds (a ticking timer is never "all blocked" for long)."""
+    with anyio.fail_after(5):
+        while not condition():
+            await anyio.lowlevel.checkpoint()
+
+
+async def test_ticking_timer_registers_calls_in_slots_and_fires_them_on_time() -> None:
+    """While the timer ticks, calls register in their key's slot (no clock read) and still time out on time."""
+    lateness: list[float] = []
+    async with AsyncInfrastructure() as infra:
+        await infra.configure_protection("k", {"timeout": 0.03})
+        timer = infra._timer
+        assert not timer.ticking
+
+        async def call() -> None:
+            start = anyio.current_time()
+            with pytest.raises(ProtectionTimeout):
+                await infra.execute_protected("k", anyio.sleep_forever)
+            lateness.append(anyio.current_time() - start - 0.03)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)  # registers exactly, starts the ticks
+            await _until(lambda: timer.pending == 1)
+            assert timer.ticking
+            for _ in range(4):
+                tg.start_soon(call)
+            await _until(lambda: timer.pending == 5)
+            slot = timer.slots[0.03]
+            assert len(slot.open) + sum(len(bucket) for _, bucket in slot.closed) == 4
+            assert timer.pending == 5
+        assert timer.pending == 0
+        assert timer.expired == 5
+    assert len(lateness) == 5
+    assert min(lateness) >= -1e-3  # never early (the loop clock's resolution)
+    # A slot call fires at most one tick after its deadline plus loop latency.
+    assert sorted(lateness)[len(lateness) // 2] <= 2 * GRANULARITY
+
+
+async def test_timer_stops_ticking_when_idle_and_restarts() -> None:
+    """A tick with nothing to close stops the ticks; the next call registers exactly and starts them again."""
+    async with AsyncInfrastructure() as infra:
+        timer = infra._timer
+        assert await infra.execute_protected("k", ok) == "ok"
+        assert timer.ticking
+        with anyio.fail_after(5):
+            while timer.ticking:  # noqa: ASYNC110 - the timer's flag has no event
+                await anyio.sleep(TICK)
+        assert timer.pending == 0
+        async with infra.protect("k"):
+            assert timer.ticking
+            assert timer.pending == 1
+        assert timer.pending == 0
+
+
+async def test_fake_clock_never_ticks() -> None:
+    """On a fake clock every call registers its exact deadline (tests advance time in jumps)."""
+    clock = FakeClock()
+    async with AsyncInfrastructure(clock=clock) as infra:
+        for _ in range(3):
+            assert await infra.execute_protected("k", ok) == "ok"
+        assert not infra._timer.ticking
+        assert not infra._timer.slots[5.0].open
+
+
+async def test_slot_calls_outliving_the_infrastructure_get_their_deadline() -> None:
+    """Calls registered in a slot when the infrastructure exits get a deadline no earlier than theirs."""
+    outcome: list[float] = []
+    async with anyio.create_task_group() as tg:
+        async with AsyncInfrastructure() as infra:
+
+            async def call() -> None:
+                start = anyio.current_time()
+                try:
+                    await infra.execute_protected("k", anyio.sleep_forever)
+                except ProtectionTimeout:
+                    outcome.append(anyio.current_time() - start)
+
+            await infra.configure_protection("k", {"timeout": 0.05})
+            await infra.execute_protected("k", ok)  # starts the ticks
+            tg.start_soon(call)
+            tg.start_soon(call)
+            await _until(lambda: infra._timer.pending == 2)
+            await anyio.sleep(2 * TICK)  # closed by a tick
+            tg.start_soon(call)
+            await _until(lambda: infra._timer.pending == 3)
+        assert infra._timer.pending == 0  # handed over, not forgotten
+    assert len(outcome) == 3
+    assert min(outcome) >= 0.05 - 1e-3
+
+
+async def test_protect_unwinds_when_settling_a_success_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the breaker fails to record a block's success, the error surfaces and nothing stays taken."""
+    from seawall import CircuitBreaker
+    from seawall._telemetry import BREAKER_CALL_EXECUTED
+
+    def refuse(self: CircuitBreaker, permit: object, exc: BaseException | None = None) -> None:
+        raise RuntimeError("settle failed")
+
+    async with AsyncInfrastructure() as infra:
+        await infra.configure_protection("k", {"circuit_breaker": {}, "connection_pool": {"size": 1}})
+        pool = infra.connection_manager.get("k")
+        with capture_events([BREAKER_CALL_EXECUTED.event]):  # the breaker now hands out permits
+            monkeypatch.setattr(CircuitBreaker, "settle_nowait", refuse)
+            with pytest.raises(RuntimeError, match="settle failed"):
+                async with infra.protect("k"):
+                    pass
+        assert infra._timer.pending == 0
+        assert pool.status().in_use == 0
+        assert infra._plans["k"].inflight == 0
 
 
 async def test_outside_async_with_calls_use_their_own_deadline() -> None:

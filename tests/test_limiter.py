@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import gc
 import logging
 import math
@@ -910,4 +911,49 @@ async def test_acquire_nowait_errors_and_remote_backends() -> None:
     assert backend.calls == []
     with capture_events() as events:
         limiter.acquire_nowait("fresh")
+    assert [event.name for event in events] == ["request_allowed"]
+
+
+async def test_bucket_handle_decides_as_acquire_nowait() -> None:
+    """A bucket handle's acquire_nowait() admits and denies exactly as acquire_nowait(key, cost), on both algorithms."""
+    for algorithm in ("gcra", "fixed_window"):
+        clock = FakeClock()
+        plain = RateLimiter(3, 1.0, algorithm=algorithm, clock=clock)
+        handled = RateLimiter(3, 1.0, algorithm=algorithm, clock=clock)
+        one, two = handled.bucket("k"), handled.bucket("k", 2)
+        assert (one.key, one.cost, two.cost, one.limiter) == ("k", 1, 2, handled)
+        rng = random.Random(7)
+        for _ in range(100):
+            cost = rng.choice([1, 2])
+            handle = one if cost == 1 else two
+            assert denial(functools.partial(plain.acquire_nowait, "k", cost)) == denial(handle.acquire_nowait)
+            clock.advance(rng.choice([0.0, 0.2, 0.5]))
+        assert await plain.status("k") == await handled.status("k")
+        assert "RateLimitBucket(key='k', cost=1" in repr(one)
+
+
+async def test_bucket_handle_errors_waiters_remote_and_telemetry() -> None:
+    """bucket() checks its arguments once; the handle denies behind waiters, would block remotely, and emits."""
+    clock = FakeClock()
+    limiter = RateLimiter(1, 1.0, clock=clock)
+    with pytest.raises(TypeError, match="key must be a str"):
+        limiter.bucket(None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="above the limit"):
+        limiter.bucket("k", 2)
+    half = limiter.bucket("k", 0.5)
+    assert half.acquire_nowait() is None  # type: ignore[func-returns-value]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(limiter.acquire, "k", 1)
+        await anyio.wait_all_tasks_blocked()
+        with pytest.raises(RateLimitExceeded) as info:
+            half.acquire_nowait()
+        assert info.value.retry_after == pytest.approx(1.0)
+        clock.advance(0.5)
+    backend = RemoteBackend(clock)
+    remote = RateLimiter(1, 1.0, backend=backend, clock=clock).bucket("k")
+    with pytest.raises(anyio.WouldBlock):
+        remote.acquire_nowait()
+    assert backend.calls == []
+    with capture_events() as events:
+        limiter.bucket("fresh").acquire_nowait()
     assert [event.name for event in events] == ["request_allowed"]

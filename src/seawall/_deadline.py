@@ -19,16 +19,28 @@ Kafka, shaped for Python:
   expires no earlier than that wake-up, so registering a call never has to
   wake the timer; only a *new, smaller* timeout value does.
 
+Even that registration reads the clock and adds the timeout on every call.
+On the real clock, while calls keep arriving, the timer *ticks* (every
+:data:`TICK` seconds) and calls register without any clock read: each
+distinct timeout value has a :class:`Slot` whose ``open`` dict collects the
+calls started since the last tick. At each tick the timer closes the open
+dict with the deadline ``tick time + timeout``: every call in it started no
+later than that tick, so none fires early, and each fires at most one tick
+late. When a tick finds nothing to close the timer stops ticking; the next
+call then registers exactly (as above) and starts it again. Fake clocks
+always register exactly (tests advance them in jumps).
+
 Granularity: a timeout fires no earlier than its deadline and, as long as
-the event loop is not blocked, within one loop iteration after the timer
-task's sleep ends (asyncio's timer resolution, about 1 ms; stated as at most
-10 ms late in the docs and tests). A loop blocked by synchronous code delays
-this timer exactly as it delays ``asyncio.timeout``.
+the event loop is not blocked, at most one tick (5 ms) plus one loop
+iteration after it (stated as at most 10 ms late in the docs and tests). A
+loop blocked by synchronous code delays this timer exactly as it delays
+``asyncio.timeout``.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from typing import Any
 
 import anyio
@@ -36,10 +48,31 @@ import anyio.abc
 
 from seawall._clock import Clock, MonotonicClock
 
-__all__ = ["GRANULARITY", "DeadlineTimer"]
+__all__ = ["GRANULARITY", "TICK", "DeadlineTimer", "Slot"]
 
 #: The documented upper bound on how late a timeout fires on a responsive loop.
 GRANULARITY = 0.010
+
+#: Seconds between the ticks that close the slots' open dicts (half the granularity).
+TICK = GRANULARITY / 2
+
+
+class Slot:
+    """The calls of one timeout value registered without a clock read.
+
+    A call stores its scope in ``open`` (``slot.open[scope] = None``) and
+    deletes it from that same dict when it finishes; the timer replaces
+    ``open`` at each tick and keeps the closed dicts, each with its
+    deadline, in ``closed`` (oldest first).
+    """
+
+    __slots__ = ("closed", "open", "timeout")
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.open: dict[Any, None] = {}
+        self.closed: deque[tuple[float, dict[Any, None]]] = deque()
+
 
 #: Beyond this many distinct timeout values, empty groups are dropped when the timer runs.
 _MAX_IDLE_GROUPS = 64
@@ -61,7 +94,18 @@ class DeadlineTimer:
         group.pop(scope, None)   # the timer removes expired scopes itself
     """
 
-    __slots__ = ("_clock", "_min_timeout", "_sleep_scope", "expired", "groups", "running")
+    __slots__ = (
+        "_clock",
+        "_keep_ticking",
+        "_min_timeout",
+        "_real_clock",
+        "_sleep_scope",
+        "expired",
+        "groups",
+        "running",
+        "slots",
+        "ticking",
+    )
 
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
@@ -73,6 +117,30 @@ class DeadlineTimer:
         self.running = False
         #: How many scopes this timer has cancelled.
         self.expired = 0
+        #: timeout value -> its Slot (registration without a clock read, real clock only).
+        self.slots: dict[float, Slot] = {}
+        #: Whether the timer is ticking: only then may a call register in a Slot.
+        self.ticking = False
+        self._keep_ticking = False
+        self._real_clock = isinstance(clock, MonotonicClock)
+
+    def slot(self, timeout: float) -> Slot:
+        """The :class:`Slot` of ``timeout`` (kept for the timer's lifetime: hold it per configured key)."""
+        found = self.slots.get(timeout)
+        if found is None:
+            found = self.slots[timeout] = Slot(timeout)
+        return found
+
+    def start_ticking(self) -> None:
+        """Tick from now on (a call just registered exactly): later calls can use the slots.
+
+        Only while running, and only on the real clock. The timer keeps
+        ticking for at least one tick, then for as long as ticks find calls.
+        """
+        if self.running and self._real_clock and not self.ticking:
+            self.ticking = True
+            self._keep_ticking = True
+            self._poke()
 
     def group(self, timeout: float) -> dict[Any, float]:
         """Return the group for ``timeout``, creating it (and waking the timer) if new."""
@@ -88,7 +156,10 @@ class DeadlineTimer:
     @property
     def pending(self) -> int:
         """How many registered calls have not finished or expired yet."""
-        return sum(len(group) for group in self.groups.values())
+        exact = sum(len(group) for group in self.groups.values())
+        return exact + sum(
+            len(slot.open) + sum(len(bucket) for _, bucket in slot.closed) for slot in self.slots.values()
+        )
 
     def _poke(self) -> None:
         if self._sleep_scope is not None:
@@ -113,6 +184,37 @@ class DeadlineTimer:
             for timeout in [t for t, group in self.groups.items() if not group]:
                 del self.groups[timeout]
             self._min_timeout = min(self.groups, default=math.inf)
+        if self.slots:
+            wake = self._expire_slots(now, wake)
+        return wake
+
+    def _expire_slots(self, now: float, wake: float) -> float:
+        """Close the slots' open dicts (deadline ``now + timeout``) and cancel the expired ones."""
+        ticking = self._keep_ticking
+        self._keep_ticking = False
+        for slot in self.slots.values():
+            if slot.open:
+                # Every call in it started no later than now: never early.
+                slot.closed.append((now + slot.timeout, slot.open))
+                slot.open = {}
+                ticking = True
+            closed = slot.closed
+            while closed:
+                deadline, bucket = closed[0]
+                if not bucket:
+                    closed.popleft()  # all its calls finished
+                    continue
+                if deadline > now:
+                    wake = min(wake, deadline)
+                    break
+                closed.popleft()
+                for scope in list(bucket):
+                    scope.cancel()
+                self.expired += len(bucket)
+                bucket.clear()  # the calls' own deletes become no-ops
+        self.ticking = ticking and self.running
+        if self.ticking:
+            wake = min(wake, now + TICK)
         return wake
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -126,10 +228,12 @@ class DeadlineTimer:
                     if math.isinf(wake):
                         await anyio.sleep_forever()
                     else:
-                        await self._clock.sleep(wake - self._clock.now())
+                        # (expire() read the clock a moment ago: the wake-up may be due already)
+                        await self._clock.sleep(max(wake - self._clock.now(), 0.0))
                 self._sleep_scope = None
         finally:
             self.running = False
+            self.ticking = False
             self._sleep_scope = None
             self._hand_over()
 
@@ -140,12 +244,23 @@ class DeadlineTimer:
         must still time out. On the monotonic clock, deadlines are in the event
         loop's time already, so each scope simply gets its deadline back.
         """
-        real_clock = isinstance(self._clock, MonotonicClock)
+        real_clock = self._real_clock
         for group in self.groups.values():
             for scope, deadline in group.items():
                 if real_clock:
                     scope.deadline = deadline
             group.clear()
+        if self.slots:
+            # Only the real clock fills slots. An open dict's calls started by now.
+            now = self._clock.now()
+            for slot in self.slots.values():
+                for scope in slot.open:
+                    scope.deadline = now + slot.timeout
+                slot.open = {}
+                for deadline, bucket in slot.closed:
+                    for scope in bucket:
+                        scope.deadline = deadline
+                slot.closed.clear()
 
     def __repr__(self) -> str:
         return f"DeadlineTimer(running={self.running}, pending={self.pending}, expired={self.expired})"

@@ -58,7 +58,7 @@ from seawall.backends._limiter_protocol import (
     RateLimitRule,
 )
 
-__all__ = ["RateLimitStatus", "RateLimiter"]
+__all__ = ["RateLimitBucket", "RateLimitStatus", "RateLimiter"]
 
 _ALGORITHMS: Final = ("gcra", "fixed_window")
 
@@ -530,6 +530,25 @@ class RateLimiter:
         if LIMITER_REQUEST_ALLOWED.handlers:
             self._emit_allowed(key, cost)
 
+    def bucket(self, key: str = "default", cost: float = 1) -> RateLimitBucket:
+        """A handle on bucket ``key`` whose :meth:`~RateLimitBucket.acquire_nowait` takes ``cost``.
+
+        ``key`` and ``cost`` are checked here, once, so the handle's
+        :meth:`~RateLimitBucket.acquire_nowait` skips the argument checks of
+        :meth:`acquire_nowait` on every call: the form for a hot path that
+        always hits the same bucket (the coordinator keeps one per protection
+        key). It decides exactly as ``limiter.acquire_nowait(key, cost)``.
+
+        Raises:
+            TypeError: ``key`` is not a str or ``cost`` not a number.
+            ValueError: ``cost`` is not finite and positive, or above ``limit``.
+        """
+        if type(key) is not str:
+            key = _bad_key(key)
+        if cost != 1:
+            cost = self._check_cost(cost)
+        return RateLimitBucket(self, key, cost)
+
     async def _hit_remote(self, key: str, cost: float) -> RateLimitStatus:
         queue = self._waiting.get(key)
         if queue is not None:
@@ -700,3 +719,43 @@ class RateLimiter:
             f"RateLimiter(limit={self.limit!r}, window={self.window!r}, algorithm={self.algorithm!r}, "
             f"name={self.name!r}{resident}, waiting_keys={len(self._waiting)})"
         )
+
+
+class RateLimitBucket:
+    """One bucket of a :class:`RateLimiter`, its key and cost checked once; from :meth:`RateLimiter.bucket`.
+
+    Attributes:
+        limiter: The limiter the bucket belongs to.
+        key: The bucket's key.
+        cost: What each :meth:`acquire_nowait` takes.
+    """
+
+    __slots__ = ("cost", "key", "limiter")
+
+    def __init__(self, limiter: RateLimiter, key: str, cost: float) -> None:
+        self.limiter: Final = limiter
+        self.key: Final = key
+        self.cost: Final = cost
+
+    def acquire_nowait(self) -> None:
+        """``limiter.acquire_nowait(key, cost)`` without checking the arguments again.
+
+        Raises:
+            anyio.WouldBlock: The backend is remote; nothing was taken or asked.
+            RateLimitExceeded: The hit does not fit now (nothing was taken).
+        """
+        limiter = self.limiter
+        take = limiter._take
+        if take is None:
+            raise WouldBlock
+        key = self.key
+        now = limiter._now()
+        if limiter._waiting and key in limiter._waiting:
+            limiter._deny_queued(key, self.cost, now)
+        if take(key, self.cost, now) is None:
+            limiter._deny(key, self.cost, cast("BucketTable", limiter._table).retry_after(key, self.cost, now))
+        if LIMITER_REQUEST_ALLOWED.handlers:
+            limiter._emit_allowed(key, self.cost)
+
+    def __repr__(self) -> str:
+        return f"RateLimitBucket(key={self.key!r}, cost={self.cost!r}, limiter={self.limiter!r})"

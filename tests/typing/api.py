@@ -39,6 +39,9 @@ async def limiter_is_typed() -> None:
         pass
     assert_type(limiter.hit_nowait("user:1", cost=2), seawall.RateLimitStatus)
     assert_type(limiter.acquire_nowait("user:1"), None)
+    bucket = limiter.bucket("user:1", cost=2)
+    assert_type(bucket.key, str)
+    assert_type(bucket.acquire_nowait(), None)
 
 
 async def breaker_is_typed() -> None:
