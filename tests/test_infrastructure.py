@@ -26,7 +26,7 @@ from seawall import (
 )
 from seawall._deadline import GRANULARITY, TICK
 from seawall.backends import MemoryBreakerBackend, MemoryRateLimitBackend
-from seawall.testing import FakeClock, capture_events
+from seawall.testing import FakeClock, advance, capture_events
 
 pytestmark = pytest.mark.anyio
 
@@ -296,6 +296,28 @@ async def test_timer_stops_ticking_when_idle_and_restarts() -> None:
             assert timer.ticking
             assert timer.pending == 1
         assert timer.pending == 0
+
+
+async def test_idle_timer_sleeps_until_a_call_registers() -> None:
+    """With nothing registered the timer sleeps without a deadline; the next call wakes it and still times out."""
+    clock = FakeClock()
+    async with AsyncInfrastructure(clock=clock) as infra:
+        await anyio.wait_all_tasks_blocked()
+        assert infra._timer.idle
+        outcome: list[str] = []
+
+        async def call() -> None:
+            with pytest.raises(ProtectionTimeout):
+                await infra.execute_protected("k", anyio.sleep_forever, timeout=1.0)
+            outcome.append("timeout")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            await advance(clock, 1.0)
+        assert outcome == ["timeout"]
+        await anyio.wait_all_tasks_blocked()
+        assert infra._timer.idle
+        assert infra._timer.expired == 1
 
 
 async def test_fake_clock_never_ticks() -> None:

@@ -17,7 +17,9 @@ Kafka, shaped for Python:
 * The task wakes at the earliest front deadline, but never later than
   ``now + smallest timeout``. Any call registered while it sleeps therefore
   expires no earlier than that wake-up, so registering a call never has to
-  wake the timer; only a *new, smaller* timeout value does.
+  wake the timer; only a *new, smaller* timeout value does. With nothing
+  registered at all the task sleeps until a registration wakes it (one
+  flag test per registration), so an idle infrastructure costs nothing.
 
 Even that registration reads the clock and adds the timeout on every call.
 On the real clock, while calls keep arriving, the timer *ticks* (every
@@ -63,14 +65,16 @@ class Slot:
     A call stores its scope in ``open`` (``slot.open[scope] = None``) and
     deletes it from that same dict when it finishes; the timer replaces
     ``open`` at each tick and keeps the closed dicts, each with its
-    deadline, in ``closed`` (oldest first).
+    deadline, in ``closed`` (oldest first). ``open`` is ``None`` while the
+    timer does not tick, so a call needs one test to know which way to
+    register.
     """
 
     __slots__ = ("closed", "open", "timeout")
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
-        self.open: dict[Any, None] = {}
+        self.open: dict[Any, None] | None = None
         self.closed: deque[tuple[float, dict[Any, None]]] = deque()
 
 
@@ -102,6 +106,7 @@ class DeadlineTimer:
         "_sleep_scope",
         "expired",
         "groups",
+        "idle",
         "running",
         "slots",
         "ticking",
@@ -122,6 +127,8 @@ class DeadlineTimer:
         #: Whether the timer is ticking: only then may a call register in a Slot.
         self.ticking = False
         self._keep_ticking = False
+        #: Whether the timer sleeps with no deadline at all (nothing registered).
+        self.idle = False
         self._real_clock = isinstance(clock, MonotonicClock)
 
     def slot(self, timeout: float) -> Slot:
@@ -129,6 +136,8 @@ class DeadlineTimer:
         found = self.slots.get(timeout)
         if found is None:
             found = self.slots[timeout] = Slot(timeout)
+            if self.ticking:
+                found.open = {}
         return found
 
     def start_ticking(self) -> None:
@@ -140,6 +149,8 @@ class DeadlineTimer:
         if self.running and self._real_clock and not self.ticking:
             self.ticking = True
             self._keep_ticking = True
+            for slot in self.slots.values():
+                slot.open = {}
             self._poke()
 
     def group(self, timeout: float) -> dict[Any, float]:
@@ -158,7 +169,7 @@ class DeadlineTimer:
         """How many registered calls have not finished or expired yet."""
         exact = sum(len(group) for group in self.groups.values())
         return exact + sum(
-            len(slot.open) + sum(len(bucket) for _, bucket in slot.closed) for slot in self.slots.values()
+            len(slot.open or ()) + sum(len(bucket) for _, bucket in slot.closed) for slot in self.slots.values()
         )
 
     def _poke(self) -> None:
@@ -168,13 +179,15 @@ class DeadlineTimer:
     def expire(self) -> float:
         """Cancel every scope whose deadline has passed; return the next wake-up time."""
         now = self._clock.now()
-        wake = now + self._min_timeout
+        wake = math.inf
+        waiting = False  # whether a registered call is still running
         for group in self.groups.values():
             while group:
                 scope = next(iter(group))
                 deadline = group[scope]
                 if deadline > now:
                     wake = min(wake, deadline)
+                    waiting = True
                     break
                 del group[scope]
                 scope.cancel()
@@ -184,9 +197,20 @@ class DeadlineTimer:
             for timeout in [t for t, group in self.groups.items() if not group]:
                 del self.groups[timeout]
             self._min_timeout = min(self.groups, default=math.inf)
+        if waiting:
+            # A call may register meanwhile without waking the timer (see the module doc).
+            wake = min(wake, now + self._min_timeout)
         if self.slots:
             wake = self._expire_slots(now, wake)
+        # Nothing to wait for: sleep until the next exact registration wakes it.
+        self.idle = math.isinf(wake)
         return wake
+
+    def wake_if_idle(self) -> None:
+        """A call just registered exactly: wake the timer if it sleeps with nothing to wait for."""
+        if self.idle:
+            self.idle = False
+            self._poke()
 
     def _expire_slots(self, now: float, wake: float) -> float:
         """Close the slots' open dicts (deadline ``now + timeout``) and cancel the expired ones."""
@@ -215,6 +239,9 @@ class DeadlineTimer:
         self.ticking = ticking and self.running
         if self.ticking:
             wake = min(wake, now + TICK)
+        else:
+            for slot in self.slots.values():
+                slot.open = None  # (all empty: a call registered since would have kept the ticks)
         return wake
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -254,9 +281,9 @@ class DeadlineTimer:
             # Only the real clock fills slots. An open dict's calls started by now.
             now = self._clock.now()
             for slot in self.slots.values():
-                for scope in slot.open:
+                for scope in slot.open or ():
                     scope.deadline = now + slot.timeout
-                slot.open = {}
+                slot.open = None
                 for deadline, bucket in slot.closed:
                     for scope in bucket:
                         scope.deadline = deadline

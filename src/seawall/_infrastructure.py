@@ -34,7 +34,7 @@ import anyio
 import anyio.abc
 from anyio import WouldBlock
 
-from seawall._breaker import BreakerLike, BreakerPermit, CircuitBreaker
+from seawall._breaker import BreakerLike, CircuitBreaker
 from seawall._clock import Clock, MonotonicClock, default_clock
 from seawall._config import DEFAULT_TIMEOUT, BreakerConfig, PoolConfig, ProtectionConfig, RateLimitConfig, load_toml
 from seawall._deadline import DeadlineTimer, Slot
@@ -124,6 +124,10 @@ async def _ready(value: T) -> T:
     return value
 
 
+#: The slot of one-call plans: never filled by a timer, so its ``open`` stays None.
+_NO_SLOT = Slot(DEFAULT_TIMEOUT)
+
+
 class _Plan:
     """The compiled layers of one key (or of one call's options)."""
 
@@ -170,8 +174,8 @@ class _Plan:
         self.retired = False
         self.drained: anyio.Event | None = None
         # The timer's slot for this plan's timeout: set for the kept plans (a
-        # configured or unconfigured key), None for a one-call plan.
-        self.slot: Slot | None = None
+        # configured or unconfigured key); a one-call plan's never ticks.
+        self.slot: Slot = _NO_SLOT
         # The layers whose non-waiting form decides every call (see _fastpath);
         # None where a layer must be awaited every time.
         self.nowait_limiter = nowait_limiter(limiter)
@@ -459,9 +463,8 @@ class AsyncInfrastructure:
             with scope:
                 # While the timer ticks, a key's calls register in its slot with
                 # no clock read (see _deadline); else exactly, or on anyio's clock.
-                slot = plan.slot
-                if slot is not None and self._timer.ticking:
-                    group = slot.open
+                group = plan.slot.open
+                if group is not None:
                     group[scope] = None
                 else:
                     group = self._register(plan, scope)
@@ -545,7 +548,10 @@ class AsyncInfrastructure:
                     return result
                 finally:
                     if group is not None:
-                        group.pop(scope, None)
+                        try:
+                            del group[scope]
+                        except KeyError:
+                            pass  # the timer expired it (and cancelled the scope)
             # Only reached when the scope swallowed its own cancellation.
             raise self._timed_out(plan)
         finally:
@@ -568,8 +574,9 @@ class AsyncInfrastructure:
         if group is None:  # (an empty group is falsy: test for None)
             group = timer.group(timeout)
         group[scope] = self._now() + timeout
-        if plan.slot is not None:
+        if plan.slot is not _NO_SLOT:
             timer.start_ticking()
+        timer.wake_if_idle()
         return group
 
     def _timed_out(self, plan: _Plan) -> ProtectionTimeout:
@@ -606,9 +613,8 @@ class AsyncInfrastructure:
         protection = _new_protection(Protection)
         protection._infra = self
         protection._plan = plan
-        protection._scope = protection._group = protection._checkout = None
-        protection._lease = protection._permit = protection._started = None
-        protection._breaker_in = protection._counted = False
+        protection._scope = protection._group = protection._held = protection._started = None
+        protection._permit = _OUT
         return protection
 
     def _call_plan(
@@ -835,6 +841,15 @@ def _timeout(value: object, path: str) -> float:
     return float(value)
 
 
+class _Out:
+    """The type of ``_OUT``: a block that has not entered its breaker."""
+
+    __slots__ = ()
+
+
+#: ``Protection._permit`` before the breaker admitted the block (``None`` is an admission without a permit).
+_OUT = _Out()
+
 _new_protection = object.__new__
 
 
@@ -851,23 +866,13 @@ class Protection:
     (``async with`` needs no more): when every layer decides without
     awaiting and no telemetry handler is attached, they do the work at once
     and return an already-finished future, which spares two coroutine
-    objects and frames per block (measured: a quarter of the block's
-    overhead above the cancel scope). Anything else returns the coroutine of
-    the general path (``_enter``/``_exit``).
+    objects and frames per block (measured: about 75 ns of the protocol's
+    265). Anything else returns the coroutine of the general path
+    (``_enter``/``_exit``). The state is kept to seven fields because each
+    one is stored on every block.
     """
 
-    __slots__ = (
-        "_breaker_in",
-        "_checkout",
-        "_counted",
-        "_group",
-        "_infra",
-        "_lease",
-        "_permit",
-        "_plan",
-        "_scope",
-        "_started",
-    )
+    __slots__ = ("_group", "_held", "_infra", "_permit", "_plan", "_scope", "_started")
 
     def __init__(self, infra: AsyncInfrastructure, plan: _Plan) -> None:
         # (AsyncInfrastructure.protect() sets these same fields itself.)
@@ -875,12 +880,10 @@ class Protection:
         self._plan = plan
         self._scope: Any = None
         self._group: dict[Any, Any] | None = None
-        self._checkout: Any = None
-        self._lease: PoolLease[Any] | None = None
-        self._permit: BreakerPermit | None = None
-        self._breaker_in = False
-        # Whether this block counts in the plan's in-flight calls (it awaited before its checkout).
-        self._counted = False
+        # The pool's PoolLease (non-waiting checkout) or PoolCheckout (waited for), once taken.
+        self._held: Any = None
+        # _OUT until the breaker admitted the block; then its BreakerPermit or None.
+        self._permit: Any = _OUT
         self._started: float | None = None
 
     def __aenter__(self) -> Awaitable[Any]:
@@ -901,12 +904,15 @@ class Protection:
                 raise
         scope = self._scope = (_CancelScopeClass or _cancel_scope_class())()
         scope.__enter__()
-        slot = plan.slot
-        if slot is not None and self._infra._timer.ticking:  # see execute_protected
-            group = self._group = slot.open
+        group = self._group = plan.slot.open  # see execute_protected
+        if group is not None:
             group[scope] = None
         else:
             self._group = self._infra._register(plan, scope)
+        pool = plan.pool
+        if pool is not None:
+            # In flight from here to the end of the block: a replaced pool stays open until then.
+            plan.owner.inflight += 1
         try:
             breaker = plan.nowait_breaker
             if breaker is not None:
@@ -915,15 +921,10 @@ class Protection:
                 except SeawallError as exc:
                     self._infra._triggered(plan.key, "circuit_breaker", exc)
                     raise
-                self._breaker_in = True
-            pool = plan.pool
             if pool is None:
                 return _READY
-            # The block is in flight: a replaced pool stays open until it ends.
-            self._counted = True
-            plan.owner.inflight += 1
             try:
-                lease = self._lease = pool.checkout_nowait()
+                lease = self._held = pool.checkout_nowait()
             except WouldBlock:
                 return self._checkout_waiting(pool)
             except SeawallError as exc:
@@ -935,8 +936,7 @@ class Protection:
             return self._fail_entry(exc)
 
     async def _checkout_waiting(self, pool: ConnectionPool[Any]) -> Any:
-        """The checkout must wait (no idle worker): count the block in flight, then wait."""
-        self._count()
+        """The checkout must wait (no idle worker)."""
         checkout = pool.checkout()
         try:
             try:
@@ -947,7 +947,7 @@ class Protection:
         except BaseException as exc:
             await self._exit(type(exc), exc, exc.__traceback__)
             raise  # pragma: no cover - _exit raises the outcome of a failed entry
-        self._checkout = checkout
+        self._held = checkout
         return conn
 
     async def _fail_entry(self, exc: BaseException) -> None:
@@ -955,16 +955,10 @@ class Protection:
         await self._exit(type(exc), exc, exc.__traceback__)
         raise exc  # pragma: no cover - _exit raises the outcome of a failed entry
 
-    def _count(self) -> None:
-        if self._plan.pool is not None and not self._counted:
-            self._counted = True
-            self._plan.owner.inflight += 1
-
     async def _enter(self) -> Any:
         """The general entry: telemetry, and layers that may have to be awaited."""
         plan = self._plan
         infra = self._infra
-        # A block holding a worker counts in flight like one awaiting its checkout.
         if ANY_HANDLER.attached and (  # see execute_protected
             INFRA_EXECUTE_START.handlers or INFRA_EXECUTE_STOP.handlers or INFRA_EXECUTE_EXCEPTION.handlers
         ):
@@ -979,19 +973,18 @@ class Protection:
                 if plan.acquire is not None:
                     plan.acquire()
                 else:
-                    # From here on the call is in flight: a replaced pool waits for it.
-                    self._count()
                     await limiter.hit(plan.bucket)
             except BaseException as exc:
                 if isinstance(exc, SeawallError):
                     infra._triggered(plan.key, "rate_limiter", exc)
-                self._uncount()
                 self._finish(exc)
                 raise
         pool = plan.pool
         scope = self._scope = (_CancelScopeClass or _cancel_scope_class())()
         scope.__enter__()
         self._group = infra._register(plan, scope)
+        if pool is not None:
+            plan.owner.inflight += 1  # see __aenter__
         try:
             breaker = plan.breaker
             if breaker is not None:
@@ -1000,17 +993,15 @@ class Protection:
                     if sync_breaker is not None:
                         self._permit = sync_breaker.admit_nowait()
                     else:
-                        self._count()
                         await breaker.__aenter__()
+                        self._permit = None
                 except SeawallError as exc:
                     infra._triggered(plan.key, "circuit_breaker", exc)
                     raise
-                self._breaker_in = True
             if pool is None:
                 return None
-            self._count()
             try:
-                lease = self._lease = pool.checkout_nowait()
+                lease = self._held = pool.checkout_nowait()
             except WouldBlock:
                 pass
             except SeawallError as exc:
@@ -1024,7 +1015,7 @@ class Protection:
             except SeawallError as exc:
                 infra._triggered(plan.key, "connection_pool", exc)
                 raise
-            self._checkout = checkout
+            self._held = checkout
             return conn
         except BaseException as exc:
             await self._exit(type(exc), exc, exc.__traceback__)
@@ -1033,35 +1024,38 @@ class Protection:
     def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> Awaitable[bool | None]:
-        if exc_type is None and self._started is None and self._checkout is None:
+        if exc_type is None and self._started is None:
             # A success: give back synchronously where every layer can.
+            # (Fields nothing reads again are not reset: the block is over.)
             plan = self._plan
-            lease = self._lease
-            if lease is not None:
-                pool = plan.pool
-                assert pool is not None
+            held = self._held
+            if held is not None:
+                if type(held) is not PoolLease:  # a waited-for checkout
+                    return self._exit(None, None, None)
                 try:
-                    pool.checkin_nowait(lease)
+                    plan.pool.checkin_nowait(held)  # type: ignore[union-attr] # a lease implies the pool
                 except WouldBlock:  # the return awaits reset/check: the worker is still lent
                     return self._exit(None, None, None)
-                self._lease = None
-            if self._breaker_in and plan.nowait_breaker is not None:
-                permit = self._permit
-                self._breaker_in = False
+                self._held = None
+            permit = self._permit
+            if permit is not _OUT:
+                breaker = plan.nowait_breaker
+                if breaker is None:
+                    return self._exit(None, None, None)
                 if permit is not None:  # a success without a permit changes nothing
-                    self._permit = None
+                    self._permit = _OUT
                     try:
-                        plan.nowait_breaker.settle_nowait(permit)
+                        breaker.settle_nowait(permit)
                     except BaseException as breaker_exc:
                         return self._fail_exit(breaker_exc)
-            elif self._breaker_in:
-                return self._exit(None, None, None)
             scope = self._scope
             group = self._group
             if group is not None:
-                group.pop(scope, None)
-            if self._counted:
-                self._counted = False
+                try:
+                    del group[scope]
+                except KeyError:
+                    pass  # the timer expired it; the block ended anyway
+            if plan.pool is not None:
                 owner = plan.owner  # _uncount(plan), inline
                 owner.inflight -= 1
                 if owner.inflight == 0 and owner.drained is not None:
@@ -1084,24 +1078,19 @@ class Protection:
         original = raised = exc
         try:
             # 1. give the connection back (a failing check-in replaces the block's outcome)
-            lease = self._lease
-            checkout = self._checkout
-            if lease is not None:
-                self._lease = None
-                pool = plan.pool
-                assert pool is not None
+            held = self._held
+            if held is not None:
+                self._held = None
                 try:
-                    try:
-                        pool.checkin_nowait(lease, exc is not None)
-                    except WouldBlock:
-                        await pool.checkin(lease, exc is not None)  # shielded inside
-                except BaseException as checkin_exc:
-                    raised = exc = checkin_exc
-                    exc_type, tb = type(checkin_exc), checkin_exc.__traceback__
-            elif checkout is not None:
-                self._checkout = None
-                try:
-                    await checkout.__aexit__(exc_type, exc, tb)
+                    if type(held) is PoolLease:
+                        pool = plan.pool
+                        assert pool is not None
+                        try:
+                            pool.checkin_nowait(held, exc is not None)
+                        except WouldBlock:
+                            await pool.checkin(held, exc is not None)  # shielded inside
+                    else:
+                        await held.__aexit__(exc_type, exc, tb)
                 except BaseException as checkin_exc:
                     raised = exc = checkin_exc
                     exc_type, tb = type(checkin_exc), checkin_exc.__traceback__
@@ -1110,12 +1099,12 @@ class Protection:
                 raised = self._infra._timed_out(plan)
                 exc_type, tb = ProtectionTimeout, None
             # 3. the breaker hears the outcome
-            if self._breaker_in:
-                self._breaker_in = False
+            permit = self._permit
+            if permit is not _OUT:
+                self._permit = _OUT
                 breaker = plan.breaker
                 assert breaker is not None
                 sync_breaker = plan.nowait_breaker
-                permit, self._permit = self._permit, None
                 try:
                     if sync_breaker is None:
                         await breaker.__aexit__(exc_type, raised, tb)
@@ -1128,7 +1117,8 @@ class Protection:
             group = self._group
             if group is not None:
                 group.pop(scope, None)
-            self._uncount()
+            if plan.pool is not None:
+                _uncount(plan)
         if scope.__exit__(exc_type, raised, tb):  # pragma: no cover - its cancellation was turned into a timeout
             raise AssertionError("the protection's cancel scope swallowed an exception")
         if self._started is not None:
@@ -1136,11 +1126,6 @@ class Protection:
         if raised is None or raised is original:
             return False
         raise raised from None
-
-    def _uncount(self) -> None:
-        if self._counted:
-            self._counted = False
-            _uncount(self._plan)
 
     def _finish(self, exc: BaseException | None) -> None:
         started = self._started

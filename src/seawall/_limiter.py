@@ -730,12 +730,16 @@ class RateLimitBucket:
         cost: What each :meth:`acquire_nowait` takes.
     """
 
-    __slots__ = ("cost", "key", "limiter")
+    __slots__ = ("_now", "_take", "_waiting", "cost", "key", "limiter")
 
     def __init__(self, limiter: RateLimiter, key: str, cost: float) -> None:
         self.limiter: Final = limiter
         self.key: Final = key
         self.cost: Final = cost
+        # The limiter's own callables and waiter table, fixed for its lifetime: one load each per call.
+        self._take = limiter._take
+        self._now = limiter._now
+        self._waiting = limiter._waiting
 
     def acquire_nowait(self) -> None:
         """``limiter.acquire_nowait(key, cost)`` without checking the arguments again.
@@ -744,18 +748,18 @@ class RateLimitBucket:
             anyio.WouldBlock: The backend is remote; nothing was taken or asked.
             RateLimitExceeded: The hit does not fit now (nothing was taken).
         """
-        limiter = self.limiter
-        take = limiter._take
+        take = self._take
         if take is None:
             raise WouldBlock
         key = self.key
-        now = limiter._now()
-        if limiter._waiting and key in limiter._waiting:
-            limiter._deny_queued(key, self.cost, now)
+        now = self._now()
+        if self._waiting and key in self._waiting:
+            self.limiter._deny_queued(key, self.cost, now)
         if take(key, self.cost, now) is None:
+            limiter = self.limiter
             limiter._deny(key, self.cost, cast("BucketTable", limiter._table).retry_after(key, self.cost, now))
         if LIMITER_REQUEST_ALLOWED.handlers:
-            limiter._emit_allowed(key, self.cost)
+            self.limiter._emit_allowed(key, self.cost)
 
     def __repr__(self) -> str:
         return f"RateLimitBucket(key={self.key!r}, cost={self.cost!r}, limiter={self.limiter!r})"
