@@ -88,14 +88,19 @@ class DeadlineTimer:
     Args:
         clock: The clock deadlines are read from and slept on.
 
-    The hot path is used inline by the coordinator::
+    The coordinator uses it inline. While the timer ticks, a kept key's call::
 
-        group = timer.groups.get(timeout)
-        if group is None:
-            group = timer.group(timeout)
+        group = slot.open              # None when not ticking: register exactly
+        group[scope] = None
+        ...
+        del group[scope]               # KeyError if the timer expired it
+
+    and otherwise (exactly, then ``start_ticking()`` / ``wake_if_idle()``)::
+
+        group = timer.groups.get(timeout) or timer.group(timeout)
         group[scope] = clock.now() + timeout
         ...
-        group.pop(scope, None)   # the timer removes expired scopes itself
+        group.pop(scope, None)         # the timer removes expired scopes itself
     """
 
     __slots__ = (
