@@ -957,3 +957,10 @@ async def test_bucket_handle_errors_waiters_remote_and_telemetry() -> None:
     with capture_events() as events:
         limiter.bucket("fresh").acquire_nowait()
     assert [event.name for event in events] == ["request_allowed"]
+
+
+async def test_bucket_handle_refuses_a_bool_cost() -> None:
+    """limiter.bucket() checks its cost like hit(): True is no cost."""
+    limiter = RateLimiter(5, 1.0, clock=FakeClock())
+    with pytest.raises(ValueError, match="cost"):
+        limiter.bucket("k", cost=True)

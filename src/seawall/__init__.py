@@ -21,7 +21,7 @@ from seawall._errors import (
     SeawallError,
 )
 from seawall._infrastructure import AsyncInfrastructure
-from seawall._limiter import RateLimiter, RateLimitStatus
+from seawall._limiter import RateLimitBucket, RateLimiter, RateLimitStatus
 from seawall._pool import ConnectionPool, PoolLease, PoolStatus
 from seawall._version import __version__
 
@@ -49,6 +49,7 @@ __all__ = [
     "ProtectionConfig",
     "ProtectionKeyNotFound",
     "ProtectionTimeout",
+    "RateLimitBucket",
     "RateLimitConfig",
     "RateLimitExceeded",
     "RateLimitStatus",

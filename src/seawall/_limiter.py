@@ -545,7 +545,7 @@ class RateLimiter:
         """
         if type(key) is not str:
             key = _bad_key(key)
-        if cost != 1:
+        if cost is not _ONE:  # not `!= 1`: True == 1, and a bool is no cost
             cost = self._check_cost(cost)
         return RateLimitBucket(self, key, cost)
 
