@@ -35,6 +35,18 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             overhead = "" if r["overhead_ns"] is None else f"{r['overhead_ns']:.0f}"
             lines.append(f"| {r['label']} | {r['median_ns']:.0f} | {r['min_ns']:.0f}..{r['max_ns']:.0f} | {overhead} |")
         lines.append("")
+    ratio_rows = ratios(report)
+    if ratio_rows:
+        lines += [
+            "## Ratios to peers",
+            "",
+            "Peer's overhead divided by seawall's, same run (above 1: seawall is that many times faster).",
+            "",
+            "| case | seawall variant | peer | ratio |",
+            "|---|---|---|---:|",
+        ]
+        lines += [f"| {case} | {ours} | {peer} | {value:.2f}x |" for case, ours, peer, value in ratio_rows]
+        lines.append("")
     figures = [f for m in report["modules"].values() for f in m["figures"]]
     if figures:
         lines += ["## Other figures", "", "| case | variant | value | unit |", "|---|---|---:|---|"]
@@ -82,6 +94,52 @@ def write_chart(report: dict[str, Any], path: Path) -> None:
             ax.text(value, y, f" {value:.0f}", va="center", fontsize=7)
     axes_list[-1].set_xlabel("overhead over the baseline, ns per call (log scale; seawall in blue)")
     fig.suptitle(f"seawall vs peers - {report['date']}, {report['machine']['cpu']}", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+#: Variants that are yardsticks, not peers: no library to compare with.
+_REFERENCES = ("cheapest anyio scope", "empty yield dependency")
+
+
+def ratios(report: dict[str, Any]) -> list[tuple[str, str, str, float]]:
+    """``(case, seawall variant, peer, peer overhead / seawall overhead)`` for every per-call case.
+
+    Each peer is compared with the case's first seawall variant (the one the
+    issue's target names); above 1 means seawall is that many times faster.
+    """
+    rows = []
+    for case, results in _cases(report).items():
+        measured = [r for r in results if r["overhead_ns"] is not None and r["overhead_ns"] > 0]
+        ours = [r for r in measured if r["label"].startswith("seawall")]
+        peers = [r for r in measured if not r["label"].startswith(("seawall", "bare", *_REFERENCES))]
+        if ours and peers:
+            rows += [(case, ours[0]["label"], p["label"], p["overhead_ns"] / ours[0]["overhead_ns"]) for p in peers]
+    return rows
+
+
+def write_ratio_chart(report: dict[str, Any], path: Path) -> None:
+    """Draw peer overhead / seawall overhead per case and peer (log scale; 1 = parity)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = ratios(report)
+    fig, ax = plt.subplots(figsize=(13, max(2.0, 0.28 * len(rows) + 1.2)))
+    if rows:
+        labels = [f"{case}: {peer}" for case, _, peer, _ in rows]
+        values = [value for *_, value in rows]
+        colors = ["tab:green" if value >= 1 else "tab:red" for value in values]
+        ax.barh(labels, values, color=colors)
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.tick_params(axis="y", labelsize=7)
+        for y, value in enumerate(values):
+            ax.text(value, y, f" {value:.2f}x", va="center", fontsize=7)
+    ax.set_xlabel("peer's overhead / seawall's overhead (log scale; right of 1 = seawall faster)")
+    ax.set_title(f"seawall vs peers, ratios - {report['date']}", fontsize=10, loc="left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

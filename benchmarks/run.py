@@ -78,6 +78,16 @@ def _modules(only: list[str]) -> list[str]:
     return names
 
 
+def write_reports(report: dict[str, Any], docs_dir: Path) -> None:
+    """Write the markdown tables and the two charts of ``report`` into ``docs_dir``."""
+    from _report import write_chart, write_markdown, write_ratio_chart
+
+    docs_dir.mkdir(parents=True, exist_ok=True)
+    write_markdown(report, docs_dir / "results.md")
+    write_chart(report, docs_dir / "overhead.png")
+    write_ratio_chart(report, docs_dir / "ratios.png")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the selected benchmark modules and write the result files."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,7 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", default=[], help="run only this module (e.g. limiter)")
     parser.add_argument("--out", type=Path, help="directory for latest.json (default depends on mode)")
     parser.add_argument("--docs", type=Path, help="directory for the markdown table and chart")
+    parser.add_argument("--report", type=Path, metavar="JSON", help="only redraw the reports of a saved run")
     args = parser.parse_args(argv)
+    if args.report:
+        write_reports(json.loads(args.report.read_text()), args.docs or ROOT / "docs" / "benchmarks")
+        return 0
 
     out_dir = args.out or (HERE / "results" / "quick" if args.quick else HERE / "results")
     docs_dir = args.docs or (out_dir if args.quick else ROOT / "docs" / "benchmarks")
@@ -112,12 +126,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
-    from _report import write_chart, write_markdown
-
-    docs_dir.mkdir(parents=True, exist_ok=True)
-    write_markdown(report, docs_dir / "results.md")
-    write_chart(report, docs_dir / "overhead.png")
-    print(f"\nwrote {out_dir / 'latest.json'}, {docs_dir / 'results.md'}, {docs_dir / 'overhead.png'}")
+    write_reports(report, docs_dir)
+    print(f"\nwrote {out_dir / 'latest.json'} and the reports in {docs_dir}")
     print(f"benchmarks took {report['seconds']} s; failed modules: {failed or 'none'}")
     return 1 if failed else 0
 
