@@ -29,6 +29,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         "Versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v),
         "",
     ]
+    for module, date in report.get("reruns", {}).items():
+        lines += [f"`{module}` was run again on its own at {date}, same machine; its figures are from that run.", ""]
     for case, rows in _cases(report).items():
         lines += [f"## {case}", "", "| variant | ns/call (median) | min..max | overhead ns |", "|---|---:|---:|---:|"]
         for r in rows:
