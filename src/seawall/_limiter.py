@@ -425,24 +425,13 @@ class RateLimiter:
             TypeError: ``key`` is not a str or ``cost`` not a number.
             ValueError: ``cost`` is not finite and positive, or above ``limit``.
         """
+        if self._take is not None:
+            return self.hit_nowait(key, cost)  # buckets in this process: decided without awaiting
         if type(key) is not str:
             key = _bad_key(key)
         if cost is not _ONE:  # not `!= 1`: True == 1, and a bool is no cost
             cost = self._check_cost(cost)
-        take = self._take
-        if take is None:
-            return await self._hit_remote(key, cost)
-        now = self._now()
-        if self._waiting and key in self._waiting:
-            self._deny_queued(key, cost, now)
-        state = take(key, cost, now)
-        if state is None:
-            self._deny(key, cost, cast("BucketTable", self._table).retry_after(key, cost, now))
-        if LIMITER_REQUEST_ALLOWED.handlers:
-            self._emit_allowed(key, cost)
-        status = _new(RateLimitStatus)
-        _set_source(status, (self._table, key, state, now))
-        return status
+        return await self._hit_remote(key, cost)
 
     def hit_nowait(self, key: str = "default", cost: float = 1) -> RateLimitStatus:
         """:meth:`hit`, synchronously: admit one hit of ``cost`` on bucket ``key`` now, or raise.
@@ -470,9 +459,6 @@ class RateLimiter:
             TypeError: ``key`` is not a str or ``cost`` not a number.
             ValueError: ``cost`` is not finite and positive, or above ``limit``.
         """
-        # hit()'s in-process branch, repeated rather than shared: a helper
-        # call would cost hit() a frame on every decision. Tests hold the two
-        # to the same answers.
         if type(key) is not str:
             key = _bad_key(key)
         if cost is not _ONE:  # not `!= 1`: True == 1, and a bool is no cost
