@@ -145,7 +145,6 @@ class _Plan:
         "nowait_limiter",
         "owner",
         "pool",
-        "retired",
         "slot",
         "timeout",
     )
@@ -171,7 +170,6 @@ class _Plan:
         self.owner: _Plan = self
         # Calls in flight on this plan: a replaced pool closes once they finish.
         self.inflight = 0
-        self.retired = False
         self.drained: anyio.Event | None = None
         # The timer's slot for this plan's timeout: set for the kept plans (a
         # configured or unconfigured key); a one-call plan's never ticks.
@@ -764,11 +762,9 @@ class AsyncInfrastructure:
 
     async def _retire_pool(self, pool: ConnectionPool[Any], plan: _Plan | None) -> None:
         """Close ``pool`` once the calls in flight on ``plan`` are done, without waiting here."""
-        if plan is not None:
-            plan.retired = True
-            if plan.inflight and plan.drained is None:
-                plan.drained = anyio.Event()
-        if pool in (self.connection_manager._pools.get(name) for name in self.connection_manager.list_pools()):
+        if plan is not None and plan.inflight and plan.drained is None:
+            plan.drained = anyio.Event()
+        if pool in self.connection_manager._pools.values():
             return  # still registered under another name: it stays open
         task_group = self._task_group
         if task_group is None:
