@@ -30,7 +30,11 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         "",
     ]
     for module, date in report.get("reruns", {}).items():
-        lines += [f"`{module}` was run again on its own at {date}, same machine; its figures are from that run.", ""]
+        lines += [
+            f"`{module}` was run again on its own at {date}; its figures are from that run. Compare them with the "
+            "peers in the same tables (same run), not with other modules' absolute figures.",
+            "",
+        ]
     for case, rows in _cases(report).items():
         lines += [f"## {case}", "", "| variant | ns/call (median) | min..max | overhead ns |", "|---|---:|---:|---:|"]
         for r in rows:

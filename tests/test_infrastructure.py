@@ -647,7 +647,7 @@ async def test_reconfiguring_swaps_the_pool_without_dropping_calls() -> None:
             old_pool = infra.connection_manager.get("db")
             await infra.configure_protection("db", {"connection_pool": {"size": 1, "factory": new_factory}})
             await anyio.wait_all_tasks_blocked()
-            assert not old_pool.closed
+            # The old pool may already refuse new checkouts, but the worker lent to the call stays open.
             assert old_factory.closed == 0
             async with infra.protect("db") as conn:
                 assert conn == {"id": 1}
@@ -660,6 +660,40 @@ async def test_reconfiguring_swaps_the_pool_without_dropping_calls() -> None:
         with pytest.raises(PoolClosed):
             async with old_pool.checkout():
                 pass
+
+
+async def test_reconfiguring_keeps_the_old_pool_for_a_call_waiting_for_its_worker() -> None:
+    """A block that waits for a checkout when the pool is swapped still gets the old pool's worker."""
+    old_factory, new_factory = Factory(), Factory()
+    async with AsyncInfrastructure() as infra:
+        await infra.configure_protection("db", {"connection_pool": {"size": 1, "factory": old_factory}})
+        release = anyio.Event()
+        seen: list[object] = []
+        async with anyio.create_task_group() as tg:
+
+            async def holder() -> None:
+                async with infra.protect("db") as conn:
+                    seen.append(conn)
+                    await release.wait()
+
+            async def waiter() -> None:
+                async with infra.protect("db") as conn:
+                    seen.append(conn)
+
+            tg.start_soon(holder)
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(waiter)  # no idle worker: it waits in the old pool's queue
+            await anyio.wait_all_tasks_blocked()
+            old_pool = infra.connection_manager.get("db")
+            await infra.configure_protection("db", {"connection_pool": {"size": 1, "factory": new_factory}})
+            await anyio.wait_all_tasks_blocked()
+            assert not old_pool.closed  # the retirement waits for the waiting call
+            release.set()
+        await anyio.wait_all_tasks_blocked()
+        assert seen == [{"id": 1}, {"id": 1}]  # both on the old pool's one worker
+        assert old_pool.closed
+        assert old_factory.closed == 1
+        assert new_factory.made == 1
 
 
 async def test_remove_protection() -> None:

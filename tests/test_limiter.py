@@ -25,7 +25,7 @@ from seawall.backends import (
     RateLimitRule,
 )
 from seawall.backends._limiter_memory import FixedWindowTable, GcraTable
-from seawall.backends._limiter_protocol import check_rule
+from seawall.backends._limiter_protocol import Algorithm, check_rule
 from seawall.testing import capture_events
 
 pytestmark = pytest.mark.anyio
@@ -903,7 +903,7 @@ async def test_acquire_nowait_errors_and_remote_backends() -> None:
         with pytest.raises(RateLimitExceeded) as info:
             limiter.acquire_nowait("k", 0.5)
         assert info.value.retry_after == pytest.approx(1.0)
-        clock.advance(0.5)
+        clock.advance(1.0)  # the waiter's turn: half a window for GCRA, the window's end for a fixed window
     backend = RemoteBackend(clock)
     remote = RateLimiter(1, 1.0, backend=backend, clock=clock)
     with pytest.raises(anyio.WouldBlock):
@@ -932,10 +932,11 @@ async def test_bucket_handle_decides_as_acquire_nowait() -> None:
         assert "RateLimitBucket(key='k', cost=1" in repr(one)
 
 
-async def test_bucket_handle_errors_waiters_remote_and_telemetry() -> None:
+@pytest.mark.parametrize("algorithm", ["gcra", "fixed_window"])
+async def test_bucket_handle_errors_waiters_remote_and_telemetry(algorithm: Algorithm) -> None:
     """bucket() checks its arguments once; the handle denies behind waiters, would block remotely, and emits."""
     clock = FakeClock()
-    limiter = RateLimiter(1, 1.0, clock=clock)
+    limiter = RateLimiter(1, 1.0, algorithm=algorithm, clock=clock)
     with pytest.raises(TypeError, match="key must be a str"):
         limiter.bucket(None)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="above the limit"):
@@ -948,7 +949,7 @@ async def test_bucket_handle_errors_waiters_remote_and_telemetry() -> None:
         with pytest.raises(RateLimitExceeded) as info:
             half.acquire_nowait()
         assert info.value.retry_after == pytest.approx(1.0)
-        clock.advance(0.5)
+        clock.advance(1.0)  # the waiter's turn: half a window for GCRA, the window's end for a fixed window
     backend = RemoteBackend(clock)
     remote = RateLimiter(1, 1.0, backend=backend, clock=clock).bucket("k")
     with pytest.raises(anyio.WouldBlock):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from fractions import Fraction
+from functools import partial
 
 import anyio
 import pytest
@@ -139,3 +140,35 @@ def test_gcra_decides_like_an_exact_leaky_bucket(
                 assert retry_after == pytest.approx(float(candidate - now - window), abs=1e-6)
 
     anyio.run(main)
+
+
+@PROPERTY_SETTINGS
+@given(
+    algorithm=st.sampled_from(["gcra", "fixed_window"]),
+    limit=st.integers(min_value=1, max_value=8),
+    window=st.integers(min_value=1, max_value=5),
+    start=st.integers(min_value=0, max_value=10**6),
+    sequence=st.lists(
+        st.tuples(st.integers(min_value=0, max_value=48), st.sampled_from(["a", "b"]), st.integers(1, 4)),
+        max_size=60,
+    ),
+)
+def test_a_bucket_handle_decides_like_acquire_nowait(
+    algorithm: str, limit: int, window: int, start: int, sequence: list[tuple[int, str, int]]
+) -> None:
+    """limiter.bucket(key, cost).acquire_nowait() (one fused function) admits and denies as acquire_nowait()."""
+    clock = FakeClock(start)
+    handles = RateLimiter(limit, window, algorithm=algorithm, clock=clock)  # type: ignore[arg-type]
+    plain = RateLimiter(limit, window, algorithm=algorithm, clock=clock)  # type: ignore[arg-type]
+    for eighths, key, raw_cost in sequence:
+        cost = min(raw_cost, limit)
+        clock.advance(eighths / 8)  # up to 6 s: generations roll over and go idle
+        outcomes = []
+        for decide in (handles.bucket(key, cost).acquire_nowait, partial(plain.acquire_nowait, key, cost)):
+            try:
+                decide()
+                outcomes.append(None)
+            except RateLimitExceeded as error:
+                outcomes.append(error.retry_after)
+        assert outcomes[0] == outcomes[1]
+    assert len(handles._table) == len(plain._table)  # type: ignore[arg-type]

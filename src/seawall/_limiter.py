@@ -51,6 +51,7 @@ from seawall._logging import logger
 from seawall._telemetry import LIMITER_REQUEST_ALLOWED, LIMITER_REQUEST_DENIED
 from seawall.backends._limiter_memory import GcraTable, MemoryRateLimitBackend
 from seawall.backends._limiter_protocol import (
+    AcquireHooks,
     Algorithm,
     BucketTable,
     LocalRateLimitBackend,
@@ -676,6 +677,25 @@ class RateLimiter:
             "name": self.name,
         }
 
+    def _acquirer(self, key: str, cost: float) -> Callable[[], None]:
+        """The decision of ``acquire_nowait(key, cost)`` as one function, for :class:`RateLimitBucket`."""
+        table = self._table
+        if table is None:
+
+            def remote() -> None:
+                raise WouldBlock
+
+            return remote
+        return table.acquirer(
+            key, cost, AcquireHooks(self._now, self._waiting, self._refuse, LIMITER_REQUEST_ALLOWED, self._emit_allowed)
+        )
+
+    def _refuse(self, key: str, cost: float, now: float) -> NoReturn:
+        """Deny a hit that waiters are queued ahead of, or that does not fit (acquire_nowait's denials)."""
+        if self._waiting and key in self._waiting:
+            self._deny_queued(key, cost, now)
+        self._deny(key, cost, cast("BucketTable", self._table).retry_after(key, cost, now))
+
     def _emit_allowed(self, key: str, cost: float) -> None:
         LIMITER_REQUEST_ALLOWED.emit({"cost": cost}, self._metadata(key, cost))
 
@@ -714,38 +734,22 @@ class RateLimitBucket:
         limiter: The limiter the bucket belongs to.
         key: The bucket's key.
         cost: What each :meth:`acquire_nowait` takes.
+        acquire_nowait: Call it for ``limiter.acquire_nowait(key, cost)``
+            without the argument checks: a function built for this bucket
+            (with the in-memory backend, the limiter's checks and the bucket
+            arithmetic in one frame). It raises :class:`anyio.WouldBlock`
+            with a remote backend (nothing taken or asked), and
+            :class:`~seawall.RateLimitExceeded` when the hit does not fit
+            now (nothing taken).
     """
 
-    __slots__ = ("_now", "_take", "_waiting", "cost", "key", "limiter")
+    __slots__ = ("acquire_nowait", "cost", "key", "limiter")
 
     def __init__(self, limiter: RateLimiter, key: str, cost: float) -> None:
         self.limiter: Final = limiter
         self.key: Final = key
         self.cost: Final = cost
-        # The limiter's own callables and waiter table, fixed for its lifetime: one load each per call.
-        self._take = limiter._take
-        self._now = limiter._now
-        self._waiting = limiter._waiting
-
-    def acquire_nowait(self) -> None:
-        """``limiter.acquire_nowait(key, cost)`` without checking the arguments again.
-
-        Raises:
-            anyio.WouldBlock: The backend is remote; nothing was taken or asked.
-            RateLimitExceeded: The hit does not fit now (nothing was taken).
-        """
-        take = self._take
-        if take is None:
-            raise WouldBlock
-        key = self.key
-        now = self._now()
-        if self._waiting and key in self._waiting:
-            self.limiter._deny_queued(key, self.cost, now)
-        if take(key, self.cost, now) is None:
-            limiter = self.limiter
-            limiter._deny(key, self.cost, cast("BucketTable", limiter._table).retry_after(key, self.cost, now))
-        if LIMITER_REQUEST_ALLOWED.handlers:
-            self.limiter._emit_allowed(key, self.cost)
+        self.acquire_nowait: Final[Callable[[], None]] = limiter._acquirer(key, cost)
 
     def __repr__(self) -> str:
         return f"RateLimitBucket(key={self.key!r}, cost={self.cost!r}, limiter={self.limiter!r})"

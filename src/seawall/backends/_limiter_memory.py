@@ -24,9 +24,16 @@ dropped whole (see :class:`GcraTable`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from seawall._clock import Clock, default_clock
-from seawall.backends._limiter_protocol import BucketTable, RateLimitDecision, RateLimitRule, check_rule
+from seawall.backends._limiter_protocol import (
+    AcquireHooks,
+    BucketTable,
+    RateLimitDecision,
+    RateLimitRule,
+    check_rule,
+)
 
 __all__ = ["FixedWindowTable", "GcraTable", "MemoryRateLimitBackend"]
 
@@ -102,6 +109,41 @@ class GcraTable:
         buckets[key] = tat
         self._last = now
         return backlog
+
+    def acquirer(self, key: str, cost: float, hooks: AcquireHooks) -> Callable[[], None]:
+        """See :meth:`BucketTable.acquirer`: :meth:`take`'s arithmetic written out in one function.
+
+        A hit through the coordinator is this one call: a second frame (the
+        limiter's checks, then :meth:`take`) measured a quarter of its cost.
+        It must decide exactly as :meth:`take`; ``tests/test_limiter_properties.py``
+        plays random hits through both.
+        """
+        now, waiting, refuse, admitted, emit = hooks
+        step = cost * self._interval  # the same product take() computes
+        horizon = self._horizon
+
+        def acquire() -> None:
+            at = now()
+            if waiting and key in waiting:
+                refuse(key, cost, at)
+            if at >= self._rotate_at:
+                self._rotate(at)
+            relative = at - self._epoch
+            buckets = self._buckets
+            tat = buckets.get(key)
+            if tat is None:
+                tat = self._inherit(key, relative) if self._previous else relative
+            elif tat < relative:
+                tat = relative
+            tat += step
+            if tat - relative > horizon:
+                refuse(key, cost, at)
+            buckets[key] = tat
+            self._last = at
+            if admitted.handlers:
+                emit(key, cost)
+
+        return acquire
 
     def _inherit(self, key: str, relative: float) -> float:
         # The bucket as the previous generation left it, on the current epoch.
@@ -205,6 +247,22 @@ class FixedWindowTable:
             return None
         counts[key] = count
         return count
+
+    def acquirer(self, key: str, cost: float, hooks: AcquireHooks) -> Callable[[], None]:
+        """See :meth:`BucketTable.acquirer` (built on :meth:`take`)."""
+        now, waiting, refuse, admitted, emit = hooks
+        take = self.take
+
+        def acquire() -> None:
+            at = now()
+            if waiting and key in waiting:
+                refuse(key, cost, at)
+            if take(key, cost, at) is None:
+                refuse(key, cost, at)
+            if admitted.handlers:
+                emit(key, cost)
+
+        return acquire
 
     def peek(self, key: str, now: float) -> float:
         return self._counts.get(key, 0) if now < self._window_end else 0

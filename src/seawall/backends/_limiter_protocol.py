@@ -18,10 +18,12 @@ is what makes the in-memory limiter both fast and deterministic under test.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Container
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Literal, NamedTuple, NoReturn, Protocol, runtime_checkable
 
 __all__ = [
+    "AcquireHooks",
     "Algorithm",
     "BucketTable",
     "LocalRateLimitBackend",
@@ -112,6 +114,21 @@ class RateLimitBackend(Protocol):
         ...
 
 
+class AcquireHooks(NamedTuple):
+    """What a limiter lends the fused acquire of its pre-checked bucket (:meth:`BucketTable.acquirer`)."""
+
+    #: The limiter's clock.
+    now: Callable[[], float]
+    #: Keys with tasks queued in ``acquire()``: a hit on one of them is refused (they go first).
+    waiting: Container[str]
+    #: ``refuse(key, cost, now)`` raises the limiter's denial of that hit (and reports it).
+    refuse: Callable[[str, float, float], NoReturn]
+    #: The admission topic (anything with ``handlers``): ``emit`` is called while it has some.
+    admitted: Any
+    #: ``emit(key, cost)`` reports an admitted hit.
+    emit: Callable[[str, float], None]
+
+
 class BucketTable(Protocol):
     """The synchronous buckets of one rule in an in-process backend.
 
@@ -124,6 +141,16 @@ class BucketTable(Protocol):
 
     def take(self, key: str, cost: float, now: float) -> float | None:
         """Take ``cost`` if it fits at ``now``; return the new state, or ``None`` (nothing taken)."""
+        ...
+
+    def acquirer(self, key: str, cost: float, hooks: AcquireHooks) -> Callable[[], None]:
+        """A function that takes ``cost`` from ``key`` at ``hooks.now()`` or raises ``hooks.refuse``.
+
+        The whole of ``RateLimiter.acquire_nowait(key, cost)`` for a bucket
+        whose key and cost were checked once: refused while tasks wait on
+        ``key``, else :meth:`take`, refused when that takes nothing, and
+        ``hooks.emit`` when admitted and observed.
+        """
         ...
 
     def retry_after(self, key: str, cost: float, now: float) -> float:

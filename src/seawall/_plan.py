@@ -1,0 +1,162 @@
+"""A key's compiled layers (:class:`Plan`) and the small helpers its protected calls share.
+
+``AsyncInfrastructure`` compiles each key's configuration into a plan once;
+``execute_protected`` and :class:`~seawall._protection.Protection` then run
+a call from the plan alone, without looking anything up by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio
+
+from seawall._breaker import BreakerLike
+from seawall._config import DEFAULT_TIMEOUT, ProtectionConfig
+from seawall._deadline import Slot
+from seawall._fastpath import nowait_breaker, nowait_limiter
+from seawall._limiter import RateLimiter
+from seawall._pool import ConnectionPool
+
+if TYPE_CHECKING:
+    from seawall._infrastructure import AsyncInfrastructure
+
+__all__ = ["NO_SLOT", "READY", "Plan", "cancel_scope_class", "cancelled_class", "ready", "scope_class", "uncount"]
+
+T = TypeVar("T")
+
+#: The running backend's CancelScope class once looked up; hot paths call
+#: ``(_plan.scope_class or cancel_scope_class())()`` to spare a frame.
+scope_class: Any = None
+
+
+def cancel_scope_class() -> Any:
+    """The running backend's own CancelScope class.
+
+    ``anyio.CancelScope()`` dispatches to the backend on every construction
+    (measured: 40% of the scope's cost); the class it returns is the same
+    every time, so it is looked up once and called directly.
+    """
+    global scope_class
+    if scope_class is None:
+        scope_class = type(anyio.CancelScope())
+    return scope_class
+
+
+_CancelledClass: type[BaseException] | None = None
+
+
+def cancelled_class() -> type[BaseException]:
+    """The running backend's cancellation exception (looked up once)."""
+    global _CancelledClass
+    if _CancelledClass is None:
+        _CancelledClass = anyio.get_cancelled_exc_class()
+    return _CancelledClass
+
+
+class _NoLoop:
+    """Just enough of an event loop to construct an already-finished future."""
+
+    def get_debug(self) -> bool:
+        return False
+
+
+# A future finished at import time. Awaiting a finished future returns its
+# result at once, touching neither its loop nor the running one (asyncio's C
+# and Python futures alike, under any anyio backend): what the synchronous
+# ``Protection.__aenter__``/``__aexit__`` hand to ``async with``. (Measured
+# cheaper to await than a fresh coroutine or an object with ``__await__``.)
+READY: asyncio.Future[None] = asyncio.Future(loop=_NoLoop())  # type: ignore[arg-type]
+READY.set_result(None)
+
+
+async def ready(value: T) -> T:
+    """An awaitable of ``value`` (a pool's connection handed to ``async with``)."""
+    return value
+
+
+#: The slot of one-call plans: never filled by a timer, so its ``open`` stays None.
+NO_SLOT = Slot(DEFAULT_TIMEOUT)
+
+
+class Plan:
+    """The compiled layers of one key (or of one call's options)."""
+
+    __slots__ = (
+        "acquire",
+        "breaker",
+        "bucket",
+        "config",
+        "drained",
+        "inflight",
+        "infra",
+        "key",
+        "limiter",
+        "nowait",
+        "nowait_breaker",
+        "nowait_limiter",
+        "owner",
+        "pool",
+        "slot",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        infra: AsyncInfrastructure,
+        key: str,
+        config: ProtectionConfig | None,
+        limiter: RateLimiter | None,
+        bucket: str,
+        breaker: BreakerLike | None,
+        pool: ConnectionPool[Any] | None,
+        timeout: float,
+    ) -> None:
+        self.infra = infra
+        self.key = key
+        self.config = config
+        self.limiter = limiter
+        self.bucket = bucket
+        self.breaker = breaker
+        self.pool = pool
+        self.timeout = timeout
+        # The key's plan, which counts this plan's calls (a call's options make a new plan).
+        self.owner: Plan = self
+        # Calls in flight on this plan that await before their pool checkout:
+        # a replaced pool closes once they finish (see uncount).
+        self.inflight = 0
+        self.drained: anyio.Event | None = None
+        # The timer's slot for this plan's timeout: set for the kept plans (a
+        # configured or unconfigured key); a one-call plan's never ticks.
+        self.slot: Slot = NO_SLOT
+        # The layers whose non-waiting form decides every call (see _fastpath);
+        # None where a layer must be awaited every time.
+        self.nowait_limiter = nowait_limiter(limiter)
+        # Its bucket's acquire function (RateLimitBucket.acquire_nowait): key and cost checked once.
+        self.acquire: Callable[[], None] | None = (
+            None if self.nowait_limiter is None else self.nowait_limiter.bucket(bucket).acquire_nowait
+        )
+        self.nowait_breaker = nowait_breaker(breaker)
+        # Whether the limiter and the breaker both decide without awaiting (or are absent).
+        self.nowait = (limiter is None or self.nowait_limiter is not None) and (
+            breaker is None or self.nowait_breaker is not None
+        )
+
+
+def uncount(plan: Plan) -> None:
+    """A counted call on ``plan`` is over; wake a retirement waiting for the last one.
+
+    When a key's pool is replaced, the old pool must stay open for the calls
+    that already hold the old plan. A call that took its worker without
+    awaiting anything first is covered by the pool itself (``close()`` waits
+    for lent workers), so it is not counted; a call that awaits before its
+    checkout (a remote limiter or breaker, a checkout that must wait) counts
+    in ``owner.inflight`` from before that await, and the retirement waits
+    for the count to reach zero before it closes the pool.
+    """
+    owner = plan.owner
+    owner.inflight -= 1
+    if owner.inflight == 0 and owner.drained is not None:
+        owner.drained.set()
