@@ -566,7 +566,7 @@ class AsyncInfrastructure:
             seconds = base.timeout if base is not None else DEFAULT_TIMEOUT
         if base is not None and _same(limiter, bucket, breaker, pool, seconds, base):
             return base
-        plan = Plan(self, key, None, limiter, bucket, breaker, pool, seconds)
+        plan = Plan(self, key, None, limiter, bucket, breaker, pool, seconds, one_call=True)
         if base is not None:
             # Count the call against the key's plan, whose pool it may use.
             plan.owner = base

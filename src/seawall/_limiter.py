@@ -356,6 +356,7 @@ class RateLimiter:
     """
 
     __slots__ = (
+        "_hooks",
         "_now",
         "_rule",
         "_table",
@@ -406,6 +407,8 @@ class RateLimiter:
         self._take = None if self._table is None else self._table.take
         # Keys with tasks in acquire(): their waiting machinery, dropped with the last waiter.
         self._waiting: dict[str, _GcraWaiters | _RetryQueue] = {}
+        # What every bucket handle's fused acquire borrows (built once: a plan per call makes a handle).
+        self._hooks = AcquireHooks(self._now, self._waiting, self._refuse, LIMITER_REQUEST_ALLOWED, self._emit_allowed)
 
     # -- deciding ---------------------------------------------------------
 
@@ -686,9 +689,7 @@ class RateLimiter:
                 raise WouldBlock
 
             return remote
-        return table.acquirer(
-            key, cost, AcquireHooks(self._now, self._waiting, self._refuse, LIMITER_REQUEST_ALLOWED, self._emit_allowed)
-        )
+        return table.acquirer(key, cost, self._hooks)
 
     def _refuse(self, key: str, cost: float, now: float) -> NoReturn:
         """Deny a hit that waiters are queued ahead of, or that does not fit (acquire_nowait's denials)."""
