@@ -142,6 +142,37 @@ async def run(ctx: BenchContext) -> None:
             repeats=repeats,
         )
 
+        # -- a bucket per entity (per user, per client address) ---------------
+        # Each call names its entity, so the coordinator builds a plan for it;
+        # the peers keep one AsyncLimiter per entity in a dict.
+        entities = [f"user-{i}" for i in range(100)]
+        peer_limiters = {entity: AsyncLimiter(HUGE, 1) for entity in entities}
+        turn = iter(range(1 << 62))
+
+        async def peer_chain_per_entity() -> None:
+            async with peer_limiters[entities[next(turn) % 100]], asyncio.timeout(5):
+                await peer_breaker.call_async(peer_inner)
+
+        async def ours_protect_per_entity() -> None:
+            async with infra.protect("full", rate_limiter=entities[next(turn) % 100]):
+                await noop()
+
+        async def ours_execute_per_entity() -> None:
+            await infra.execute_protected("full", noop, rate_limiter=entities[next(turn) % 100])
+
+        await ctx.per_call(
+            "infrastructure: full chain, a bucket per entity (100 entities)",
+            {
+                "bare": bare,
+                "peers: AsyncLimiter per entity+aiobreaker+Semaphore+asyncio.timeout": peer_chain_per_entity,
+                "seawall execute_protected(rate_limiter=entity)": ours_execute_per_entity,
+                "seawall protect(rate_limiter=entity)": ours_protect_per_entity,
+                "seawall protect() (the key's one bucket)": ours_protect,
+            },
+            calls=calls,
+            repeats=repeats,
+        )
+
         # -- each layer alone, against its peer ------------------------------
         limiter = RateLimiter(HUGE, 1)
         breaker = CircuitBreaker("bench")

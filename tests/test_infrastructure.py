@@ -567,6 +567,39 @@ async def test_entity_buckets_and_operations() -> None:
         assert status.remaining == 0
 
 
+@pytest.mark.parametrize("use_protect", [False, True])
+async def test_entity_plans_follow_the_key(use_protect: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each entity keeps its own bucket, however many entities call, and a reconfigured key's limit applies at once.
+
+    An operation's bucket for the same entity is another bucket.
+    """
+    import seawall._infrastructure
+
+    monkeypatch.setattr(seawall._infrastructure, "_MAX_ENTITY_PLANS", 2)  # entity plans are dropped and rebuilt
+
+    async def call(rate_limiter: str | tuple[str, str]) -> str:
+        try:
+            if use_protect:
+                async with infra.protect("api", rate_limiter=rate_limiter):
+                    return "ok"
+            return await infra.execute_protected("api", ok, rate_limiter=rate_limiter)
+        except RateLimitExceeded as exc:
+            return f"denied {exc.key}"
+
+    async with AsyncInfrastructure() as infra:
+        await infra.configure_protection("api", {"rate_limiter": {"limit": 1, "window": 60}})
+        await infra.rate_limiter.check_rate("nobody", "search", 1, 60)  # registers the operation's limiter
+        entities = ["alice", "bob", "carol", "dave", "erin"]
+        assert [await call(entity) for entity in entities] == ["ok"] * 5
+        assert await call(("search", "alice")) == "ok"  # the same entity on an operation: its own bucket
+        assert [await call(entity) for entity in entities] == [f"denied api:{entity}" for entity in entities]
+        assert await call(("search", "alice")) == "denied search:alice"
+        assert len(infra._plans["api"].entities) <= 2  # bounded, however many entities call
+
+        await infra.configure_protection("api", {"rate_limiter": {"limit": 3, "window": 60}})
+        assert [await call(entity) for entity in entities] == ["ok"] * 5
+
+
 async def test_bad_call_options() -> None:
     """Invalid options and unknown names raise at once, naming the problem."""
     async with AsyncInfrastructure() as infra:
@@ -1044,6 +1077,97 @@ async def test_failures_and_timeouts_return_the_connection(factory_class: type[F
         assert status["circuit_breaker"]["failure_count"] == 2
         assert await run(infra, ok) == "ok"
         assert (await infra.get_protection_status("db"))["circuit_breaker"]["state"] == "closed"
+
+
+@pytest.mark.parametrize("use_protect", [False, True])
+async def test_returns_serve_waiters_first_and_close_the_overflow(use_protect: bool) -> None:
+    """A worker given back goes to a waiting call first; with nobody waiting, a worker beyond the size is closed."""
+    factory = Factory()
+    entered: list[str] = []
+    releases: dict[str, anyio.Event] = {}
+
+    async with AsyncInfrastructure() as infra:
+        await infra.configure_protection("one", {"connection_pool": {"size": 1, "factory": factory}})
+        await infra.configure_protection(
+            "overflow", {"connection_pool": {"size": 1, "max_overflow": 1, "factory": factory}}
+        )
+
+        async def counts(key: str) -> tuple[int, int, int]:
+            await anyio.wait_all_tasks_blocked()
+            status = (await infra.get_protection_status(key))["connection_pool"]
+            return status["in_use"], status["idle"], status["waiting"]
+
+        async def hold(key: str, name: str) -> None:
+            release = releases[name] = anyio.Event()
+
+            async def body() -> None:
+                entered.append(name)
+                await release.wait()
+
+            if use_protect:
+                async with infra.protect(key, timeout=60):
+                    await body()
+            else:
+                await infra.execute_protected(key, body, timeout=60)
+
+        async with anyio.create_task_group() as tg:
+            # One worker: "a" takes the idle one, "b" waits for it.
+            for name in ("a", "b"):
+                tg.start_soon(hold, "one", name)
+                await anyio.wait_all_tasks_blocked()
+            assert await counts("one") == (1, 0, 1)
+            releases["a"].set()  # handed to "b", not put back idle
+            assert await counts("one") == (1, 0, 0)
+            assert entered == ["a", "b"]
+            releases["b"].set()
+            assert await counts("one") == (0, 1, 0)
+
+            # "c" takes the idle worker, "d" gets an overflow one; the first given back is the surplus.
+            for name in ("c", "d"):
+                tg.start_soon(hold, "overflow", name)
+                await anyio.wait_all_tasks_blocked()
+            assert await counts("overflow") == (2, 0, 0)
+            releases["c"].set()
+            assert await counts("overflow") == (1, 0, 0)
+            assert factory.closed == 1
+            releases["d"].set()
+            assert await counts("overflow") == (0, 1, 0)
+        assert entered == ["a", "b", "c", "d"]
+        assert (factory.made, factory.closed) == (3, 1)
+
+
+@pytest.mark.parametrize("use_protect", [False, True])
+async def test_listened_to_layers_report_every_call(use_protect: bool) -> None:
+    """With listeners, the key's closed breaker reports how each call ended and its pool each checkout and return."""
+    from seawall._telemetry import BREAKER_CALL_EXECUTED, POOL_CHECKIN, POOL_CHECKOUT
+
+    async def fails() -> None:
+        raise ConnectionResetError
+
+    async def run(infra: AsyncInfrastructure, fn: Any) -> Any:
+        if use_protect:
+            async with infra.protect("k"):
+                return await fn()
+        return await infra.execute_protected("k", fn)
+
+    async with AsyncInfrastructure() as infra:
+        await infra.configure_protection(
+            "k", {"circuit_breaker": {"failure_threshold": 5}, "connection_pool": {"size": 1}}
+        )
+        await run(infra, ok)  # unobserved: nothing to report
+        listened = [BREAKER_CALL_EXECUTED.event, POOL_CHECKOUT.event, POOL_CHECKIN.event]
+        with capture_events(listened) as events:
+            assert await run(infra, ok) == "ok"
+            with pytest.raises(ConnectionResetError):
+                await run(infra, fails)
+        assert [(e.name, e.metadata.get("outcome", e.metadata.get("raised"))) for e in events] == [
+            ("checkout", None),
+            ("checkin", False),
+            ("call_executed", "success"),
+            ("checkout", None),
+            ("checkin", True),
+            ("call_executed", "failure"),
+        ]
 
 
 @pytest.mark.parametrize("use_protect", [False, True])

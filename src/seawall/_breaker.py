@@ -36,6 +36,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar, runtime_checkable
 import anyio
 from anyio import WouldBlock
 
+from seawall._awaitables import DONE
 from seawall._clock import Clock, default_clock
 from seawall._errors import CircuitOpenError, ConfigurationError
 from seawall._logging import logger
@@ -159,20 +160,6 @@ def _exclusions(exclude: object) -> tuple[type[Exception], ...]:
         checked.append(item)
     return tuple(checked)
 
-
-class _NoLoop:
-    """Just enough of an event loop to construct an already-finished Future."""
-
-    def get_debug(self) -> bool:
-        return False
-
-
-# A Future that finished at import time. Awaiting a finished Future returns
-# its result at once, never touching its loop or the running one (asyncio's C
-# and Python Futures alike, and under any anyio backend), so one shared
-# instance serves every ``async with`` fast path: cheaper than a coroutine.
-_READY: asyncio.Future[None] = asyncio.Future(loop=_NoLoop())  # type: ignore[arg-type]
-_READY.set_result(None)
 
 _new_error = CircuitOpenError.__new__
 
@@ -495,8 +482,8 @@ class CircuitBreaker:
 
     # ``__aenter__``/``__aexit__`` are plain methods returning an awaitable:
     # ``async with`` only needs that, and it lets the in-memory paths skip
-    # creating a coroutine - they return the finished ``_READY`` (awaiting it
-    # costs one C call), and a rejection is raised before anything is awaited.
+    # creating a coroutine - they return the finished ``DONE`` (see
+    # _awaitables), and a rejection is raised before anything is awaited.
     # Only a shared store's round trip needs a real coroutine.
 
     def __aenter__(self) -> Awaitable[None]:
@@ -505,7 +492,7 @@ class CircuitBreaker:
             return self._aenter_remote()
         state = record.state
         if state is _CLOSED and not BREAKER_CALL_EXECUTED.handlers:
-            return _READY  # the fast path: nothing to remember about this call
+            return DONE  # the fast path: nothing to remember about this call
         if state is _OPEN:
             remaining = record.opened_at + self._recovery_time - self._now()
             if remaining > 0:
@@ -513,7 +500,7 @@ class CircuitBreaker:
                     self._emit_rejected(_OPEN, remaining)
                 raise _open_error(self._name, remaining)
         self._push(self._admit(record))
-        return _READY
+        return DONE
 
     async def _aenter_remote(self) -> None:
         self._push(await self._admit_remote())
@@ -544,10 +531,10 @@ class CircuitBreaker:
         if record is None:
             return self._aexit_remote(exc)
         if exc_type is None and not self._inflight:
-            return _READY  # a closed call's success changes nothing
+            return DONE  # a closed call's success changes nothing
         ticket, start = self._pop()
         self._settle(record, ticket, self._outcome(exc), start)
-        return _READY
+        return DONE
 
     async def _aexit_remote(self, exc: BaseException | None) -> None:
         ticket, start = self._pop()

@@ -44,6 +44,7 @@ from seawall._errors import (
     ProtectionTimeout,
     SeawallError,
 )
+from seawall._fastpath import CLOSED
 from seawall._limiter import RateLimiter
 from seawall._logging import logger
 from seawall._plan import NO_SLOT, Plan, cancel_scope_class, cancelled_class, uncount
@@ -58,6 +59,7 @@ from seawall._registries import (
 )
 from seawall._telemetry import (
     ANY_HANDLER,
+    BREAKER_CALL_EXECUTED,
     INFRA_PROTECTION_TRIGGERED,
 )
 
@@ -73,6 +75,8 @@ _CLOSE_GRACE = 10.0
 
 #: Plans of unconfigured keys kept at most (they are cheap to rebuild).
 _MAX_ADHOC = 1024
+#: Entity plans kept per key (``protect(key, rate_limiter=entity)``) before they are dropped and rebuilt.
+_MAX_ENTITY_PLANS = 1024
 
 
 class AsyncInfrastructure:
@@ -360,28 +364,38 @@ class AsyncInfrastructure:
                     if breaker is not None:
                         sync_breaker = plan.nowait_breaker
                         permit = None
-                        try:
-                            if sync_breaker is not None:
-                                permit = sync_breaker.admit_nowait()
-                            else:
-                                if pool is not None and not counted:
-                                    counted = True
-                                    plan.owner.inflight += 1
-                                await breaker.__aenter__()
-                        except SeawallError as exc:
-                            self._triggered(plan.key, "circuit_breaker", exc)
-                            raise
+                        record = plan.breaker_record
+                        # admit_nowait()'s common case inline (its frame is half its cost):
+                        # a closed breaker that nobody times admits with nothing to remember.
+                        if record is None or record.state is not CLOSED or BREAKER_CALL_EXECUTED.handlers:
+                            try:
+                                if sync_breaker is not None:
+                                    permit = sync_breaker.admit_nowait()
+                                else:
+                                    if pool is not None and not counted:
+                                        counted = True
+                                        plan.owner.inflight += 1
+                                    await breaker.__aenter__()
+                            except SeawallError as exc:
+                                self._triggered(plan.key, "circuit_breaker", exc)
+                                raise
                     try:
                         if pool is None:
                             result = await fn()
                         else:
-                            try:
-                                lease = pool.checkout_nowait()
-                            except WouldBlock:
-                                lease = None
-                            except SeawallError as exc:
-                                self._triggered(plan.key, "connection_pool", exc)
-                                raise
+                            idle = pool._idle
+                            if idle and pool._fast_take and not ANY_HANDLER.attached:
+                                # checkout_nowait()'s common case inline (see ConnectionPool._fast_take).
+                                lease = idle.pop()
+                                pool._busy.add(lease)
+                            else:
+                                try:
+                                    lease = pool.checkout_nowait()
+                                except WouldBlock:
+                                    lease = None
+                                except SeawallError as exc:
+                                    self._triggered(plan.key, "connection_pool", exc)
+                                    raise
                             if lease is not None:
                                 try:
                                     result = await fn()
@@ -391,10 +405,20 @@ class AsyncInfrastructure:
                                     except WouldBlock:
                                         await pool.checkin(lease, raised=True)  # shielded inside
                                     raise
-                                try:
-                                    pool.checkin_nowait(lease)
-                                except WouldBlock:
-                                    await pool.checkin(lease)
+                                if (
+                                    pool._fast_return
+                                    and lease._lent_at is None
+                                    and not pool._waiters
+                                    and pool._total - pool._closing <= pool._size
+                                ):
+                                    # checkin_nowait()'s common case inline (see ConnectionPool._fast_return).
+                                    pool._busy.remove(lease)
+                                    pool._idle.append(lease)
+                                else:
+                                    try:
+                                        pool.checkin_nowait(lease)
+                                    except WouldBlock:
+                                        await pool.checkin(lease)
                             else:
                                 if not counted:
                                     counted = True
@@ -530,6 +554,19 @@ class AsyncInfrastructure:
                 adhoc = self._adhoc[key] = Plan(self, key, None, None, "", None, None, DEFAULT_TIMEOUT)
                 adhoc.slot = self._timer.slot(DEFAULT_TIMEOUT)
             return adhoc
+        # A bucket per entity (per user, per client address) is the commonest
+        # call option: its plan is kept on the key's plan, so that the entity's
+        # next call finds its bucket handle and timer slot ready. A reconfigured
+        # key drops them with its old plan.
+        kept_entity = (
+            rate_limiter
+            if isinstance(rate_limiter, str) and circuit_breaker is None and connection_pool is None and timeout is None
+            else None
+        )
+        if base is not None and kept_entity is not None:
+            kept = base.entities.get(kept_entity)
+            if kept is not None:
+                return kept
         limiter = base.limiter if base is not None else None
         bucket = base.bucket if base is not None else bucket_key(key, DEFAULT_ENTITY)
         if rate_limiter is not None:
@@ -565,11 +602,18 @@ class AsyncInfrastructure:
         else:
             seconds = base.timeout if base is not None else DEFAULT_TIMEOUT
         if base is not None and _same(limiter, bucket, breaker, pool, seconds, base):
-            return base
-        plan = Plan(self, key, None, limiter, bucket, breaker, pool, seconds, one_call=True)
-        if base is not None:
-            # Count the call against the key's plan, whose pool it may use.
-            plan.owner = base
+            plan = base
+        else:
+            kept_plan = base is not None and kept_entity is not None
+            plan = Plan(self, key, None, limiter, bucket, breaker, pool, seconds, one_call=not kept_plan)
+            if base is not None:
+                # Count the call against the key's plan, whose pool it may use.
+                plan.owner = base
+        if base is not None and kept_entity is not None:
+            plan.slot = base.slot
+            if len(base.entities) >= _MAX_ENTITY_PLANS:
+                base.entities.clear()  # many entities: start over rather than grow
+            base.entities[kept_entity] = plan
         return plan
 
     # -- status ----------------------------------------------------------

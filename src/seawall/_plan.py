@@ -7,26 +7,23 @@ a call from the plan alone, without looking anything up by name.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from seawall._breaker import BreakerLike
 from seawall._config import DEFAULT_TIMEOUT, ProtectionConfig
 from seawall._deadline import Slot
-from seawall._fastpath import nowait_breaker, nowait_limiter
+from seawall._fastpath import breaker_record, nowait_breaker, nowait_limiter
 from seawall._limiter import RateLimiter
 from seawall._pool import ConnectionPool
 
 if TYPE_CHECKING:
     from seawall._infrastructure import AsyncInfrastructure
 
-__all__ = ["NO_SLOT", "READY", "Plan", "cancel_scope_class", "cancelled_class", "ready", "scope_class", "uncount"]
-
-T = TypeVar("T")
+__all__ = ["NO_SLOT", "Plan", "cancel_scope_class", "cancelled_class", "scope_class", "uncount"]
 
 #: The running backend's CancelScope class once looked up; hot paths call
 #: ``(_plan.scope_class or cancel_scope_class())()`` to spare a frame.
@@ -57,40 +54,21 @@ def cancelled_class() -> type[BaseException]:
     return _CancelledClass
 
 
-class _NoLoop:
-    """Just enough of an event loop to construct an already-finished future."""
-
-    def get_debug(self) -> bool:
-        return False
-
-
-# A future finished at import time. Awaiting a finished future returns its
-# result at once, touching neither its loop nor the running one (asyncio's C
-# and Python futures alike, under any anyio backend): what the synchronous
-# ``Protection.__aenter__``/``__aexit__`` hand to ``async with``. (Measured
-# cheaper to await than a fresh coroutine or an object with ``__await__``.)
-READY: asyncio.Future[None] = asyncio.Future(loop=_NoLoop())  # type: ignore[arg-type]
-READY.set_result(None)
-
-
-async def ready(value: T) -> T:
-    """An awaitable of ``value`` (a pool's connection handed to ``async with``)."""
-    return value
-
-
 #: The slot of one-call plans: never filled by a timer, so its ``open`` stays None.
 NO_SLOT = Slot(DEFAULT_TIMEOUT)
 
 
 class Plan:
-    """The compiled layers of one key (or of one call's options)."""
+    """The compiled layers of one key, of one entity's calls on a key, or of one call's options."""
 
     __slots__ = (
         "acquire",
         "breaker",
+        "breaker_record",
         "bucket",
         "config",
         "drained",
+        "entities",
         "inflight",
         "infra",
         "key",
@@ -131,6 +109,8 @@ class Plan:
         # a replaced pool closes once they finish (see uncount).
         self.inflight = 0
         self.drained: anyio.Event | None = None
+        # A kept plan's plans for calls that name only their entity's bucket (see _call_plan).
+        self.entities: dict[str, Plan] = {}
         # The timer's slot for this plan's timeout: set for the kept plans (a
         # configured or unconfigured key); a one-call plan's never ticks.
         self.slot: Slot = NO_SLOT
@@ -147,6 +127,7 @@ class Plan:
             else:
                 self.acquire = self.nowait_limiter.bucket(bucket).acquire_nowait
         self.nowait_breaker = nowait_breaker(breaker)
+        self.breaker_record = breaker_record(self.nowait_breaker)
         # Whether the limiter and the breaker both decide without awaiting (or are absent).
         self.nowait = (limiter is None or self.nowait_limiter is not None) and (
             breaker is None or self.nowait_breaker is not None

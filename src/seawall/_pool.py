@@ -357,6 +357,13 @@ class ConnectionPool(Generic[T]):
         self._closed = False
         # The non-waiting forms' common cases, one flag each (cleared by close()):
         # lend the top idle worker untested; put a worker back untested, no reset, no idle clock.
+        # The coordinator's hot paths (seawall._protection, execute_protected) write
+        # both cases out instead of calling checkout_nowait/checkin_nowait, under
+        # the same conditions: while _fast_take holds and no telemetry handler is
+        # attached, lending is `_busy.add(_idle.pop())`; while _fast_return holds,
+        # giving back an unobserved lease (_lent_at None) with no waiter and no
+        # surplus (_total - _closing <= _size) is `_busy.remove(l); _idle.append(l)`.
+        # A change to either case here must be made there too.
         self._fast_take = self._plain_take
         self._fast_return = self._plain_take and self._reset is None and self._max_idle is None
         self._drained: asyncio.Future[None] | None = None

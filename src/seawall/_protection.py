@@ -14,10 +14,14 @@ Two classes share that logic:
 * :class:`NowaitProtection`, for a plan whose limiter and breaker decide
   without awaiting (``Plan.nowait``) while nobody observes ``execute_*``:
   ``__aenter__`` and ``__aexit__`` are plain methods that do the work at once
-  and return an already-finished future, which spares two coroutine objects
-  and frames per block. Whatever they cannot finish synchronously (a checkout
-  that must wait, a return that awaits ``reset``, any exception) they hand to
-  the general coroutines.
+  and return a finished awaitable (``_awaitables.DONE``), which spares two
+  coroutine objects and frames per block. They write out the common cases of
+  the breaker's ``admit_nowait`` (closed, nobody timing) and of the pool's
+  ``checkout_nowait``/``checkin_nowait`` (see ``ConnectionPool._fast_take``)
+  rather than call them: each of those frames is a measurable share of the
+  chain. Whatever they cannot finish synchronously (a checkout that must
+  wait, a return that awaits ``reset``, any exception) they hand to the
+  general coroutines.
 
 ``AsyncInfrastructure.protect()`` picks the class. The block's state is kept
 in as few fields as possible, because each one is stored on every block: the
@@ -35,10 +39,18 @@ from typing import Any
 from anyio import WouldBlock
 
 from seawall import _plan
+from seawall._awaitables import DONE, ready
 from seawall._errors import ProtectionTimeout, SeawallError
-from seawall._plan import READY, Plan, cancel_scope_class, cancelled_class, ready, uncount
+from seawall._fastpath import CLOSED
+from seawall._plan import Plan, cancel_scope_class, cancelled_class, uncount
 from seawall._pool import ConnectionPool, PoolLease
-from seawall._telemetry import ANY_HANDLER, INFRA_EXECUTE_EXCEPTION, INFRA_EXECUTE_START, INFRA_EXECUTE_STOP
+from seawall._telemetry import (
+    ANY_HANDLER,
+    BREAKER_CALL_EXECUTED,
+    INFRA_EXECUTE_EXCEPTION,
+    INFRA_EXECUTE_START,
+    INFRA_EXECUTE_STOP,
+)
 
 __all__ = ["OUT", "NowaitProtection", "Protection", "watched"]
 
@@ -279,25 +291,38 @@ class NowaitProtection(Protection):
         else:
             self._group = plan.infra._register(plan, scope)
         try:
-            breaker = plan.nowait_breaker
-            if breaker is not None:
-                try:
-                    self._permit = breaker.admit_nowait()
-                except SeawallError as exc:
-                    plan.infra._triggered(plan.key, "circuit_breaker", exc)
-                    raise
+            record = plan.breaker_record
+            if record is not None:
+                # admit_nowait()'s common case inline (its frame is half its cost):
+                # a closed breaker that nobody times admits with nothing to remember.
+                if record.state is CLOSED and not BREAKER_CALL_EXECUTED.handlers:
+                    self._permit = None
+                else:
+                    breaker = plan.nowait_breaker
+                    assert breaker is not None
+                    try:
+                        self._permit = breaker.admit_nowait()
+                    except SeawallError as exc:
+                        plan.infra._triggered(plan.key, "circuit_breaker", exc)
+                        raise
             pool = plan.pool
             if pool is None:
-                return READY
-            try:
-                lease = self._held = pool.checkout_nowait()
-            except WouldBlock:
-                return self._checkout_waiting(pool)
-            except SeawallError as exc:
-                plan.infra._triggered(plan.key, "connection_pool", exc)
-                raise
+                return DONE
+            idle = pool._idle
+            if idle and pool._fast_take and not ANY_HANDLER.attached:
+                # checkout_nowait()'s common case inline (see ConnectionPool._fast_take).
+                lease = self._held = idle.pop()
+                pool._busy.add(lease)
+            else:
+                try:
+                    lease = self._held = pool.checkout_nowait()
+                except WouldBlock:
+                    return self._checkout_waiting(pool)
+                except SeawallError as exc:
+                    plan.infra._triggered(plan.key, "connection_pool", exc)
+                    raise
             conn = lease.conn
-            return READY if conn is None else ready(conn)
+            return DONE if conn is None else ready(conn)
         except BaseException as exc:
             return self._fail_entry(exc)
 
@@ -337,10 +362,20 @@ class NowaitProtection(Protection):
             held = self._held
             if type(held) is not PoolLease:  # a waited-for checkout
                 return self._exit(None, None, None)
-            try:
-                pool.checkin_nowait(held)
-            except WouldBlock:  # the return awaits reset/check: the worker is still lent
-                return self._exit(None, None, None)
+            if (
+                pool._fast_return
+                and held._lent_at is None
+                and not pool._waiters
+                and pool._total - pool._closing <= pool._size
+            ):
+                # checkin_nowait()'s common case inline (see ConnectionPool._fast_return).
+                pool._busy.remove(held)
+                pool._idle.append(held)
+            else:
+                try:
+                    pool.checkin_nowait(held)
+                except WouldBlock:  # the return awaits reset/check: the worker is still lent
+                    return self._exit(None, None, None)
             self._held = None
         breaker = plan.nowait_breaker
         if breaker is not None:
@@ -359,7 +394,7 @@ class NowaitProtection(Protection):
             except KeyError:
                 pass  # the timer expired it; the block ended anyway
         scope.__exit__(None, None, None)
-        return READY
+        return DONE
 
     async def _fail_exit(self, exc: BaseException) -> bool:
         """The breaker failed to settle a success: leave the scope with that error."""
