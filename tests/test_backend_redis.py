@@ -9,6 +9,7 @@ stops (or kills, or freezes with SIGSTOP) itself.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import os
@@ -665,6 +666,22 @@ async def test_breaker_follows_the_policy_when_redis_is_down(server: Server) -> 
         await breaker.status()
     await allow.aclose()
     await deny.aclose()
+
+
+async def test_health_reports_a_breaker_whose_store_is_down(server: Server) -> None:
+    """With the breakers' Redis down, health() still answers: degraded, the breaker's state unknown."""
+    backend = RedisBackend.from_url(server.url, prefix="health", socket_timeout=0.5)
+    async with AsyncInfrastructure(backend=backend) as infra:
+        await infra.configure_protection("svc", {"circuit_breaker": {"failure_threshold": 3}})
+        assert (await infra.health())["status"] == "healthy"
+        server.kill()
+        report = await infra.health()
+        assert report["status"] == "degraded"
+        assert report["circuit_breakers"]["svc"]["healthy"] is False
+        assert report["circuit_breakers"]["svc"]["state"] == "unknown"
+        assert "Error" in report["circuit_breakers"]["svc"]["error"]
+        json.dumps(report)
+    await backend.aclose()
 
 
 async def test_the_coordinator_keeps_limits_and_breakers_in_redis(backend: RedisBackend, prefix: str) -> None:

@@ -520,10 +520,11 @@ async def test_hit_does_not_jump_the_queue() -> None:
     await limiter.hit("k")
 
 
-async def test_reset_wakes_waiters() -> None:
+@pytest.mark.parametrize("algorithm", ["gcra", "fixed_window"])
+async def test_reset_wakes_waiters(algorithm: str) -> None:
     """reset(key) lets the waiters of the key pass at once."""
     clock = FakeClock()
-    limiter = RateLimiter(1, 60.0, clock=clock)
+    limiter = RateLimiter(1, 60.0, algorithm=algorithm, clock=clock)
     await limiter.hit("k")
     done = anyio.Event()
 

@@ -640,7 +640,9 @@ class AsyncInfrastructure:
         """Health of everything: every pool and breaker, the keys, the timer; JSON-ready.
 
         ``"status"`` is ``"healthy"`` when every pool is open and every
-        breaker closed, else ``"degraded"``.
+        breaker closed, else ``"degraded"``. A breaker whose state cannot be
+        read (its shared store is down) is reported with ``"state": "unknown"``
+        and the error, and counts as unhealthy: a health check must answer.
         """
         pools: dict[str, Any] = {}
         for name in self.connection_manager.list_pools():
@@ -649,8 +651,12 @@ class AsyncInfrastructure:
             pools[name] = {"healthy": healthy, **jsonable(pool.status().to_dict())}
         breakers: dict[str, Any] = {}
         for name in self.circuit_breaker.names():
-            snapshot = jsonable((await self.circuit_breaker.get(name).status()).to_dict())
-            breakers[name] = {"healthy": snapshot.get("state") != "open", **snapshot}
+            try:
+                snapshot = jsonable((await self.circuit_breaker.get(name).status()).to_dict())
+            except Exception as exc:  # any store failure is reported, not raised
+                breakers[name] = {"healthy": False, "state": "unknown", "error": f"{type(exc).__name__}: {exc}"}
+            else:
+                breakers[name] = {"healthy": snapshot.get("state") != "open", **snapshot}
         healthy = all(p["healthy"] for p in pools.values()) and all(b["healthy"] for b in breakers.values())
         return {
             "status": "healthy" if healthy else "degraded",

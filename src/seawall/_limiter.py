@@ -286,12 +286,14 @@ class _GcraWaiters(AsyncLimiter):
 class _RetryQueue:
     """FIFO waiting for any backend: one waiter at a time asks, sleeping ``retry_after`` between tries."""
 
-    __slots__ = ("_key", "_limiter", "_lock", "queued", "users")
+    __slots__ = ("_key", "_limiter", "_lock", "_sleep", "queued", "users")
 
     def __init__(self, limiter: RateLimiter, key: str) -> None:
         self._limiter = limiter
         self._key = key
         self._lock = anyio.Lock()
+        # The head waiter's sleep until its retry time, while it sleeps.
+        self._sleep: anyio.CancelScope | None = None
         self.users = 0
         self.queued = 0.0
 
@@ -302,7 +304,19 @@ class _RetryQueue:
                 delay = await limiter._try_take(self._key, cost)
                 if delay is None:
                     return
-                await limiter.clock.sleep(delay)
+                # A scope of its own, so that wake() can cut the sleep short
+                # (on the limiter's clock, which may be a fake one).
+                sleep = self._sleep = anyio.CancelScope()
+                try:
+                    with sleep:
+                        await limiter.clock.sleep(delay)
+                finally:
+                    self._sleep = None
+
+    def wake(self) -> None:
+        """Make the head waiter ask again now (its bucket was reset)."""
+        if self._sleep is not None:
+            self._sleep.cancel()
 
     def close(self) -> None:
         pass
@@ -649,13 +663,15 @@ class RateLimiter:
         )
 
     async def reset(self, key: str = "default") -> None:
-        """Empty bucket ``key``. Tasks waiting on it are woken if they now fit."""
+        """Empty bucket ``key``. Tasks of this process waiting on it are woken if they now fit."""
         if type(key) is not str:
             key = _bad_key(key)
         await self.backend.reset(key, self._rule)
         waiting = self._waiting.get(key)
         if isinstance(waiting, _GcraWaiters):
             waiting._wake_next()
+        elif waiting is not None:
+            waiting.wake()
 
     @property
     def resident_buckets(self) -> int | None:
