@@ -282,6 +282,50 @@ async def test_ticking_timer_registers_calls_in_slots_and_fires_them_on_time() -
     assert sorted(lateness)[len(lateness) // 2] <= 2 * GRANULARITY
 
 
+async def test_a_timeout_no_key_uses_any_more_leaves_the_timer() -> None:
+    """Reconfigured or removed keys drop their timeout's slot once its calls are done; those calls still time out."""
+    async with AsyncInfrastructure() as infra:
+        timer = infra._timer
+        await infra.configure_protection("a", {"timeout": 0.5})
+        await infra.configure_protection("b", {"timeout": 0.5})
+        await infra.configure_protection("c", {"timeout": 2.0})
+        outcome: list[str] = []
+
+        async def slow_call() -> None:
+            try:
+                async with infra.protect("a"):
+                    outcome.append("started")
+                    await anyio.sleep_forever()
+            except ProtectionTimeout:
+                outcome.append("timed out")
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                assert await infra.execute_protected("a", ok) == "ok"  # the timer ticks from here on
+                await _until(lambda: timer.ticking)
+                tg.start_soon(slow_call)
+                await _until(lambda: outcome == ["started"])
+                await infra.configure_protection("a", {"timeout": 1.0})
+                assert 0.5 in timer.slots  # "b" still uses it
+                await infra.remove_protection("b")
+                assert 0.5 in timer.slots  # the old plan's call (0.5 s) is still in it
+        assert outcome == ["started", "timed out"]
+        await _until(lambda: 0.5 not in timer.slots)
+        await infra.remove_protection("c")
+        await _until(lambda: 2.0 not in timer.slots)
+        assert sorted(timer.slots) == [1.0]
+
+        # A block made before its key was reconfigured still times out on its plan's timeout.
+        await infra.configure_protection("a", {"timeout": 0.2})
+        assert await infra.execute_protected("a", ok) == "ok"  # the timer ticks again
+        stale = infra.protect("a")
+        await infra.configure_protection("a", {"timeout": 1.0})
+        assert 0.2 not in timer.slots
+        with anyio.fail_after(5), pytest.raises(ProtectionTimeout):
+            async with stale:
+                await anyio.sleep_forever()
+
+
 async def test_timer_stops_ticking_when_idle_and_restarts() -> None:
     """A tick with nothing to close stops the ticks; the next call registers exactly and starts them again."""
     async with AsyncInfrastructure() as infra:

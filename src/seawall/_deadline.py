@@ -70,12 +70,19 @@ class Slot:
     register.
     """
 
-    __slots__ = ("closed", "open", "timeout")
+    __slots__ = ("closed", "open", "released", "timeout")
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
         self.open: dict[Any, None] | None = None
         self.closed: deque[tuple[float, dict[Any, None]]] = deque()
+        #: No kept plan uses this timeout any more: the timer drops the slot once its calls are done.
+        self.released = False
+
+    @property
+    def done(self) -> bool:
+        """Whether no call is registered in it."""
+        return not self.open and not self.closed
 
 
 #: Beyond this many distinct timeout values, empty groups are dropped when the timer runs.
@@ -137,13 +144,32 @@ class DeadlineTimer:
         self._real_clock = isinstance(clock, MonotonicClock)
 
     def slot(self, timeout: float) -> Slot:
-        """The :class:`Slot` of ``timeout`` (kept for the timer's lifetime: hold it per configured key)."""
+        """The :class:`Slot` of ``timeout``, kept until :meth:`release` (hold it per configured key)."""
         found = self.slots.get(timeout)
         if found is None:
             found = self.slots[timeout] = Slot(timeout)
             if self.ticking:
                 found.open = {}
+        found.released = False
         return found
+
+    def release(self, timeout: float) -> None:
+        """No kept plan uses ``timeout`` any more: drop its slot once the calls in it are done.
+
+        Without this, every timeout value ever configured would cost each tick
+        a look. Calls of a plan fetched earlier may still hold the slot: until
+        it is dropped they register in it as before; after that its ``open``
+        stays ``None``, which sends them to the exact registration.
+        """
+        slot = self.slots.get(timeout)
+        if slot is not None:
+            slot.released = True
+            if slot.done:
+                self._drop(slot)
+
+    def _drop(self, slot: Slot) -> None:
+        del self.slots[slot.timeout]
+        slot.open = None
 
     def start_ticking(self) -> None:
         """Tick from now on (a call just registered exactly): later calls can use the slots.
@@ -241,6 +267,8 @@ class DeadlineTimer:
                     scope.cancel()
                 self.expired += len(bucket)
                 bucket.clear()  # the calls' own deletes become no-ops
+        for slot in [slot for slot in self.slots.values() if slot.released and slot.done]:
+            self._drop(slot)
         self.ticking = ticking and self.running
         if self.ticking:
             wake = min(wake, now + TICK)

@@ -229,6 +229,8 @@ class AsyncInfrastructure:
             self.connection_manager._set(key, None)
         if pool is not None:
             self.connection_manager._set(key, pool)
+        if old is not None and old.timeout != plan.timeout:
+            self._release_slot(old.timeout)
         if old is not None and old.pool is not None:
             await self._retire_pool(old.pool, old)
         return validated
@@ -255,6 +257,7 @@ class AsyncInfrastructure:
         plan = self._plans.pop(key, None)
         if plan is None:
             raise ProtectionKeyNotFound(name=key)
+        self._release_slot(plan.timeout)
         if self.rate_limiter.for_operation(key) is plan.limiter:
             self.rate_limiter.bind(key, None)
         if plan.breaker is not None and self.circuit_breaker._breakers.get(key) is plan.breaker:
@@ -697,6 +700,12 @@ class AsyncInfrastructure:
         self._pools.discard(pool)
         with anyio.CancelScope(shield=True):
             await pool.close(grace=grace)
+
+    def _release_slot(self, timeout: float) -> None:
+        """A key stopped using ``timeout``: let the timer drop its slot if no other key uses it."""
+        # (Unconfigured keys use DEFAULT_TIMEOUT's slot.)
+        if timeout != DEFAULT_TIMEOUT and all(plan.timeout != timeout for plan in self._plans.values()):
+            self._timer.release(timeout)
 
     async def _retire_pool(self, pool: ConnectionPool[Any], plan: Plan | None) -> None:
         """Close ``pool`` once the calls in flight on ``plan`` are done, without waiting here."""
