@@ -54,6 +54,28 @@ async def test_fake_clock_sleepers_wake_in_deadline_order_when_time_passes() -> 
     assert clock.now() == 102.0
 
 
+async def test_a_cancelled_sleep_is_no_longer_a_sleeper() -> None:
+    """A sleep cancelled before it was due leaves the clock; the others still wake on time."""
+    clock = FakeClock()
+    woke: list[str] = []
+
+    async def sleep(name: str, seconds: float) -> None:
+        await clock.sleep(seconds)
+        woke.append(name)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sleep, "kept", 2.0)
+        async with anyio.create_task_group() as doomed:
+            doomed.start_soon(sleep, "cancelled", 1.0)
+            await anyio.wait_all_tasks_blocked()
+            assert clock.sleepers == 2
+            doomed.cancel_scope.cancel()
+        assert clock.sleepers == 1
+        clock.advance(2.0)
+    assert woke == ["kept"]
+    assert clock.sleepers == 0
+
+
 async def test_fake_clock_zero_sleep_is_a_checkpoint() -> None:
     """sleep(0) on a FakeClock returns without waiting for time to move."""
     clock = FakeClock()

@@ -943,6 +943,34 @@ async def test_protection_status_and_health_serialise_to_json() -> None:
             await infra.get_protection_status("missing")
 
 
+async def test_health_skips_a_breaker_removed_while_it_reports() -> None:
+    """A breaker removed while health() awaits another breaker's status is left out, not reported broken."""
+    from seawall import CircuitBreaker
+
+    answer = anyio.Event()
+
+    class SlowStatus(CircuitBreaker):
+        async def status(self) -> Any:
+            await answer.wait()
+            return await super().status()
+
+    async with AsyncInfrastructure() as infra:
+        infra.circuit_breaker.register("a-slow", SlowStatus("a-slow"))
+        await infra.configure_protection("b", {"circuit_breaker": {}})
+        reports: list[dict[str, Any]] = []
+
+        async def report() -> None:
+            reports.append(await infra.health())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(report)
+            await anyio.wait_all_tasks_blocked()
+            await infra.remove_protection("b")
+            answer.set()
+        assert reports[0]["status"] == "healthy"
+        assert list(reports[0]["circuit_breakers"]) == ["a-slow"]
+
+
 async def test_rate_limiter_registry() -> None:
     """check_rate, execute_with_limit, get_status and reset work on per-entity buckets."""
     async with AsyncInfrastructure() as infra:

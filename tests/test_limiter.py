@@ -520,12 +520,34 @@ async def test_hit_does_not_jump_the_queue() -> None:
     await limiter.hit("k")
 
 
+class LateReplyBackend(RemoteBackend):
+    """A remote backend whose take() decides at once but answers only when ``reply`` is set."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock)
+        self.reply: anyio.Event | None = None
+
+    async def take(self, key: str, cost: float, rule: RateLimitRule) -> RateLimitDecision:
+        decision = await super().take(key, cost, rule)
+        if self.reply is not None:
+            await self.reply.wait()
+        return decision
+
+
 @pytest.mark.parametrize("algorithm", ["gcra", "fixed_window"])
-async def test_reset_wakes_waiters(algorithm: str) -> None:
-    """reset(key) lets the waiters of the key pass at once."""
+@pytest.mark.parametrize("late_reply", [False, True])
+async def test_reset_wakes_waiters(algorithm: str, late_reply: bool) -> None:
+    """reset(key) lets the waiters of the key pass at once.
+
+    Also when the waiter's refusal, decided by a remote backend before the
+    reset, only arrives after it: the waiter asks again rather than sleep.
+    """
     clock = FakeClock()
-    limiter = RateLimiter(1, 60.0, algorithm=algorithm, clock=clock)
+    backend = LateReplyBackend(clock) if late_reply else None
+    limiter = RateLimiter(1, 60.0, algorithm=algorithm, backend=backend, clock=clock)
     await limiter.hit("k")
+    if backend is not None:
+        backend.reply = anyio.Event()
     done = anyio.Event()
 
     async def waiter() -> None:
@@ -536,8 +558,11 @@ async def test_reset_wakes_waiters(algorithm: str) -> None:
         tg.start_soon(waiter)
         await anyio.wait_all_tasks_blocked()
         await limiter.reset("k")
+        if backend is not None:
+            backend.reply.set()
         await anyio.wait_all_tasks_blocked()
         assert done.is_set()
+        assert clock.sleepers == 0
 
 
 async def test_fixed_window_waiters_pass_in_the_next_window_in_order() -> None:

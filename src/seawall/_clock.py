@@ -95,8 +95,14 @@ class FakeClock:
             await anyio.lowlevel.checkpoint()
             return
         event = anyio.Event()
-        heapq.heappush(self._sleepers, (self._now + seconds, next(self._tiebreak), event))
-        await event.wait()
+        entry = (self._now + seconds, next(self._tiebreak), event)
+        heapq.heappush(self._sleepers, entry)
+        try:
+            await event.wait()
+        finally:
+            if not event.is_set():  # cancelled before it was due: no longer a sleeper
+                self._sleepers.remove(entry)
+                heapq.heapify(self._sleepers)
 
     @property
     def sleepers(self) -> int:

@@ -654,8 +654,11 @@ class AsyncInfrastructure:
             pools[name] = {"healthy": healthy, **jsonable(pool.status().to_dict())}
         breakers: dict[str, Any] = {}
         for name in self.circuit_breaker.names():
+            breaker = self.circuit_breaker._breakers.get(name)
+            if breaker is None:
+                continue  # removed while an earlier breaker's status was awaited
             try:
-                snapshot = jsonable((await self.circuit_breaker.get(name).status()).to_dict())
+                snapshot = jsonable((await breaker.status()).to_dict())
             except Exception as exc:  # any store failure is reported, not raised
                 breakers[name] = {"healthy": False, "state": "unknown", "error": f"{type(exc).__name__}: {exc}"}
             else:

@@ -286,7 +286,7 @@ class _GcraWaiters(AsyncLimiter):
 class _RetryQueue:
     """FIFO waiting for any backend: one waiter at a time asks, sleeping ``retry_after`` between tries."""
 
-    __slots__ = ("_key", "_limiter", "_lock", "_sleep", "queued", "users")
+    __slots__ = ("_key", "_limiter", "_lock", "_sleep", "_wakes", "queued", "users")
 
     def __init__(self, limiter: RateLimiter, key: str) -> None:
         self._limiter = limiter
@@ -294,6 +294,9 @@ class _RetryQueue:
         self._lock = anyio.Lock()
         # The head waiter's sleep until its retry time, while it sleeps.
         self._sleep: anyio.CancelScope | None = None
+        # How many times wake() was called: a reset that lands while the head
+        # waiter is still asking a remote backend must not be slept through.
+        self._wakes = 0
         self.users = 0
         self.queued = 0.0
 
@@ -301,9 +304,12 @@ class _RetryQueue:
         limiter = self._limiter
         async with self._lock:
             while True:
+                wakes = self._wakes
                 delay = await limiter._try_take(self._key, cost)
                 if delay is None:
                     return
+                if self._wakes != wakes:
+                    continue  # the bucket was reset while we asked: ask again now
                 # A scope of its own, so that wake() can cut the sleep short
                 # (on the limiter's clock, which may be a fake one).
                 sleep = self._sleep = anyio.CancelScope()
@@ -315,6 +321,7 @@ class _RetryQueue:
 
     def wake(self) -> None:
         """Make the head waiter ask again now (its bucket was reset)."""
+        self._wakes += 1
         if self._sleep is not None:
             self._sleep.cancel()
 
