@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 
 import aiobreaker
@@ -147,18 +148,18 @@ async def run(ctx: BenchContext) -> None:
         # the peers keep one AsyncLimiter per entity in a dict.
         entities = [f"user-{i}" for i in range(100)]
         peer_limiters = {entity: AsyncLimiter(HUGE, 1) for entity in entities}
-        turn = iter(range(1 << 62))
+        next_entity = itertools.cycle(entities).__next__
 
         async def peer_chain_per_entity() -> None:
-            async with peer_limiters[entities[next(turn) % 100]], asyncio.timeout(5):
+            async with peer_limiters[next_entity()], asyncio.timeout(5):
                 await peer_breaker.call_async(peer_inner)
 
         async def ours_protect_per_entity() -> None:
-            async with infra.protect("full", rate_limiter=entities[next(turn) % 100]):
+            async with infra.protect("full", rate_limiter=next_entity()):
                 await noop()
 
         async def ours_execute_per_entity() -> None:
-            await infra.execute_protected("full", noop, rate_limiter=entities[next(turn) % 100])
+            await infra.execute_protected("full", noop, rate_limiter=next_entity())
 
         await ctx.per_call(
             "infrastructure: full chain, a bucket per entity (100 entities)",

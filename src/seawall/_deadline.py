@@ -247,6 +247,7 @@ class DeadlineTimer:
         """Close the slots' open dicts (deadline ``now + timeout``) and cancel the expired ones."""
         ticking = self._keep_ticking
         self._keep_ticking = False
+        finished: list[Slot] = []  # released slots with no call left: dropped after the loop
         for slot in self.slots.values():
             if slot.open:
                 # Every call in it started no later than now: never early.
@@ -267,7 +268,9 @@ class DeadlineTimer:
                     scope.cancel()
                 self.expired += len(bucket)
                 bucket.clear()  # the calls' own deletes become no-ops
-        for slot in [slot for slot in self.slots.values() if slot.released and slot.done]:
+            if slot.released and slot.done:
+                finished.append(slot)
+        for slot in finished:
             self._drop(slot)
         self.ticking = ticking and self.running
         if self.ticking:

@@ -607,8 +607,8 @@ class AsyncInfrastructure:
         if base is not None and _same(limiter, bucket, breaker, pool, seconds, base):
             plan = base
         else:
-            kept_plan = base is not None and kept_entity is not None
-            plan = Plan(self, key, None, limiter, bucket, breaker, pool, seconds, one_call=not kept_plan)
+            one_call = base is None or kept_entity is None
+            plan = Plan(self, key, None, limiter, bucket, breaker, pool, seconds, one_call=one_call)
             if base is not None:
                 # Count the call against the key's plan, whose pool it may use.
                 plan.owner = base
