@@ -703,3 +703,80 @@ async def test_the_coordinator_keeps_limits_and_breakers_in_redis(backend: Redis
         assert status["circuit_breaker"]["state"] == "closed"
     keys = [key async for key in backend.client.scan_iter(match=f"{prefix}:*")]
     assert any(b":rl:" in key for key in keys)
+
+
+LONE_SURROGATES = ["\ud800", "a\udfffb", "\udc80:\ud83d", "\x00nul", "é" * 3]
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+async def test_any_str_is_a_bucket_on_redis(backend: RedisBackend, algorithm: str) -> None:
+    """Entity ids with lone surrogates, NUL or accents are buckets of their own on Redis, as in memory."""
+    limiter = RateLimiter(1, 60.0, algorithm=algorithm, backend=backend)  # type: ignore[arg-type]
+    for key in LONE_SURROGATES:
+        await limiter.hit(key)
+        with pytest.raises(RateLimitExceeded):
+            await limiter.hit(key)
+        assert (await limiter.status(key)).remaining == 0
+    # "\ud83d\ude00" as two lone code points is not the emoji it would encode to as a pair.
+    await limiter.hit("\ud83d\ude00")
+    await limiter.hit("\U0001f600")
+    await limiter.reset("\ud800")
+    await limiter.hit("\ud800")
+
+
+@pytest.mark.parametrize("policy", ["allow", "deny"])
+async def test_any_str_names_a_breaker_on_redis(redis_url: str, prefix: str, policy: str) -> None:
+    """A breaker named with a lone surrogate keeps its state on Redis under either policy (no UnicodeEncodeError)."""
+    async with RedisBackend.from_url(redis_url, prefix=prefix, on_error=policy) as backend:  # type: ignore[arg-type]
+        breaker = CircuitBreaker("db-\ud800", failure_threshold=1, recovery_time=30.0, backend=backend)
+        await _fail(breaker)
+        with pytest.raises(CircuitOpenError):
+            async with breaker:
+                pass
+        assert (await breaker.status()).state is BreakerState.OPEN
+
+
+@pytest.mark.parametrize(("algorithm", "limit"), [("gcra", 10**9), ("gcra", 10**10), ("fixed_window", 10**12)])
+async def test_huge_limits_are_exact_on_redis(backend: RedisBackend, algorithm: str, limit: int) -> None:
+    """The server admits exactly ``limit`` units for the largest accepted limits, never one more.
+
+    The longest window keeps the real server clock from draining a unit
+    between the hits (GCRA drains one every 0.1 s at 10**10 per 1e9 s).
+    """
+    limiter = RateLimiter(limit, 1e9, algorithm=algorithm, backend=backend)  # type: ignore[arg-type]
+    await limiter.hit("k", limit)
+    with pytest.raises(RateLimitExceeded):
+        await limiter.hit("k", 1)
+    await limiter.hit("j", limit - 1)
+    await limiter.hit("j", 1)
+    with pytest.raises(RateLimitExceeded):
+        await limiter.hit("j", 1)
+
+
+@pytest.mark.parametrize(
+    ("limit", "window", "algorithm"),
+    [(5, 1e15, "gcra"), (5, 1e-9, "fixed_window"), (10**13, 1.0, "gcra"), (5, 10**400, "fixed_window")],
+)
+async def test_rules_the_server_cannot_evaluate_are_refused(
+    backend: RedisBackend, limit: float, window: float, algorithm: str
+) -> None:
+    """Rules that made every Redis decision a server error (and so admitted under "allow") fail at construction."""
+    with pytest.raises(ConfigurationError):
+        RateLimiter(limit, window, algorithm=algorithm, backend=backend)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError):
+        await backend.take("k", 1, RateLimitRule(limit, window, algorithm))  # type: ignore[arg-type]
+
+
+async def test_keys_never_share_buckets_on_redis(backend: RedisBackend) -> None:
+    """Key "api" with entity "admin:alice" and key "api:admin" with entity "alice" count apart on Redis too."""
+    async with AsyncInfrastructure(backend=backend) as infra:
+        for key in ("api", "api:admin"):
+            await infra.configure_protection(key, {"rate_limiter": {"limit": 1, "window": 60}})
+
+        async def work() -> str:
+            return "done"
+
+        assert await infra.execute_protected("api", work, rate_limiter="admin:alice") == "done"
+        assert await infra.execute_protected("api:admin", work, rate_limiter="alice") == "done"
+        with pytest.raises(RateLimitExceeded):
+            await infra.execute_protected("api:admin", work, rate_limiter="alice")

@@ -91,8 +91,8 @@ def test_unknown_option_without_close_match_lists_valid_names() -> None:
         ({"rate_limiter": {"limit": 0, "window": 1}}, "external_api.rate_limiter.limit", "at least 1"),
         ({"rate_limiter": {"limit": True, "window": 1}}, "external_api.rate_limiter.limit", "integer"),
         ({"rate_limiter": {"limit": "5", "window": 1}}, "external_api.rate_limiter.limit", "integer"),
-        ({"rate_limiter": {"limit": 5, "window": -1}}, "external_api.rate_limiter.window", "above 0"),
-        ({"rate_limiter": {"limit": 5, "window": float("inf")}}, "external_api.rate_limiter.window", "above 0"),
+        ({"rate_limiter": {"limit": 5, "window": -1}}, "external_api.rate_limiter.window", "at least 0.001"),
+        ({"rate_limiter": {"limit": 5, "window": float("inf")}}, "external_api.rate_limiter.window", "at most 1e"),
         ({"rate_limiter": {"limit": 5, "window": "1s"}}, "external_api.rate_limiter.window", "number of seconds"),
         ({"rate_limiter": {"window": 1}}, "external_api.rate_limiter.limit", "required"),
         (
@@ -253,3 +253,47 @@ def test_load_toml_errors_name_the_file(tmp_path: Path) -> None:
         load_toml(file)
     with pytest.raises(ConfigurationError, match="cannot read"):
         load_toml(tmp_path / "missing.toml")
+
+
+HUGE_INT = 10**400  # what TOML and JSON produce for a long run of digits; no float holds it
+
+
+@pytest.mark.parametrize(
+    ("config", "path"),
+    [
+        ({"rate_limiter": {"limit": HUGE_INT, "window": 1}}, "external_api.rate_limiter.limit"),
+        ({"rate_limiter": {"limit": 5, "window": HUGE_INT}}, "external_api.rate_limiter.window"),
+        (
+            {"rate_limiter": {"limit": 5, "window": 1e-310, "algorithm": "fixed_window"}},
+            "external_api.rate_limiter.window",
+        ),
+        ({"circuit_breaker": {"failure_threshold": HUGE_INT}}, "external_api.circuit_breaker.failure_threshold"),
+        ({"circuit_breaker": {"window": HUGE_INT}}, "external_api.circuit_breaker.window"),
+        ({"circuit_breaker": {"recovery_time": -HUGE_INT}}, "external_api.circuit_breaker.recovery_time"),
+        ({"connection_pool": {"size": HUGE_INT}}, "external_api.connection_pool.size"),
+        ({"connection_pool": {"timeout": HUGE_INT}}, "external_api.connection_pool.timeout"),
+        ({"timeout": HUGE_INT}, "external_api.timeout"),
+        ({"timeout": 1e308}, "external_api.timeout"),
+        ({"connection_pool": {"factory": ".db:Factory"}}, "external_api.connection_pool.factory"),
+        ({"connection_pool": {"factory": "..:X"}}, "external_api.connection_pool.factory"),
+        ({"circuit_breaker": {"exclude": [".errors:Business"]}}, "external_api.circuit_breaker.exclude[0]"),
+    ],
+)
+def test_out_of_range_numbers_and_relative_imports_name_their_path(config: dict[str, object], path: str) -> None:
+    """Numbers beyond float range and relative import strings are ConfigurationErrors naming the option.
+
+    Never an OverflowError or a TypeError from deep inside.
+    """
+    error = error_of(config)
+    assert error.path == path
+    assert not isinstance(error.__cause__, OverflowError | TypeError)
+
+
+def test_toml_with_numbers_beyond_float_range_fails_at_load(tmp_path: Path) -> None:
+    """A TOML file with a 400-digit integer fails in load_toml, naming the file and the option."""
+    file = tmp_path / "huge.toml"
+    file.write_text(f"[api]\ntimeout = {HUGE_INT}\n\n[api.rate_limiter]\nlimit = 5\nwindow = 1\n")
+    with pytest.raises(ConfigurationError) as info:
+        load_toml(file)
+    assert info.value.path == "api.timeout"
+    assert str(file) in info.value.message

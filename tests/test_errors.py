@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 
 import pytest
 
@@ -10,15 +12,15 @@ import seawall
 from seawall import errors
 
 ALL_ERRORS: list[tuple[type[seawall.SeawallError], str, tuple[type[BaseException], ...]]] = [
-    (seawall.RateLimitExceeded, "rate_limit_exceeded", ()),
+    (seawall.RateLimitExceeded, "rate_limit_exceeded", (seawall.Rejected,)),
     (seawall.RateLimiterError, "rate_limiter_exception", ()),
-    (seawall.CircuitOpenError, "circuit_breaker_blown", ()),
-    (seawall.CircuitBreakerNotFound, "circuit_breaker_not_found", (LookupError,)),
-    (seawall.PoolNotFound, "pool_not_found", (LookupError,)),
-    (seawall.PoolTimeout, "checkout_timeout", (TimeoutError,)),
+    (seawall.CircuitOpenError, "circuit_breaker_blown", (seawall.Rejected,)),
+    (seawall.CircuitBreakerNotFound, "circuit_breaker_not_found", (LookupError, seawall.NotFound)),
+    (seawall.PoolNotFound, "pool_not_found", (LookupError, seawall.NotFound)),
+    (seawall.PoolTimeout, "checkout_timeout", (TimeoutError, seawall.Rejected)),
     (seawall.PoolClosed, "pool_closed", ()),
     (seawall.ProtectionTimeout, "timeout", (TimeoutError,)),
-    (seawall.ProtectionKeyNotFound, "protection_key_not_found", (LookupError,)),
+    (seawall.ProtectionKeyNotFound, "protection_key_not_found", (LookupError, seawall.NotFound)),
     (seawall.ConfigurationError, "invalid_config", (ValueError,)),
     (seawall.ConfigurationTypeError, "invalid_config", (ValueError, TypeError)),
 ]
@@ -89,4 +91,22 @@ def test_errors_module_exports_the_same_tree() -> None:
     """seawall.errors re-exports exactly the classes of the top-level package."""
     for name in errors.__all__:
         assert getattr(errors, name) is getattr(seawall, name)
-    assert set(errors.__all__) == {cls.__name__ for cls, _, _ in ALL_ERRORS} | {"SeawallError"}
+    assert set(errors.__all__) == {cls.__name__ for cls, _, _ in ALL_ERRORS} | {"SeawallError", "Rejected", "NotFound"}
+
+
+def test_only_refusals_are_rejected() -> None:
+    """Rejected groups the refusals made before the call ran; failures of seawall itself are not in it."""
+    rejected = {cls for cls, _, _ in ALL_ERRORS if issubclass(cls, seawall.Rejected)}
+    assert rejected == {seawall.RateLimitExceeded, seawall.CircuitOpenError, seawall.PoolTimeout}
+    not_found = {cls for cls, _, _ in ALL_ERRORS if issubclass(cls, seawall.NotFound)}
+    assert not_found == {seawall.CircuitBreakerNotFound, seawall.PoolNotFound, seawall.ProtectionKeyNotFound}
+
+
+def test_a_bare_import_reaches_the_public_submodules() -> None:
+    """`import seawall` alone makes seawall.errors and seawall.telemetry usable (a fresh interpreter)."""
+    code = (
+        "import seawall\n"
+        "assert seawall.errors.RateLimitExceeded is seawall.RateLimitExceeded\n"
+        "assert callable(seawall.telemetry.attach)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -612,6 +612,47 @@ async def test_entity_buckets_and_operations() -> None:
 
 
 @pytest.mark.parametrize("use_protect", [False, True])
+async def test_keys_with_the_same_rule_never_share_a_bucket(use_protect: bool) -> None:
+    """Key "api" with entity "admin:alice" is not key "api:admin" with entity "alice" (nor any other pair)."""
+
+    async def call(key: str, entity: str | tuple[str, str]) -> str:
+        try:
+            if use_protect:
+                async with infra.protect(key, rate_limiter=entity):
+                    return "ok"
+            return await infra.execute_protected(key, ok, rate_limiter=entity)
+        except RateLimitExceeded:
+            return "denied"
+
+    async with AsyncInfrastructure() as infra:
+        for key in ("api", "api:admin", "api\\", "a"):
+            await infra.configure_protection(key, {"rate_limiter": {"limit": 1, "window": 60}})
+        pairs = [
+            ("api", "admin:alice"),
+            ("api:admin", "alice"),
+            ("api\\", "x"),  # a backslash in the key cannot forge an escape either
+            ("api", "\\:x"),
+            ("a", "pi:admin:alice"),
+        ]
+        assert [await call(key, entity) for key, entity in pairs] == ["ok"] * len(pairs)
+        assert [await call(key, entity) for key, entity in pairs] == ["denied"] * len(pairs)
+        # The operation form names the same buckets: ("api:admin", "alice") is key api:admin's alice.
+        assert await call("a", ("api:admin", "alice")) == "denied"
+
+
+@pytest.mark.parametrize("seconds", [10**400, float("nan"), 1e308, -0.0, True])
+async def test_a_bad_per_call_timeout_is_a_configuration_error(seconds: object) -> None:
+    """execute_protected(timeout=) and protect(timeout=) refuse out-of-range timeouts, naming them."""
+    async with AsyncInfrastructure() as infra:
+        with pytest.raises(ConfigurationError) as info:
+            await infra.execute_protected("api", ok, timeout=seconds)  # type: ignore[arg-type]
+        assert info.value.path == "api.timeout"
+        with pytest.raises(ConfigurationError):
+            async with infra.protect("api", timeout=seconds):  # type: ignore[arg-type]
+                pass
+
+
+@pytest.mark.parametrize("use_protect", [False, True])
 async def test_entity_plans_follow_the_key(use_protect: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each entity keeps its own bucket, however many entities call, and a reconfigured key's limit applies at once.
 

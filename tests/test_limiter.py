@@ -678,9 +678,9 @@ def test_memory_backend_implements_both_protocols() -> None:
 def test_rules_are_checked() -> None:
     """A rule with unusable numbers or algorithm is refused by the backend."""
     for bad in (RateLimitRule(0, 1.0), RateLimitRule(1, math.nan), RateLimitRule(1, 1.0, "leaky")):  # type: ignore[arg-type]
-        with pytest.raises(ValueError, match="rule"):
+        with pytest.raises(ConfigurationError, match=r"limit|window|algorithm"):
             check_rule(bad)
-        with pytest.raises(ValueError, match="rule"):
+        with pytest.raises(ConfigurationError, match=r"limit|window|algorithm"):
             MemoryRateLimitBackend().table(bad)
 
 
@@ -991,3 +991,77 @@ async def test_bucket_handle_refuses_a_bool_cost() -> None:
     limiter = RateLimiter(5, 1.0, clock=FakeClock())
     with pytest.raises(ValueError, match="cost"):
         limiter.bucket("k", cost=True)
+
+
+@pytest.mark.parametrize("algorithm", ["gcra", "fixed_window"])
+async def test_a_denial_behind_due_waiters_carries_a_positive_retry_time(algorithm: Algorithm) -> None:
+    """A hit denied because queued waiters are due but have not run yet is never told to retry after 0 s."""
+    clock = FakeClock()
+    limiter = RateLimiter(2, 2.0, algorithm=algorithm, clock=clock)
+    await limiter.hit("k", 2)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(limiter.acquire, "k", 1)
+        await anyio.wait_all_tasks_blocked()
+        clock.advance(2.0)  # the bucket has room for the waiter and this hit, but the waiter has not run
+        with pytest.raises(RateLimitExceeded) as by_hit:
+            await limiter.hit("k")
+        with pytest.raises(RateLimitExceeded) as by_nowait:
+            limiter.acquire_nowait("k")
+        for info in (by_hit, by_nowait):
+            assert info.value.retry_after is not None
+            assert info.value.retry_after > 0
+
+
+@pytest.mark.parametrize("algorithm", ["gcra", "fixed_window"])
+@pytest.mark.parametrize("limit", [10**6, 10**9, 10**10, 10**12])
+async def test_huge_limits_admit_exactly_their_limit(algorithm: Algorithm, limit: int) -> None:
+    """At one instant a bucket admits exactly ``limit`` units, never one more, up to the largest accepted limit."""
+    limiter = RateLimiter(limit, 60.0, algorithm=algorithm, clock=FakeClock(12345.678))
+    await limiter.hit("whole", limit)
+    with pytest.raises(RateLimitExceeded):
+        await limiter.hit("whole", 1)
+    for _ in range(4):
+        await limiter.hit("quarters", limit // 4)
+    with pytest.raises(RateLimitExceeded):
+        await limiter.hit("quarters", 1)
+    await limiter.hit("less-one", limit - 1)
+    await limiter.hit("less-one", 1)
+    with pytest.raises(RateLimitExceeded):
+        await limiter.hit("less-one", 1)
+    assert (await limiter.status("whole")).remaining == 0
+
+
+@pytest.mark.parametrize(
+    ("arguments", "path"),
+    [
+        ({"limit": 10**400, "window": 1.0}, "limit"),
+        ({"limit": 10**13, "window": 1.0}, "limit"),
+        ({"limit": float("nan"), "window": 1.0}, "limit"),
+        ({"limit": 5, "window": 10**400}, "window"),
+        ({"limit": 5, "window": 1e15}, "window"),
+        ({"limit": 5, "window": 1e-310}, "window"),
+        ({"limit": 5, "window": 1e-9, "algorithm": "fixed_window"}, "window"),
+        ({"limit": 5, "window": -0.0}, "window"),
+        ({"limit": 5, "window": 1.0, "algorithm": "sliding"}, "algorithm"),
+        ({"limit": 5, "window": 1.0, "name": 7}, "name"),
+    ],
+)
+def test_rules_no_backend_can_evaluate_exactly_are_refused(arguments: dict[str, Any], path: str) -> None:
+    """A rule out of the documented bounds fails at construction with a ConfigurationError naming it."""
+    with pytest.raises(ConfigurationError) as info:
+        RateLimiter(**arguments)
+    assert info.value.path == path
+    assert not isinstance(info.value.__cause__, OverflowError)
+
+
+@pytest.mark.parametrize("cost", [10**400, float("inf"), 1e-300, -1, 0, True, "1"])
+async def test_costs_out_of_range_are_refused(cost: object) -> None:
+    """A cost that is not a finite number from limit * 2**-40 to the limit is a ConfigurationError naming cost."""
+    limiter = RateLimiter(5, 1.0, clock=FakeClock())
+    for call in (limiter.hit_nowait, limiter.acquire_nowait, limiter.bucket):
+        with pytest.raises(ConfigurationError) as info:
+            call("k", cost)  # type: ignore[arg-type]
+        assert info.value.path == "cost"
+    with pytest.raises(ConfigurationError):
+        await limiter.acquire("k", cost)  # type: ignore[arg-type]
+    assert limiter.resident_buckets == 0

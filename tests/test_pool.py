@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import random
+import tracemalloc
 from datetime import timedelta
 from typing import Any
 
@@ -13,7 +14,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from seawall import ConnectionPool, PoolClosed, PoolStatus, PoolTimeout
+from seawall import ConfigurationError, ConfigurationTypeError, ConnectionPool, PoolClosed, PoolStatus, PoolTimeout
 from seawall._pool import PoolCheckout, PoolFactory
 from seawall.testing import FakeClock, capture_events
 
@@ -543,6 +544,27 @@ async def test_bulkhead_without_factory_limits_concurrency() -> None:
         assert counts(pool) == (2, 0, 0, 0)
 
 
+@pytest.mark.parametrize("size", [1_000_000, 2**53])
+async def test_a_huge_bulkhead_costs_what_it_is_used_for(size: int) -> None:
+    """A bulkhead's slots are a count: a million (or 2**53) slots start at once, holding only the slots in use."""
+    tracemalloc.start()
+    try:
+        async with ConnectionPool(None, size=size, timeout=None) as pool:
+            started, _ = tracemalloc.get_traced_memory()
+            assert started < 64 * 1024  # a few objects, not one per slot (a million slots took 3.4 GB)
+            assert pool.status().idle == size
+            async with pool.checkout() as first, pool.checkout() as second:
+                assert (first, second) == (None, None)
+                assert (pool.status().idle, pool.status().in_use) == (size - 2, 2)
+            lease = pool.checkout_nowait()
+            assert pool.status().in_use == 1
+            pool.checkin_nowait(lease)
+            assert (pool.status().idle, pool.status().in_use, pool.status().overflow) == (size, 0, 0)
+    finally:
+        tracemalloc.stop()
+    assert pool.status().idle == 0  # closed: nothing is lent any more
+
+
 async def test_async_callable_serves_as_factory() -> None:
     """A zero-argument async callable makes workers; close uses their aclose()/close()."""
 
@@ -773,18 +795,19 @@ async def test_size_zero_is_a_pure_overflow_pool() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"size": 0}, ValueError, "size must be >= 1"),
-        ({"size": -1}, ValueError, "size must be >= 0, got -1"),
-        ({"size": 1.5}, TypeError, "size must be an int"),
-        ({"size": True}, TypeError, "size must be an int"),
-        ({"max_overflow": -1}, ValueError, "max_overflow must be >= 0"),
-        ({"timeout": 0}, ValueError, "timeout must be a finite number of seconds > 0, got 0"),
-        ({"timeout": float("inf")}, ValueError, "timeout"),
-        ({"timeout": "5"}, TypeError, "timeout must be a number"),
-        ({"max_idle": -1.0}, ValueError, "max_idle"),
-        ({"max_lifetime": 0.0}, ValueError, "max_lifetime"),
-        ({"name": 3}, TypeError, "name must be a str"),
-        ({"clock": object()}, TypeError, "clock must be a seawall Clock"),
+        ({"size": 0}, ConfigurationError, "size: must be at least 1"),
+        ({"size": -1}, ConfigurationError, "size: must be at least 0, got -1"),
+        ({"size": 1.5}, ConfigurationTypeError, "size: expected an integer"),
+        ({"size": True}, ConfigurationTypeError, "size: expected an integer"),
+        ({"max_overflow": -1}, ConfigurationError, "max_overflow: must be at least 0"),
+        ({"timeout": 0}, ConfigurationError, "timeout: must be a number of seconds above 0 and at most 1e\\+09, got 0"),
+        ({"timeout": float("inf")}, ConfigurationError, "timeout"),
+        ({"timeout": 10**400}, ConfigurationError, "timeout: must be a number of seconds"),
+        ({"timeout": "5"}, ConfigurationTypeError, "timeout: expected a number"),
+        ({"max_idle": -1.0}, ConfigurationError, "max_idle"),
+        ({"max_lifetime": 0.0}, ConfigurationError, "max_lifetime"),
+        ({"name": 3}, ConfigurationTypeError, "name: must be a str"),
+        ({"clock": object()}, ConfigurationTypeError, "clock: must be a seawall Clock"),
     ],
 )
 def test_bad_configuration_is_rejected_with_a_clear_message(kwargs: dict[str, Any], error: type, match: str) -> None:

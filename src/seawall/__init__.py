@@ -3,6 +3,10 @@
 Public names only; each lives in a private module named after it.
 """
 
+# The public submodules, reachable after a bare ``import seawall``
+# (``seawall.errors.RateLimitExceeded``, ``seawall.telemetry.attach``).
+from seawall import errors as errors
+from seawall import telemetry as telemetry
 from seawall._breaker import BreakerPermit, BreakerState, BreakerStatus, CircuitBreaker
 from seawall._clock import Clock, FakeClock, MonotonicClock
 from seawall._config import BreakerConfig, PoolConfig, ProtectionConfig, RateLimitConfig
@@ -11,6 +15,7 @@ from seawall._errors import (
     CircuitOpenError,
     ConfigurationError,
     ConfigurationTypeError,
+    NotFound,
     PoolClosed,
     PoolNotFound,
     PoolTimeout,
@@ -18,6 +23,7 @@ from seawall._errors import (
     ProtectionTimeout,
     RateLimiterError,
     RateLimitExceeded,
+    Rejected,
     SeawallError,
 )
 from seawall._infrastructure import AsyncInfrastructure
@@ -40,6 +46,7 @@ __all__ = [
     "ConnectionPool",
     "FakeClock",
     "MonotonicClock",
+    "NotFound",
     "PoolClosed",
     "PoolConfig",
     "PoolLease",
@@ -55,6 +62,7 @@ __all__ = [
     "RateLimitStatus",
     "RateLimiter",
     "RateLimiterError",
+    "Rejected",
     "SeawallError",
     "__version__",
 ]

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-import math
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -37,8 +36,9 @@ import anyio
 from anyio import WouldBlock
 
 from seawall._awaitables import DONE
+from seawall._checks import count, seconds
 from seawall._clock import Clock, default_clock
-from seawall._errors import CircuitOpenError, ConfigurationError
+from seawall._errors import CircuitOpenError, ConfigurationTypeError
 from seawall._logging import logger
 from seawall._telemetry import (
     BREAKER_CALL_EXECUTED,
@@ -125,24 +125,6 @@ class BreakerLike(Protocol):
     ) -> Awaitable[bool | None]: ...
 
 
-def _seconds(parameter: str, value: object) -> float:
-    if isinstance(value, timedelta):
-        value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{parameter} must be a number of seconds or a timedelta, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ConfigurationError(f"{parameter} must be a finite number above 0, got {value!r}", path=parameter)
-    return float(value)
-
-
-def _count(parameter: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{parameter} must be an int, got {value!r}")
-    if value < 1:
-        raise ConfigurationError(f"{parameter} must be at least 1, got {value!r}", path=parameter)
-    return value
-
-
 def _exclusions(exclude: object) -> tuple[type[Exception], ...]:
     items: Iterable[object]
     if isinstance(exclude, type):
@@ -150,13 +132,15 @@ def _exclusions(exclude: object) -> tuple[type[Exception], ...]:
     elif isinstance(exclude, Iterable) and not isinstance(exclude, str | bytes):
         items = tuple(exclude)
     else:
-        raise TypeError(f"exclude must be an exception class or a tuple of them, got {exclude!r}")
+        raise ConfigurationTypeError(
+            f"exclude: expected an exception class or a tuple of them, got {exclude!r}", path="exclude"
+        )
     checked: list[type[Exception]] = []
     for item in items:
         if not (isinstance(item, type) and issubclass(item, Exception)):
             # BaseExceptions (cancellation, KeyboardInterrupt) are never failures
             # anyway; listing one is a mistake worth reporting.
-            raise TypeError(f"exclude must hold Exception subclasses only, got {item!r}")
+            raise ConfigurationTypeError(f"exclude: must hold Exception subclasses only, got {item!r}", path="exclude")
         checked.append(item)
     return tuple(checked)
 
@@ -281,26 +265,26 @@ class CircuitBreaker:
         clock: Clock | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
-            raise TypeError(f"name must be a non-empty str, got {name!r}")
+            raise ConfigurationTypeError(f"name must be a non-empty str, got {name!r}", path="name")
         self._name = name
         self._policy = BreakerPolicy(
-            _count("failure_threshold", failure_threshold),
-            _seconds("window", window),
-            _seconds("recovery_time", recovery_time),
-            _count("half_open_max_calls", half_open_max_calls),
+            count(failure_threshold, "failure_threshold", minimum=1),
+            seconds(window, "window"),
+            seconds(recovery_time, "recovery_time"),
+            count(half_open_max_calls, "half_open_max_calls", minimum=1),
         )
         self._recovery_time = self._policy.recovery_time
         self._exclude = _exclusions(exclude)
         if clock is None:
             clock = default_clock
         elif not isinstance(clock, Clock):
-            raise TypeError(f"clock must provide now() and sleep(), got {clock!r}")
+            raise ConfigurationTypeError(f"clock must provide now() and sleep(), got {clock!r}", path="clock")
         self._clock = clock
         self._now = clock.now
         if backend is None:
             backend = MemoryBreakerBackend()
         elif not isinstance(backend, BreakerBackend):
-            raise TypeError(f"backend must implement BreakerBackend, got {backend!r}")
+            raise ConfigurationTypeError(f"backend must implement BreakerBackend, got {backend!r}", path="backend")
         self._backend = backend
         # The in-memory store is read synchronously (the fast paths); any
         # other store is asked through its async protocol on every call.

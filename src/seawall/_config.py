@@ -24,15 +24,15 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
-import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
+from seawall._checks import count, describe, seconds
 from seawall._errors import ConfigurationError
+from seawall.backends._limiter_protocol import MAX_LIMIT, MAX_WINDOW, MIN_WINDOW
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -54,42 +54,18 @@ def _fail(path: str, problem: str) -> ConfigurationError:
     return ConfigurationError(f"{path}: {problem}", path=path)
 
 
-def _describe(value: object) -> str:
-    return f"{value!r} ({type(value).__name__})"
-
-
-def _seconds(value: object, path: str) -> float:
-    """A finite, positive number of seconds; ``timedelta`` is converted once."""
-    if isinstance(value, timedelta):
-        value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _fail(path, f"expected a number of seconds, got {_describe(value)}")
-    if not (math.isfinite(value) and value > 0):
-        raise _fail(path, f"must be a finite number of seconds above 0, got {value!r}")
-    return float(value)
-
-
-def _count(value: object, path: str, *, minimum: int) -> int:
-    """An ``int`` (never a ``bool``) of at least ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _fail(path, f"expected an integer, got {_describe(value)}")
-    if value < minimum:
-        raise _fail(path, f"must be at least {minimum}, got {value!r}")
-    return value
-
-
 def _exception_types(value: object, path: str) -> tuple[type[Exception], ...]:
     """A tuple of exception classes; import strings are resolved."""
     items = [value] if isinstance(value, str | type) else value
     if not isinstance(items, list | tuple):
-        raise _fail(path, f"expected a list of exception classes, got {_describe(value)}")
+        raise _fail(path, f"expected a list of exception classes, got {describe(value)}")
     resolved: list[type[Exception]] = []
     for index, item in enumerate(items):
         entry = _import_string(item, f"{path}[{index}]") if isinstance(item, str) else item
         # Exception, not BaseException: cancellation and exits are never failures,
         # so excluding them means nothing and CircuitBreaker refuses them too.
         if not (isinstance(entry, type) and issubclass(entry, Exception)):
-            raise _fail(f"{path}[{index}]", f"expected an Exception subclass, got {_describe(entry)}")
+            raise _fail(f"{path}[{index}]", f"expected an Exception subclass, got {describe(entry)}")
         resolved.append(entry)
     return tuple(resolved)
 
@@ -101,10 +77,13 @@ def _import_string(target: str, path: str) -> Any:
         module_name, _, attribute = target.rpartition(".")
     if not module_name or not attribute:
         raise _fail(path, f"expected an import string like 'package.module:Name', got {target!r}")
+    if module_name.startswith("."):
+        # A relative import has no package to be relative to here (importlib raises TypeError).
+        raise _fail(path, f"expected an absolute import string like 'package.module:Name', got {target!r}")
     try:
         found: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise _fail(path, f"cannot import module {module_name!r} named in {target!r}: {exc}") from exc
+    except Exception as exc:  # ImportError, or whatever the module raised while importing
+        raise _fail(path, f"cannot import module {module_name!r} named in {target!r}: {exc!r}") from exc
     for part in attribute.split("."):
         try:
             found = getattr(found, part)
@@ -160,7 +139,7 @@ def _check_names(data: Mapping[str, Any], allowed: tuple[str, ...], path: str) -
 
 def _section(value: object, path: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
-        raise _fail(path, f"expected a mapping (a TOML table) of options, got {_describe(value)}")
+        raise _fail(path, f"expected a mapping (a TOML table) of options, got {describe(value)}")
     return value
 
 
@@ -184,8 +163,10 @@ class RateLimitConfig:
         self._validate(self.section)
 
     def _validate(self, path: str) -> None:
-        object.__setattr__(self, "limit", _count(self.limit, f"{path}.limit", minimum=1))
-        object.__setattr__(self, "window", _seconds(self.window, f"{path}.window"))
+        # The bounds every backend evaluates exactly (backends/_limiter_protocol.py).
+        object.__setattr__(self, "limit", count(self.limit, f"{path}.limit", minimum=1, maximum=int(MAX_LIMIT)))
+        window = seconds(self.window, f"{path}.window", minimum=MIN_WINDOW, inclusive=True, maximum=MAX_WINDOW)
+        object.__setattr__(self, "window", window)
         if self.algorithm not in _ALGORITHMS:
             raise _fail(f"{path}.algorithm", f"must be one of {', '.join(_ALGORITHMS)}, got {self.algorithm!r}")
 
@@ -226,10 +207,10 @@ class BreakerConfig:
 
     def _validate(self, path: str) -> None:
         set_ = object.__setattr__
-        set_(self, "failure_threshold", _count(self.failure_threshold, f"{path}.failure_threshold", minimum=1))
-        set_(self, "window", _seconds(self.window, f"{path}.window"))
-        set_(self, "recovery_time", _seconds(self.recovery_time, f"{path}.recovery_time"))
-        set_(self, "half_open_max_calls", _count(self.half_open_max_calls, f"{path}.half_open_max_calls", minimum=1))
+        set_(self, "failure_threshold", count(self.failure_threshold, f"{path}.failure_threshold", minimum=1))
+        set_(self, "window", seconds(self.window, f"{path}.window"))
+        set_(self, "recovery_time", seconds(self.recovery_time, f"{path}.recovery_time"))
+        set_(self, "half_open_max_calls", count(self.half_open_max_calls, f"{path}.half_open_max_calls", minimum=1))
         set_(self, "exclude", _exception_types(self.exclude, f"{path}.exclude"))
 
     @classmethod
@@ -270,9 +251,9 @@ class PoolConfig:
         self._validate(self.section)
 
     def _validate(self, path: str) -> None:
-        object.__setattr__(self, "size", _count(self.size, f"{path}.size", minimum=1))
-        object.__setattr__(self, "max_overflow", _count(self.max_overflow, f"{path}.max_overflow", minimum=0))
-        object.__setattr__(self, "timeout", _seconds(self.timeout, f"{path}.timeout"))
+        object.__setattr__(self, "size", count(self.size, f"{path}.size", minimum=1))
+        object.__setattr__(self, "max_overflow", count(self.max_overflow, f"{path}.max_overflow", minimum=0))
+        object.__setattr__(self, "timeout", seconds(self.timeout, f"{path}.timeout"))
         if self.factory_options is not None:
             _section(self.factory_options, f"{path}.factory_options")
             if self.factory is None:
@@ -291,7 +272,7 @@ class PoolConfig:
             raise _fail(
                 f"{path}.factory",
                 f"expected a factory (an object with async create()/close(), an async callable "
-                f"or an import string), got {_describe(self.factory)}",
+                f"or an import string), got {describe(self.factory)}",
             )
 
     @classmethod
@@ -343,9 +324,9 @@ class ProtectionConfig:
         for name, kind in _SECTIONS.items():
             value = getattr(self, name)
             if value is not None and not isinstance(value, kind):
-                raise _fail(name, f"expected a {kind.__name__} or None, got {_describe(value)}")
+                raise _fail(name, f"expected a {kind.__name__} or None, got {describe(value)}")
         if self.timeout is not None:
-            object.__setattr__(self, "timeout", _seconds(self.timeout, "timeout"))
+            object.__setattr__(self, "timeout", seconds(self.timeout, "timeout"))
 
     @classmethod
     def from_mapping(cls, data: object, path: str = "") -> ProtectionConfig:
@@ -373,7 +354,7 @@ class ProtectionConfig:
                 sections[name] = kind.from_mapping(value, full)
         timeout = options.get("timeout")
         if timeout is not None:
-            timeout = _seconds(timeout, f"{path}.timeout" if path else "timeout")
+            timeout = seconds(timeout, f"{path}.timeout" if path else "timeout")
         return cls(timeout=timeout, **sections)
 
 

@@ -4,17 +4,23 @@ Every error the toolkit raises derives from :class:`SeawallError`; exceptions
 raised by the code it protects pass through unchanged, never wrapped::
 
     SeawallError (Exception)
-    ├── RateLimitExceeded ......... rate_limit_exceeded
+    ├── Rejected .................. (a protection refused the call before it ran)
+    │   ├── RateLimitExceeded ..... rate_limit_exceeded
+    │   ├── CircuitOpenError ...... circuit_breaker_blown
+    │   └── PoolTimeout ........... checkout_timeout          (also TimeoutError)
+    ├── NotFound .................. (a lookup by name failed; also LookupError)
+    │   ├── CircuitBreakerNotFound  circuit_breaker_not_found
+    │   ├── PoolNotFound .......... pool_not_found
+    │   └── ProtectionKeyNotFound . protection_key_not_found
     ├── RateLimiterError .......... rate_limiter_exception
-    ├── CircuitOpenError .......... circuit_breaker_blown
-    ├── CircuitBreakerNotFound .... circuit_breaker_not_found (also LookupError)
-    ├── PoolNotFound .............. pool_not_found            (also LookupError)
-    ├── PoolTimeout ............... checkout_timeout          (also TimeoutError)
     ├── PoolClosed ................ pool_closed
     ├── ProtectionTimeout ......... timeout                   (also TimeoutError)
-    ├── ProtectionKeyNotFound ..... protection_key_not_found  (also LookupError)
     └── ConfigurationError ........ invalid_config            (also ValueError)
         └── ConfigurationTypeError  invalid_config            (also TypeError)
+
+The groups let a caller treat alike what it handles alike: ``except
+Rejected`` catches every "not now, try later" answer (each with its
+``retry_after`` where known), whichever layer gave it.
 
 Each error carries a stable machine-readable ``error_type``, a human
 ``message`` and ``retry_after`` (seconds, or ``None`` when unknown), plus the
@@ -34,6 +40,7 @@ __all__ = [
     "CircuitOpenError",
     "ConfigurationError",
     "ConfigurationTypeError",
+    "NotFound",
     "PoolClosed",
     "PoolNotFound",
     "PoolTimeout",
@@ -41,6 +48,7 @@ __all__ = [
     "ProtectionTimeout",
     "RateLimitExceeded",
     "RateLimiterError",
+    "Rejected",
     "SeawallError",
 ]
 
@@ -104,7 +112,17 @@ def _seconds(value: float | None) -> str:
     return "an unknown time" if value is None else f"{value:.3f}s"
 
 
-class RateLimitExceeded(SeawallError):
+class Rejected(SeawallError):
+    """A protection refused the call before it ran: rate limit, open breaker, pool or concurrency limit.
+
+    Nothing of the call happened, so it is safe to retry, after ``retry_after``
+    where it is known.
+    """
+
+    error_type = "rejected"
+
+
+class RateLimitExceeded(Rejected):
     """A hit was denied by a rate limiter; nothing was consumed.
 
     ``retry_after`` is the time after which the same hit would be admitted.
@@ -150,7 +168,7 @@ class RateLimiterError(SeawallError):
         return f"rate limiter backend failed for key {self.key!r}; denying by policy"
 
 
-class CircuitOpenError(SeawallError):
+class CircuitOpenError(Rejected):
     """A circuit breaker rejected the call without running it."""
 
     error_type = "circuit_breaker_blown"
@@ -167,8 +185,10 @@ class CircuitOpenError(SeawallError):
         return f"circuit breaker {self.name!r} is open; retry after {_seconds(self.retry_after)}"
 
 
-class _NotFound(SeawallError, LookupError):
-    """A lookup by name failed; the message names what was looked for."""
+class NotFound(SeawallError, LookupError):
+    """A lookup by name failed (a breaker, a pool, a protection key); the message names what was looked for."""
+
+    error_type = "not_found"
 
     _context_fields = ("name",)
     _what: ClassVar[str] = "entry"
@@ -182,28 +202,28 @@ class _NotFound(SeawallError, LookupError):
         return f"no {self._what} named {self.name!r}"
 
 
-class CircuitBreakerNotFound(_NotFound):
+class CircuitBreakerNotFound(NotFound):
     """No circuit breaker is registered under that name."""
 
     error_type = "circuit_breaker_not_found"
     _what = "circuit breaker"
 
 
-class PoolNotFound(_NotFound):
+class PoolNotFound(NotFound):
     """No connection pool is registered under that name."""
 
     error_type = "pool_not_found"
     _what = "connection pool"
 
 
-class ProtectionKeyNotFound(_NotFound):
+class ProtectionKeyNotFound(NotFound):
     """No protection is configured under that key."""
 
     error_type = "protection_key_not_found"
     _what = "protection key"
 
 
-class PoolTimeout(SeawallError, TimeoutError):
+class PoolTimeout(Rejected, TimeoutError):
     """No worker could be checked out of a pool within the timeout."""
 
     error_type = "checkout_timeout"

@@ -21,7 +21,6 @@ call falls back to an ordinary anyio deadline.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -34,6 +33,7 @@ from anyio import WouldBlock
 
 from seawall import _plan
 from seawall._breaker import BreakerLike, CircuitBreaker
+from seawall._checks import seconds as check_seconds
 from seawall._clock import Clock, MonotonicClock, default_clock
 from seawall._config import DEFAULT_TIMEOUT, BreakerConfig, PoolConfig, ProtectionConfig, RateLimitConfig, load_toml
 from seawall._deadline import DeadlineTimer
@@ -601,7 +601,7 @@ class AsyncInfrastructure:
         if connection_pool is not None:
             pool = self.connection_manager.get(connection_pool)
         if timeout is not None:
-            seconds = _timeout(timeout, f"{key}.timeout")
+            seconds = check_seconds(timeout, f"{key}.timeout")
         else:
             seconds = base.timeout if base is not None else DEFAULT_TIMEOUT
         if base is not None and _same(limiter, bucket, breaker, pool, seconds, base):
@@ -769,11 +769,3 @@ def _same(
         and pool is base.pool
         and timeout == base.timeout
     )
-
-
-def _timeout(value: object, path: str) -> float:
-    if isinstance(value, timedelta):
-        value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and value > 0):
-        raise ConfigurationError(f"{path}: must be a finite number of seconds above 0, got {value!r}", path=path)
-    return float(value)

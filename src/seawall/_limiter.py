@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from datetime import timedelta
@@ -45,23 +44,24 @@ import anyio
 from aiolimiter import AsyncLimiter
 from anyio import WouldBlock
 
+from seawall._checks import number
 from seawall._clock import Clock, MonotonicClock, default_clock
 from seawall._errors import ConfigurationError, ConfigurationTypeError, RateLimitExceeded
 from seawall._logging import logger
 from seawall._telemetry import LIMITER_REQUEST_ALLOWED, LIMITER_REQUEST_DENIED
 from seawall.backends._limiter_memory import GcraTable, MemoryRateLimitBackend
 from seawall.backends._limiter_protocol import (
+    MIN_COST_SHARE,
     AcquireHooks,
     Algorithm,
     BucketTable,
     LocalRateLimitBackend,
     RateLimitBackend,
     RateLimitRule,
+    check_rule,
 )
 
 __all__ = ["RateLimitBucket", "RateLimitStatus", "RateLimiter"]
-
-_ALGORITHMS: Final = ("gcra", "fixed_window")
 
 
 class _Lazy:
@@ -137,16 +137,8 @@ _SETTERS: Final = tuple(getattr(RateLimitStatus, name).__set__ for name in _STAT
 #: ints are cached), so ``cost=True`` or ``cost=1.0`` still gets checked.
 _ONE: Final = 1
 
-
-def _number(name: str, value: object) -> float:
-    """Return ``value`` if it is a finite positive number, else raise naming ``name``."""
-    if isinstance(value, timedelta) and name == "window":
-        value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigurationTypeError(f"{name} must be a finite positive number, got {value!r}", path=name)
-    if not (math.isfinite(value) and value > 0):
-        raise ConfigurationError(f"{name} must be a finite positive number, got {value!r}", path=name)
-    return value
+#: The least ``retry_after`` of a denial (seconds): a denied hit is never told "now".
+_MIN_RETRY_AFTER: Final = 1e-6
 
 
 def _bad_key(key: object) -> str:
@@ -371,9 +363,10 @@ class RateLimiter:
             the monotonic clock of the event loop.
 
     Raises:
-        TypeError: ``limit`` or ``window`` is not a number, ``name`` not a str.
-        ValueError: ``limit`` or ``window`` is not finite and positive, or
-            ``algorithm`` is unknown (a :class:`~seawall.ConfigurationError`).
+        ConfigurationTypeError: ``limit`` or ``window`` is not a number, ``name`` not a str.
+        ConfigurationError: ``limit`` or ``window`` is out of the bounds every
+            backend evaluates exactly (``limit`` up to ``1e12``, ``window`` from
+            ``0.001`` to ``1e9`` seconds), or ``algorithm`` is unknown.
     """
 
     __slots__ = (
@@ -401,14 +394,14 @@ class RateLimiter:
         name: str | None = None,
         clock: Clock | None = None,
     ) -> None:
-        self.limit: Final = _number("limit", limit)
-        self.window: Final = _number("window", window)
-        if algorithm not in _ALGORITHMS:
-            raise ConfigurationError(
-                f"algorithm must be one of {', '.join(map(repr, _ALGORITHMS))}, got {algorithm!r}", path="algorithm"
-            )
+        if isinstance(window, timedelta):
+            window = window.total_seconds()
         if name is not None and not isinstance(name, str):
-            raise TypeError(f"name must be a str or None, got {name!r}")
+            raise ConfigurationTypeError(f"name: must be a str or None, got {name!r}", path="name")
+        # Every backend evaluates exactly the rules check_rule() accepts (see its bounds).
+        check_rule(RateLimitRule(limit, window, algorithm, name))
+        self.limit: Final = float(limit)
+        self.window: Final = float(window)
         self.algorithm: Final = algorithm
         self.name: Final = name
         if clock is None:
@@ -448,7 +441,8 @@ class RateLimiter:
                 ``retry_after`` is when it would. Tasks waiting in
                 :meth:`acquire` on the same key go first.
             TypeError: ``key`` is not a str or ``cost`` not a number.
-            ValueError: ``cost`` is not finite and positive, or above ``limit``.
+            ValueError: ``cost`` is out of range: below ``limit * 2**-40`` or above
+                ``limit`` (a :class:`~seawall.ConfigurationError`).
         """
         if self._take is not None:
             return self.hit_nowait(key, cost)  # buckets in this process: decided without awaiting
@@ -482,7 +476,8 @@ class RateLimiter:
             anyio.WouldBlock: The backend is remote; nothing was taken or asked.
             RateLimitExceeded: The hit does not fit now (nothing was taken).
             TypeError: ``key`` is not a str or ``cost`` not a number.
-            ValueError: ``cost`` is not finite and positive, or above ``limit``.
+            ValueError: ``cost`` is out of range: below ``limit * 2**-40`` or above
+                ``limit`` (a :class:`~seawall.ConfigurationError`).
         """
         if type(key) is not str:
             key = _bad_key(key)
@@ -523,7 +518,8 @@ class RateLimiter:
             RateLimitExceeded: The hit does not fit now (nothing was taken);
                 ``retry_after`` is when it would.
             TypeError: ``key`` is not a str or ``cost`` not a number.
-            ValueError: ``cost`` is not finite and positive, or above ``limit``.
+            ValueError: ``cost`` is out of range: below ``limit * 2**-40`` or above
+                ``limit`` (a :class:`~seawall.ConfigurationError`).
         """
         # hit_nowait() without the status (building it costs as much as the decision).
         if type(key) is not str:
@@ -552,7 +548,8 @@ class RateLimiter:
 
         Raises:
             TypeError: ``key`` is not a str or ``cost`` not a number.
-            ValueError: ``cost`` is not finite and positive, or above ``limit``.
+            ValueError: ``cost`` is out of range: below ``limit * 2**-40`` or above
+                ``limit`` (a :class:`~seawall.ConfigurationError`).
         """
         if type(key) is not str:
             key = _bad_key(key)
@@ -606,7 +603,8 @@ class RateLimiter:
 
         Raises:
             TypeError: ``key`` is not a str or ``cost`` not a number.
-            ValueError: ``cost`` is not finite and positive, or above ``limit``.
+            ValueError: ``cost`` is out of range: below ``limit * 2**-40`` or above
+                ``limit`` (a :class:`~seawall.ConfigurationError`).
         """
         if type(key) is not str:
             key = _bad_key(key)
@@ -688,9 +686,11 @@ class RateLimiter:
     # -- internals --------------------------------------------------------
 
     def _check_cost(self, cost: object) -> float:
-        value = _number("cost", cost)
+        value = number(cost, "cost", minimum=self.limit * MIN_COST_SHARE, inclusive=True)
         if value > self.limit:
-            raise ValueError(f"cost {cost!r} is above the limit {self.limit!r}: it could never be admitted")
+            raise ConfigurationError(
+                f"cost: {cost!r} is above the limit {self.limit!r}: it could never be admitted", path="cost"
+            )
         return value
 
     def _metadata(self, key: str, cost: float) -> dict[str, Any]:
@@ -735,6 +735,11 @@ class RateLimiter:
         self._deny(key, cost, table.retry_after(key, ahead, now))
 
     def _deny(self, key: str, cost: float, retry_after: float) -> NoReturn:
+        # Every denial passes here, so every denial carries a positive retry time:
+        # one that reads 0 (queued waiters are due but have not run yet) would
+        # tell a client to retry at once, into the same denial.
+        if retry_after < _MIN_RETRY_AFTER:
+            retry_after = _MIN_RETRY_AFTER
         if LIMITER_REQUEST_DENIED.handlers:
             LIMITER_REQUEST_DENIED.emit({"cost": cost, "retry_after": retry_after}, self._metadata(key, cost))
         if logger.is_enabled_for(logging.DEBUG):

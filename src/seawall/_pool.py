@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -39,8 +38,9 @@ from typing import Any, Final, Generic, Protocol, TypeVar, cast, runtime_checkab
 import anyio
 from anyio import WouldBlock
 
+from seawall._checks import count, seconds
 from seawall._clock import Clock, MonotonicClock, default_clock
-from seawall._errors import ConfigurationTypeError, PoolClosed, PoolTimeout
+from seawall._errors import ConfigurationError, ConfigurationTypeError, PoolClosed, PoolTimeout
 from seawall._logging import logger
 from seawall._telemetry import ANY_HANDLER, POOL_CHECKIN, POOL_CHECKOUT, POOL_TIMEOUT
 
@@ -203,27 +203,9 @@ def _expire(fut: asyncio.Future[Any]) -> None:
         fut.set_result(_TIMEOUT)
 
 
-def _seconds(name: str, value: float | timedelta | None, *, allow_none: bool) -> float | None:
-    """Validate a duration option: a finite positive float (or timedelta), maybe None."""
-    if value is None:
-        if allow_none:
-            return None
-        raise ValueError(f"{name} must be a positive number of seconds, got None")
-    if isinstance(value, timedelta):
-        value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number of seconds (float or timedelta), got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
-    return float(value)
-
-
-def _count(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return value
+def _seconds(name: str, value: float | timedelta | None) -> float | None:
+    """A duration option: ``None``, or finite positive seconds (a ``timedelta`` is converted)."""
+    return None if value is None else seconds(value, name)
 
 
 class ConnectionPool(Generic[T]):
@@ -256,6 +238,7 @@ class ConnectionPool(Generic[T]):
     """
 
     __slots__ = (
+        "_bulkhead",
         "_busy",
         "_check",
         "_clock",
@@ -301,24 +284,32 @@ class ConnectionPool(Generic[T]):
         max_lifetime: float | timedelta | None = None,
         clock: Clock | None = None,
     ) -> None:
-        self._size = _count("size", size, 0)
-        self._overflow = _count("max_overflow", max_overflow, 0)
+        self._size = count(size, "size", minimum=0)
+        self._overflow = count(max_overflow, "max_overflow", minimum=0)
         if self._size + self._overflow < 1:
-            raise ValueError(f"size must be >= 1 (or max_overflow >= 1 when size is 0), got size={size!r}")
-        self._timeout = _seconds("timeout", timeout, allow_none=True)
-        self._max_idle = _seconds("max_idle", max_idle, allow_none=True)
-        self._max_lifetime = _seconds("max_lifetime", max_lifetime, allow_none=True)
+            raise ConfigurationError(
+                f"size: must be at least 1 (or max_overflow at least 1 when size is 0), got size={size!r}", path="size"
+            )
+        self._timeout = _seconds("timeout", timeout)
+        self._max_idle = _seconds("max_idle", max_idle)
+        self._max_lifetime = _seconds("max_lifetime", max_lifetime)
         if name is not None and not isinstance(name, str):
-            raise TypeError(f"name must be a str or None, got {name!r}")
+            raise ConfigurationTypeError(f"name: must be a str or None, got {name!r}", path="name")
         self._name = name
         if clock is not None and not isinstance(clock, Clock):
-            raise TypeError(f"clock must be a seawall Clock (now() and sleep()), got {clock!r}")
+            raise ConfigurationTypeError(
+                f"clock: must be a seawall Clock (now() and sleep()), got {clock!r}", path="clock"
+            )
         self._clock: Clock = clock or default_clock
         # The default clock's time is the event loop's time, so a plain loop
         # timer serves for timeouts; any other clock gets a sleeper task.
         self._real_clock = isinstance(self._clock, MonotonicClock)
 
         resolved: Any
+        # A bulkhead's slots are a count, not objects: it makes its (None)
+        # workers on demand, synchronously, so its cost follows the peak of
+        # concurrent use, never its size (a million slots cost nothing).
+        self._bulkhead = factory is None
         if factory is None:
             resolved = _NullFactory()
         elif callable(getattr(factory, "create", None)) and callable(getattr(factory, "close", None)):
@@ -327,9 +318,10 @@ class ConnectionPool(Generic[T]):
             resolved = _CallableFactory(factory)
         else:
             missing = [m for m in ("create", "close") if not callable(getattr(factory, m, None))]
-            raise TypeError(
-                f"factory must have async create() and close(worker) methods or be an async callable "
-                f"with no arguments; {factory!r} lacks {' and '.join(missing)}"
+            raise ConfigurationTypeError(
+                f"factory: must have async create() and close(worker) methods or be an async callable "
+                f"with no arguments; {factory!r} lacks {' and '.join(missing)}",
+                path="factory",
             )
         self._factory = resolved
         self._reset: Callable[[Any], Awaitable[None]] | None = getattr(resolved, "reset", None)
@@ -395,14 +387,16 @@ class ConnectionPool(Generic[T]):
 
     def status(self) -> PoolStatus:
         """A snapshot of the counts (exact at the moment of the call)."""
-        idle = len(self._idle)
+        stacked = len(self._idle)
         live = self._total - self._closing
+        # A bulkhead's slots that were never used yet are idle too (made on demand).
+        unmade = self._size - live if self._bulkhead and live < self._size and not self._closed else 0
         return PoolStatus(
             name=self._name,
             size=self._size,
             max_overflow=self._overflow,
-            idle=idle,
-            in_use=live - idle,
+            idle=stacked + unmade,
+            in_use=live - stacked,
             overflow=max(0, live - self._size),
             waiting=sum(1 for fut in self._waiters if not fut.done()),
         )
@@ -423,7 +417,7 @@ class ConnectionPool(Generic[T]):
         """
         if timeout is None:
             return PoolCheckout(self, self._timeout)
-        return PoolCheckout(self, _seconds("timeout", timeout, allow_none=False))
+        return PoolCheckout(self, seconds(timeout, "timeout"))
 
     # -- the non-waiting form ------------------------------------------------
 
@@ -436,7 +430,8 @@ class ConnectionPool(Generic[T]):
         When no idle worker is ready - one would have to be created (I/O) or
         waited for - it raises :class:`anyio.WouldBlock` and lends nothing:
         ``async with pool.checkout()`` then. Dead or expired idle workers met
-        on the way are retired, as :meth:`checkout` retires them.
+        on the way are retired, as :meth:`checkout` retires them. A bulkhead
+        has nothing to create: it lends a new slot while one is free.
 
         Give the lease back exactly once, with :meth:`checkin_nowait` or
         ``await`` :meth:`checkin`, on every path (``try``/``finally``), or the
@@ -466,6 +461,14 @@ class ConnectionPool(Generic[T]):
                     self._lent(worker)
                 return worker
             self._retire(worker)
+        if self._bulkhead and self._total < self._limit:
+            # A free slot and nothing to create: a bulkhead lends a new (None) worker at once.
+            self._total += 1
+            worker = PoolLease(None, self._clock.now())
+            self._busy.add(worker)
+            if ANY_HANDLER.attached:
+                self._lent(worker)
+            return worker
         raise WouldBlock
 
     def checkin_nowait(self, lease: PoolLease[T], raised: bool = False) -> None:
@@ -569,6 +572,9 @@ class ConnectionPool(Generic[T]):
             raise PoolClosed(name=self._name)
         if self._started:
             return
+        if self._bulkhead:
+            self._started = True  # its workers are made on demand (see checkout_nowait)
+            return
         errors: list[Exception] = []
         created: list[PoolLease[Any]] = []
 
@@ -619,7 +625,7 @@ class ConnectionPool(Generic[T]):
         Args:
             grace: Seconds to wait for checked-out workers to come back.
         """
-        grace_s = cast(float, _seconds("grace", grace, allow_none=False))
+        grace_s = seconds(grace, "grace")
         if self._close_done is not None:
             await self._close_done.wait()
             return

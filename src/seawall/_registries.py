@@ -37,7 +37,18 @@ T = TypeVar("T")
 
 
 def bucket_key(operation: str, entity_id: str) -> str:
-    """The rate-limit bucket of ``entity_id`` doing ``operation`` (as Hammer names them)."""
+    r"""The rate-limit bucket of ``entity_id`` doing ``operation``: ``"<operation>:<entity_id>"``.
+
+    Keys with the same rule share a limiter, so the name must be unambiguous
+    for any two strings: with a plain ``"api" + ":" + "admin:alice"`` key
+    ``api`` and key ``api:admin`` would share the bucket of ``alice``. So a
+    ``\`` or ``:`` inside the operation is escaped with a backslash, and the
+    first unescaped ``:`` ends it (the entity, last, needs no escaping). The
+    common case, an operation without either character, reads as Hammer
+    names buckets.
+    """
+    if "\\" in operation or ":" in operation:
+        operation = operation.replace("\\", "\\\\").replace(":", "\\:")
     return f"{operation}:{entity_id}"
 
 

@@ -5,6 +5,7 @@ from seawall._errors import (
     CircuitOpenError,
     ConfigurationError,
     ConfigurationTypeError,
+    NotFound,
     PoolClosed,
     PoolNotFound,
     PoolTimeout,
@@ -12,6 +13,7 @@ from seawall._errors import (
     ProtectionTimeout,
     RateLimiterError,
     RateLimitExceeded,
+    Rejected,
     SeawallError,
 )
 
@@ -20,6 +22,7 @@ __all__ = [
     "CircuitOpenError",
     "ConfigurationError",
     "ConfigurationTypeError",
+    "NotFound",
     "PoolClosed",
     "PoolNotFound",
     "PoolTimeout",
@@ -27,5 +30,6 @@ __all__ = [
     "ProtectionTimeout",
     "RateLimitExceeded",
     "RateLimiterError",
+    "Rejected",
     "SeawallError",
 ]

@@ -33,14 +33,10 @@ from seawall.backends._limiter_protocol import (
     RateLimitDecision,
     RateLimitRule,
     check_rule,
+    tolerance,
 )
 
 __all__ = ["FixedWindowTable", "GcraTable", "MemoryRateLimitBackend"]
-
-#: Relative tolerance of the admission test. Costs are added as floats, so a
-#: bucket filled to exactly ``limit`` may read a few ulps over; a hit retried
-#: after exactly ``retry_after`` must still pass.
-_SLACK = 1e-9
 
 
 class GcraTable:
@@ -70,7 +66,6 @@ class GcraTable:
         "_horizon",
         "_interval",
         "_last",
-        "_limit",
         "_previous",
         "_previous_epoch",
         "_rotate_at",
@@ -80,10 +75,10 @@ class GcraTable:
 
     def __init__(self, rule: RateLimitRule) -> None:
         self.rule = rule
-        self._limit = rule.limit
         self._window = rule.window
         self._interval = rule.window / rule.limit
-        self._horizon = rule.window * (1.0 + _SLACK)
+        # The admission test's slack (see tolerance()): the same on every backend.
+        self._horizon = rule.window * (1.0 + tolerance(rule.limit))
         self._buckets: dict[str, float] = {}  # the current generation: key -> TAT - _epoch
         self._epoch = 0.0
         self._previous: dict[str, float] = {}  # the previous generation: key -> TAT - _previous_epoch
@@ -191,7 +186,7 @@ class GcraTable:
         # so ``now`` is not needed: the description is of that moment.
         interval = self._interval
         level = state / interval
-        remaining = math.floor((self._window - state) / interval + _SLACK * self._limit)
+        remaining = math.floor((self._horizon - state) / interval)
         next_after = state + interval - self._window
         # Snapped so that a bucket drained by float time steps reads 2.0, not 1.9999999999998863
         # (round(level, 9) would do it too, at ten times the cost).
@@ -224,7 +219,7 @@ class FixedWindowTable:
     def __init__(self, rule: RateLimitRule) -> None:
         self.rule = rule
         self._window = rule.window
-        self._limit = rule.limit * (1.0 + _SLACK)
+        self._limit = rule.limit * (1.0 + tolerance(rule.limit))
         self._counts: dict[str, float] = {}
         self._window_end = -math.inf
 

@@ -17,12 +17,18 @@ is what makes the in-memory limiter both fast and deterministic under test.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Container
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple, NoReturn, Protocol, runtime_checkable
+from typing import Any, Final, Literal, NamedTuple, NoReturn, Protocol, runtime_checkable
+
+from seawall._checks import number
+from seawall._errors import ConfigurationError
 
 __all__ = [
+    "MAX_LIMIT",
+    "MAX_WINDOW",
+    "MIN_COST_SHARE",
+    "MIN_WINDOW",
     "AcquireHooks",
     "Algorithm",
     "BucketTable",
@@ -30,6 +36,8 @@ __all__ = [
     "RateLimitBackend",
     "RateLimitDecision",
     "RateLimitRule",
+    "check_rule",
+    "tolerance",
 ]
 
 Algorithm = Literal["gcra", "fixed_window"]
@@ -183,12 +191,40 @@ class LocalRateLimitBackend(RateLimitBackend, Protocol):
         ...
 
 
+#: The bounds of a rule that every backend evaluates exactly (docs/rate-limiter.md, "Bounds").
+#: Up to 1e12 units per window, the float arithmetic of a bucket (in memory, and
+#: in Lua on Redis) resolves well under one unit, so admission is exact for
+#: whole costs and within :func:`tolerance` for fractional ones.
+MAX_LIMIT: Final = 1e12
+#: Windows from a millisecond (the resolution of Redis's clock is a microsecond,
+#: and a shorter fixed window would overflow ``now / window``) to about 31 years
+#: (a bucket's expiry, in milliseconds, must stay far inside Redis's range).
+MIN_WINDOW: Final = 1e-3
+MAX_WINDOW: Final = 1e9
+#: The smallest cost, as a share of the limit: a smaller one would vanish in a
+#: bucket's float (its drain time rounded away), so it would be admitted for free.
+MIN_COST_SHARE: Final = 2.0**-40
+
+
+def tolerance(limit: float) -> float:
+    """The relative slack of a rule's admission test (the same on every backend).
+
+    Costs are added as floats, so a bucket filled to exactly ``limit`` may
+    read a few ulps over, and a hit retried after exactly its ``retry_after``
+    must still pass. The slack is a billionth of the limit, but never more than
+    1e-4 units of cost (so a large limit never admits a whole extra hit: a
+    relative slack alone let a limit of 1e9 admit one hit too many), and never
+    less than 64 ulps.
+    """
+    return max(2.0**-46, min(1e-9, 1e-4 / limit))
+
+
 def check_rule(rule: RateLimitRule) -> RateLimitRule:
-    """Return ``rule`` if its numbers are usable, else raise ``ValueError``."""
-    for name in ("limit", "window"):
-        value = getattr(rule, name)
-        if not (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
-            raise ValueError(f"rule {name} must be a finite positive number, got {value!r}")
+    """Return ``rule`` if every backend can evaluate it exactly, else raise :class:`~seawall.ConfigurationError`."""
+    number(rule.limit, "limit", maximum=MAX_LIMIT)
+    number(rule.window, "window", what="a number of seconds", minimum=MIN_WINDOW, inclusive=True, maximum=MAX_WINDOW)
     if rule.algorithm not in ("gcra", "fixed_window"):
-        raise ValueError(f"rule algorithm must be 'gcra' or 'fixed_window', got {rule.algorithm!r}")
+        raise ConfigurationError(
+            f"algorithm: must be 'gcra' or 'fixed_window', got {rule.algorithm!r}", path="algorithm"
+        )
     return rule

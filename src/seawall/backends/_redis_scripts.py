@@ -30,9 +30,6 @@ from dataclasses import dataclass, field
 
 __all__ = ["FIXED_WINDOW", "GCRA", "Script"]
 
-#: Relative tolerance of the admission test, as ``_limiter_memory._SLACK``.
-SLACK = 1e-9
-
 
 @dataclass(frozen=True, slots=True)
 class Script:
@@ -45,10 +42,11 @@ class Script:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest())
 
 
-# KEYS[1] bucket; ARGV: window (s), interval (s per unit), cost, take ("1") or look ("0").
+# KEYS[1] bucket; ARGV: horizon (the window with the rule's tolerance, s), interval (s per unit),
+# cost, take ("1") or look ("0"). The client computes the horizon, so both backends share one slack.
 # Reply: "<admitted 1|0> <backlog after the operation, s>".
 GCRA = Script(
-    f"""
+    """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local backlog = 0
@@ -63,7 +61,7 @@ if stored then
 end
 if ARGV[4] == '1' then
   local after = backlog + tonumber(ARGV[3]) * tonumber(ARGV[2])
-  if after <= tonumber(ARGV[1]) * (1 + {SLACK!r}) then
+  if after <= tonumber(ARGV[1]) then
     redis.call('SET', KEYS[1], string.format('%.17g %.17g', after, now), 'PX', math.ceil(after * 1000) + 1)
     return string.format('1 %.17g', after)
   end
@@ -72,10 +70,11 @@ return string.format('0 %.17g', backlog)
 """
 )
 
-# KEYS[1] bucket; ARGV: window (s), limit, cost, take ("1") or look ("0").
+# KEYS[1] bucket; ARGV: window (s), ceiling (the limit with the rule's tolerance), cost,
+# take ("1") or look ("0").
 # Reply: "<admitted 1|0> <count after the operation> <seconds until the window ends>".
 FIXED_WINDOW = Script(
-    f"""
+    """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local span = tonumber(ARGV[1]) * 1000000
@@ -97,7 +96,7 @@ end
 local left = string.format('%.17g', (ends - now) / 1000000)
 if ARGV[4] == '1' then
   local after = count + tonumber(ARGV[3])
-  if after <= tonumber(ARGV[2]) * (1 + {SLACK!r}) then
+  if after <= tonumber(ARGV[2]) then
     redis.call('SET', KEYS[1], string.format('%.17g %.17g', after, index), 'PX', math.ceil((ends - now) / 1000))
     return string.format('1 %.17g ', after) .. left
   end

@@ -56,8 +56,8 @@ from seawall.backends._breaker_protocol import (
     Transition,
 )
 from seawall.backends._limiter_memory import GcraTable
-from seawall.backends._limiter_protocol import RateLimitDecision, RateLimitRule, check_rule
-from seawall.backends._redis_scripts import FIXED_WINDOW, GCRA, SLACK
+from seawall.backends._limiter_protocol import RateLimitDecision, RateLimitRule, check_rule, tolerance
+from seawall.backends._redis_scripts import FIXED_WINDOW, GCRA
 
 __all__ = ["RedisBackend"]
 
@@ -71,6 +71,17 @@ _WARN_EVERY: Final = 1.0
 _BACKEND_ERRORS: Final = (RedisError, OSError)
 
 _Command = bytes  # one command, already in the wire format (RESP)
+
+
+def _key(text: str) -> bytes:
+    r"""A key's bytes on the wire: UTF-8, with lone surrogates passed through.
+
+    Redis keys are binary-safe, and any ``str`` is a valid bucket or breaker
+    name (``json.loads('"\ud800"')`` makes one). ``surrogatepass`` keeps the
+    encoding one-to-one: strict UTF-8 never contains an encoded surrogate, so
+    no two names share a key.
+    """
+    return text.encode("utf-8", "surrogatepass")
 
 
 def _bulk(data: bytes) -> bytes:
@@ -96,16 +107,20 @@ class _Wire:
         self.rule = rule
         self.name = name
         script = GCRA if rule.algorithm == "gcra" else FIXED_WINDOW
-        # EVALSHA <sha> 1 <key> <window> <interval | limit> <cost> <take>
+        # EVALSHA <sha> 1 <key> <horizon | window> <interval | ceiling> <cost> <take>
         self.head = b"*8\r\n" + _bulk(b"EVALSHA") + _bulk(script.sha.encode()) + _bulk(b"1")
-        second = rule.window / rule.limit if script is GCRA else float(rule.limit)
-        self.tail = _bulk(repr(float(rule.window)).encode()) + _bulk(repr(second).encode())
+        slack = 1.0 + tolerance(rule.limit)
+        if script is GCRA:
+            first, second = rule.window * slack, rule.window / rule.limit
+        else:
+            first, second = float(rule.window), rule.limit * slack
+        self.tail = _bulk(repr(first).encode()) + _bulk(repr(second).encode())
         # GCRA decisions are described by the memory table's own arithmetic (it is pure in the backlog).
         self.table = GcraTable(rule) if script is GCRA else None
 
     def command(self, key: str, cost: float, take: bytes) -> bytes:
         cost_bulk = _COST_ONE if cost == 1 else _bulk(repr(float(cost)).encode())
-        return self.head + _bulk((self.name + key).encode()) + self.tail + cost_bulk + take
+        return self.head + _bulk(_key(self.name + key)) + self.tail + cost_bulk + take
 
 
 class RedisBackend:
@@ -237,7 +252,7 @@ class RedisBackend:
         """
         name = self._rule(rule).name
         try:
-            await self._call(_pack(b"DEL", (name + key).encode()))
+            await self._call(_pack(b"DEL", _key(name + key)))
         except _BACKEND_ERRORS as exc:
             self._report(key, 1, rule, exc, "reset")
             raise RateLimiterError(key=key) from exc
@@ -298,7 +313,7 @@ class RedisBackend:
         return breaker_wire.snapshot(await self._call(self._breaker_command(name, policy, b"snapshot")))
 
     def _breaker_command(self, name: str, policy: BreakerPolicy, operation: bytes, *extra: bytes) -> bytes:
-        key = f"{self.prefix}:cb:{name}".encode()
+        key = _key(f"{self.prefix}:cb:{name}")
         return _pack(
             b"EVALSHA", breaker_wire.BREAKER.sha.encode(), b"1", key, operation, *breaker_wire.arguments(policy), *extra
         )
@@ -501,7 +516,7 @@ def _decision(
     else:
         left = float(parts[2])
         count = state
-        remaining = max(math.floor(rule.limit * (1.0 + SLACK) - count), 0)
+        remaining = max(math.floor(rule.limit * (1.0 + tolerance(rule.limit)) - count), 0)
         next_after = 0.0 if remaining >= 1 else left
         reset_after = left if count > 0 else 0.0
         retry_after = 0.0 if admitted or peek else left
