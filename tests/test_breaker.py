@@ -28,7 +28,7 @@ from seawall import (
     FakeClock,
     telemetry,
 )
-from seawall._breaker import BreakerLike, _open_error
+from seawall._breaker import BreakerLike, _open_error, guarded_by
 from seawall.backends._breaker_memory import MemoryBreakerBackend
 from seawall.backends._breaker_protocol import (
     Admission,
@@ -1041,17 +1041,20 @@ async def test_nowait_pair_decides_exactly_as_async_with(clock: FakeClock) -> No
     assert states == {BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN}
 
 
-async def test_closed_admission_needs_no_permit_and_failures_still_count(clock: FakeClock) -> None:
-    """Closed and unobserved: admit_nowait returns None; a success needs no settling, failures open it."""
+async def test_closed_admission_shares_one_permit_and_failures_still_count(clock: FakeClock) -> None:
+    """Closed and unobserved: admit_nowait hands out one shared plain permit; a success needs no settling."""
     breaker = make(clock, exclude=BusinessError)
-    assert breaker.admit_nowait() is None
-    breaker.settle_nowait(None)  # a no-op
-    breaker.settle_nowait(None, BusinessError())
-    breaker.settle_nowait(None, Interrupt())
+    permit = breaker.admit_nowait()
+    assert permit.plain
+    assert not permit.trial
+    assert breaker.admit_nowait() is permit  # nothing allocated per call
+    assert repr(permit) == "<BreakerPermit plain generation=0>"
+    breaker.settle_nowait(permit)  # a no-op
+    breaker.settle_nowait(permit, BusinessError())
+    breaker.settle_nowait(permit, Interrupt())
     assert (await breaker.status()).failure_count == 0
     for _ in range(3):
-        assert breaker.admit_nowait() is None
-        breaker.settle_nowait(None, Boom())
+        breaker.settle_nowait(breaker.admit_nowait(), Boom())  # shared: settled again and again
     assert breaker.state is BreakerState.OPEN
     with pytest.raises(CircuitOpenError) as info:
         breaker.admit_nowait()
@@ -1117,3 +1120,397 @@ async def test_nowait_pair_would_block_on_a_shared_backend(clock: FakeClock) -> 
         breaker.settle_nowait(None, Boom())
     breaker.settle_nowait(None)  # a closed success has nothing to tell any store
     assert backend.calls == []
+
+
+# -- generations: an outcome counts only in the period it started in ----------------
+
+
+async def call_in_form(breaker: CircuitBreaker, form: str, body: Any) -> Any:
+    """Run ``await body()`` through ``breaker`` in one of its call forms."""
+    if form == "with":
+        async with breaker:
+            return await body()
+    if form == "decorated":
+        return await breaker(body)()
+    if form == "nowait":
+        permit = breaker.admit_nowait()
+        try:
+            result = await body()
+        except BaseException as exc:
+            breaker.settle_nowait(permit, exc)
+            raise
+        breaker.settle_nowait(permit)
+        return result
+    return await breaker.call(body)
+
+
+FORMS = ["with", "call", "decorated", "nowait"]
+
+
+@pytest.mark.parametrize("form", FORMS)
+async def test_call_admitted_before_an_outage_decides_nothing_after_recovery(clock: FakeClock, form: str) -> None:
+    """A closed call that outlives an outage and a recovery fails without re-opening the breaker."""
+    breaker = make(clock, failure_threshold=1)
+    go = anyio.Event()
+
+    async def late_failure() -> None:
+        await go.wait()
+        raise Boom
+
+    async def slow() -> None:
+        with pytest.raises(Boom):
+            await call_in_form(breaker, form, late_failure)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(slow)
+        await anyio.wait_all_tasks_blocked()
+        await fail(breaker)  # the outage
+        clock.advance(5.0)
+        assert await breaker.call(ok) == "ok"  # the trial closes it again
+        go.set()
+    status = await breaker.status()
+    assert (status.state, status.failure_count) == (BreakerState.CLOSED, 0)
+
+
+@pytest.mark.parametrize("form", FORMS)
+async def test_closed_call_running_across_reset_decides_nothing(clock: FakeClock, form: str) -> None:
+    """reset() of a closed breaker starts a new period: a call admitted before it does not count."""
+    breaker = make(clock, failure_threshold=1)
+    go = anyio.Event()
+
+    async def late_failure() -> None:
+        await go.wait()
+        raise Boom
+
+    async def slow() -> None:
+        with pytest.raises(Boom):
+            await call_in_form(breaker, form, late_failure)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(slow)
+        await anyio.wait_all_tasks_blocked()
+        await breaker.reset()
+        go.set()
+    assert breaker.state is BreakerState.CLOSED
+    await fail(breaker)  # a call of the new period still counts
+    assert breaker.state is BreakerState.OPEN
+
+
+@pytest.mark.parametrize("form", FORMS)
+async def test_trial_running_across_reset_decides_nothing(clock: FakeClock, form: str) -> None:
+    """A trial still running when reset() is called does not re-open the breaker when it fails."""
+    breaker = make(clock, failure_threshold=1)
+    await fail(breaker)
+    clock.advance(5.0)
+    go = anyio.Event()
+
+    async def late_failure() -> None:
+        await go.wait()
+        raise Boom
+
+    async def trial() -> None:
+        with pytest.raises(Boom):
+            await call_in_form(breaker, form, late_failure)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(trial)
+        await anyio.wait_all_tasks_blocked()
+        assert (await breaker.status()).trials_in_flight == 1
+        await breaker.reset()
+        go.set()
+    status = await breaker.status()
+    assert (status.state, status.failure_count) == (BreakerState.CLOSED, 0)
+    assert breaker._inflight == {}
+
+
+async def test_block_of_a_new_period_counts_while_an_older_one_runs(clock: FakeClock) -> None:
+    """An ``async with`` block admitted after a state change counts its failure while a block from before still runs."""
+    breaker = make(clock, failure_threshold=2)
+    go = anyio.Event()
+
+    tracked: list[bool] = []
+
+    async def failing_block(wait: anyio.Event | None = None) -> None:
+        async with breaker:
+            tracked.append(bool(breaker._inflight))
+            if wait is not None:
+                await wait.wait()
+            raise Boom
+
+    async def old_block() -> None:
+        with pytest.raises(Boom):
+            await failing_block(go)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(old_block)
+        await anyio.wait_all_tasks_blocked()
+        await breaker.reset()  # a new period; the old block is still counted in the old one
+        with pytest.raises(Boom):
+            await failing_block()  # tracked: the counted blocks belong to the old period
+        assert (await breaker.status()).failure_count == 1
+        go.set()
+    assert (await breaker.status()).failure_count == 1
+    assert (breaker._inflight, breaker._blocks) == ({}, 0)
+    with pytest.raises(Boom):
+        await failing_block()  # back on the fast path
+    assert tracked == [False, True, False]
+    assert breaker.state is BreakerState.OPEN
+
+
+async def test_calls_through_a_shared_store_follow_the_generations(clock: FakeClock) -> None:
+    """A store known only through the protocol applies the same rule: a late failure after recovery is ignored."""
+    breaker = CircuitBreaker(
+        "remote", failure_threshold=1, recovery_time=5.0, backend=ProtocolOnlyBackend(), clock=clock
+    )
+    go = anyio.Event()
+
+    async def late_failure() -> None:
+        await go.wait()
+        raise Boom
+
+    async def slow() -> None:
+        with pytest.raises(Boom):
+            async with breaker:
+                await late_failure()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(slow)
+        await anyio.wait_all_tasks_blocked()
+        await fail(breaker)
+        clock.advance(5.0)
+        await breaker.call(ok)
+        go.set()
+    assert (await breaker.status()).state is BreakerState.CLOSED
+
+
+def test_stale_and_unknown_tickets_in_the_record() -> None:
+    """The record ignores tickets of other generations and judges negative or missing ones as current."""
+    policy = BreakerPolicy(failure_threshold=1, window=60.0, recovery_time=5.0, half_open_max_calls=1)
+    record = MemoryBreakerBackend().record("x")
+    stale = record.admit(policy, 0.0).ticket
+    assert record.force(policy, 0.0, BreakerState.CLOSED) is None  # a new period, the same state
+    assert record.generation == 1
+    assert record.settle(policy, 1.0, stale, "failure") is None
+    assert record.settle(policy, 1.0, Ticket(-1, None), "failure") == Transition(BreakerState.CLOSED, BreakerState.OPEN)
+    record.force(policy, 2.0, BreakerState.CLOSED)
+    assert record.settle(policy, 3.0, None, "failure") is not None
+    generation = record.generation
+    assert record.force(policy, 4.0, BreakerState.OPEN) is None  # tripping an open breaker renews it too
+    assert record.generation == generation + 1
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> Any:
+    """A breaker store: the in-memory one, or Redis (the shared server, under a throwaway prefix)."""
+    if request.param == "memory":
+        yield MemoryBreakerBackend()
+        return
+    import uuid
+
+    import redis.asyncio as aioredis
+
+    from seawall.backends import RedisBackend
+
+    url = request.getfixturevalue("redis_url")
+    prefix = f"seawall-test-{uuid.uuid4().hex}"
+    async with RedisBackend.from_url(url, prefix=prefix) as backend:
+        yield backend
+    client = aioredis.Redis.from_url(url)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}:*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+async def test_stores_apply_one_generation_rule(store: BreakerBackend) -> None:
+    """Memory and Redis: a stale plain call or trial decides nothing; reset() renews; a current call counts."""
+    # recovery_time 1 us: the next round trip to Redis finds it past (memory is given the times).
+    policy = BreakerPolicy(failure_threshold=1, window=60.0, recovery_time=1e-6, half_open_max_calls=1)
+    closed, opened, half = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
+    early = (await store.breaker_admit("g", policy, 0.0)).ticket
+    assert early is not None
+    assert early.trial is None
+    # an outage and a recovery while ``early`` runs
+    await store.breaker_force("g", policy, 1.0, opened)
+    trial = (await store.breaker_admit("g", policy, 2.0)).ticket
+    assert trial is not None
+    assert trial.trial is not None
+    assert await store.breaker_settle("g", policy, 2.0, trial, "success") == Transition(half, closed)
+    assert await store.breaker_settle("g", policy, 3.0, early, "failure") is None
+    # a trial running across reset()
+    await store.breaker_force("g", policy, 4.0, opened)
+    late = (await store.breaker_admit("g", policy, 5.0)).ticket
+    assert late is not None
+    assert late.trial is not None
+    assert await store.breaker_force("g", policy, 5.0, closed) == Transition(half, closed)
+    assert await store.breaker_settle("g", policy, 6.0, late, "failure") is None
+    # reset() of a closed breaker is a new period too
+    plain = (await store.breaker_admit("g", policy, 7.0)).ticket
+    assert await store.breaker_force("g", policy, 7.0, closed) is None
+    assert await store.breaker_settle("g", policy, 8.0, plain, "failure") is None
+    snapshot = await store.breaker_snapshot("g", policy, 8.0)
+    assert (snapshot.state, snapshot.failure_count) == (closed, 0)
+    current = (await store.breaker_admit("g", policy, 9.0)).ticket
+    assert await store.breaker_settle("g", policy, 9.0, current, "failure") == Transition(closed, opened)
+
+
+# -- nesting: one call, one decision -------------------------------------------------
+
+
+async def test_guarded_function_passed_to_call_counts_once(clock: FakeClock) -> None:
+    """A @breaker function handed to breaker.call() counts one failure, not one per layer."""
+    breaker = make(clock, failure_threshold=2)
+    guarded = breaker(boom)
+    with pytest.raises(Boom):
+        await breaker.call(guarded)
+    status = await breaker.status()
+    assert (status.state, status.failure_count) == (BreakerState.CLOSED, 1)
+
+
+async def test_guarded_function_passed_to_call_can_close_a_half_open_breaker(clock: FakeClock) -> None:
+    """In half-open, call(@breaker fn) is one trial: its success closes the breaker."""
+    breaker = make(clock, failure_threshold=1)
+    guarded = breaker(ok)
+    await fail(breaker)
+    clock.advance(5.0)
+    assert await breaker.call(guarded, "back") == "back"
+    assert breaker.state is BreakerState.CLOSED
+
+
+async def test_guarding_a_guarded_function_again_returns_it(clock: FakeClock) -> None:
+    """Decorating a function this breaker (or one sharing its state) guards already adds no layer."""
+    backend = MemoryBreakerBackend()
+    breaker = CircuitBreaker("db", backend=backend, clock=clock)
+    twin = CircuitBreaker("db", backend=backend, clock=clock)
+    other = CircuitBreaker("cache", backend=backend, clock=clock)
+    guarded = breaker(ok)
+    assert breaker(guarded) is guarded
+    assert twin(guarded) is guarded
+    assert other(guarded) is not guarded
+    assert guarded_by(guarded) is breaker
+    assert guarded_by(ok) is None
+
+
+@pytest.mark.parametrize(
+    ("outer", "inner"),
+    [
+        (outer, inner)
+        for outer in FORMS
+        for inner in [*FORMS, "call(decorated)"]
+        if (outer, inner) != ("nowait", "nowait")  # two permits of one task are two calls
+    ],
+)
+async def test_layers_inside_a_trial_ride_on_it(clock: FakeClock, outer: str, inner: str) -> None:
+    """Inside a half-open trial, layers of the same breaker in the same task take no slot; the trial decides once."""
+    breaker = make(clock, failure_threshold=1)
+    await fail(breaker)
+    clock.advance(5.0)
+
+    async def inner_ok() -> str:
+        return "inner"
+
+    async def inner_call() -> str:
+        assert (await breaker.status()).trials_in_flight == 1
+        if inner == "call(decorated)":
+            return str(await breaker.call(breaker(inner_ok)))
+        return str(await call_in_form(breaker, inner, inner_ok))
+
+    assert await call_in_form(breaker, outer, inner_call) == "inner"
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker._inflight == {}
+
+    await fail(breaker)
+    clock.advance(5.0)
+
+    async def inner_failure() -> None:
+        await call_in_form(breaker, inner if inner != "call(decorated)" else "call", boom)
+
+    with pytest.raises(Boom):
+        await call_in_form(breaker, outer, inner_failure)
+    status = await breaker.status()
+    assert (status.state, status.failure_count, status.retry_after) == (BreakerState.OPEN, 2, 5.0)
+    assert breaker._inflight == {}
+
+
+async def test_a_stale_trial_covers_nothing(clock: FakeClock) -> None:
+    """After reset() the task's old trial no longer covers inner layers: they count in the new period."""
+    breaker = make(clock, failure_threshold=1)
+    await fail(breaker)
+    clock.advance(5.0)
+    async with breaker:  # the trial
+        await breaker.reset()
+        with pytest.raises(Boom):
+            await breaker.call(boom)  # a call of the new period
+        assert breaker.state is BreakerState.OPEN
+    assert breaker.state is BreakerState.OPEN  # the stale trial's success decided nothing
+
+
+async def test_other_tasks_inside_a_trial_still_need_a_slot(clock: FakeClock) -> None:
+    """A trial covers its own task only: a task it starts is another call and is rejected while the slot is taken."""
+    breaker = make(clock, failure_threshold=1)
+    await fail(breaker)
+    clock.advance(5.0)
+    rejected: list[float] = []
+
+    async def other() -> None:
+        try:
+            await breaker.call(ok)
+        except CircuitOpenError as exc:
+            rejected.append(exc.retry_after)
+
+    async with breaker, anyio.create_task_group() as tg:
+        tg.start_soon(other)
+    assert rejected == [5.0]
+    assert breaker.state is BreakerState.CLOSED
+
+
+async def test_permits_and_blocks_ride_on_each_others_trials(clock: FakeClock) -> None:
+    """A permit riding on a block's trial may be settled after the block ends; a block may ride on a permit's trial."""
+    breaker = make(clock, failure_threshold=1)
+    await fail(breaker)
+    clock.advance(5.0)
+    async with breaker:  # the trial; the permit rides on it
+        permit = breaker.admit_nowait()
+        assert not permit.trial
+    breaker.settle_nowait(permit)
+    assert breaker.state is BreakerState.CLOSED
+    await fail(breaker)
+    clock.advance(5.0)
+    permit = breaker.admit_nowait()  # a trial of its own
+    assert permit.trial
+    async with breaker:  # rides on the permit's trial
+        pass
+    assert breaker._inflight
+    breaker.settle_nowait(permit, Boom())
+    assert breaker.state is BreakerState.OPEN
+    assert breaker._inflight == {}
+
+
+# -- the recovery boundary: one expression ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("start", "recovery", "steps"),
+    [(0.7, 2.7, (0.1, 2.6)), (100.0, 0.3, (0.1, 0.2)), (1000.0, 0.3, (0.15, 0.15)), (0.7, 2.7, (2.7,))],
+)
+async def test_state_status_and_admission_agree_at_the_recovery_boundary(
+    start: float, recovery: float, steps: tuple[float, ...]
+) -> None:
+    """Where float rounding puts "now" a hair either side of the boundary, state, status and admission agree."""
+    clock = FakeClock(start)
+    breaker = CircuitBreaker("edge", recovery_time=recovery, clock=clock)
+    await breaker.trip()
+    for step in steps:
+        clock.advance(step)
+    state = breaker.state
+    status = await breaker.status()
+    if state is BreakerState.OPEN:
+        with pytest.raises(CircuitOpenError) as rejected:
+            breaker.admit_nowait()
+        assert status.state is BreakerState.OPEN
+        assert rejected.value.retry_after == status.retry_after > 0
+    else:
+        assert breaker.admit_nowait().trial
+        assert (state, status.state, status.retry_after) == (BreakerState.HALF_OPEN, BreakerState.HALF_OPEN, 0.0)

@@ -1,4 +1,9 @@
-"""CircuitBreaker against a reference model, under random calls, outcomes, cancellations and clock moves."""
+"""CircuitBreaker against a reference model, under random calls, outcomes, cancellations and clock moves.
+
+The model keeps one rule per line: every admitted call carries the episode
+(generation) it was admitted in, and an outcome counts only in that episode;
+``reset()`` and ``trip()`` start a new one even when the state stays.
+"""
 
 from __future__ import annotations
 
@@ -45,21 +50,28 @@ class Model:
         if state == "closed":
             self.failures = []
         self.state = state
+        self.renew()
+
+    def renew(self) -> None:
         self.episode += 1
         self.trials = {}
 
+    def reopens_in(self, now: float) -> float:
+        # The one recovery boundary: open while this is above zero.
+        return self.opened_at + RECOVERY - now
+
     def effective(self, now: float) -> str:
-        if self.state == "open" and now >= self.opened_at + RECOVERY:
+        if self.state == "open" and not self.reopens_in(now) > 0:
             return "half_open"
         return self.state
 
     def live_trials(self, now: float) -> list[float]:
-        return [start for start in self.trials.values() if start > now - RECOVERY]
+        return [start for start in self.trials.values() if start + RECOVERY - now > 0]
 
     def admit(self, now: float) -> tuple[str, Any]:
         if self.state == "open":
-            if now < self.opened_at + RECOVERY:
-                return "reject", self.opened_at + RECOVERY - now
+            if self.reopens_in(now) > 0:
+                return "reject", self.reopens_in(now)
             self.move("half_open", now)
         if self.state == "half_open":
             live = self.live_trials(now)
@@ -68,18 +80,21 @@ class Model:
             self.next_trial += 1
             self.trials[self.next_trial] = now
             return "trial", (self.episode, self.next_trial)
-        return "closed", None
+        return "closed", (self.episode, None)
 
-    def settle(self, ticket: tuple[int, int] | None, outcome: str, now: float) -> None:
-        if ticket is not None and ticket[0] == self.episode:
-            self.trials.pop(ticket[1], None)
+    def settle(self, ticket: tuple[int, int | None], outcome: str, now: float) -> None:
+        episode, trial = ticket
+        if episode != self.episode:
+            return  # admitted in an earlier episode: decides nothing
+        if trial is not None:
+            self.trials.pop(trial, None)
             if outcome == "success":
                 self.move("closed", now)
             elif outcome == "failure":
                 self.failures.append(now)
                 self.move("open", now)
             return
-        if outcome == "failure" and self.state == "closed":
+        if outcome == "failure":
             self.failures = [at for at in self.failures if at > now - WINDOW] + [now]
             if len(self.failures) >= self.threshold:
                 self.move("open", now)
@@ -92,7 +107,7 @@ class Model:
 class Pending:
     task: asyncio.Task[Any]
     future: asyncio.Future[Any]
-    ticket: tuple[int, int] | None
+    ticket: tuple[int, int | None]
 
 
 class BreakerMachine(RuleBasedStateMachine):
@@ -119,8 +134,8 @@ class BreakerMachine(RuleBasedStateMachine):
         for _ in range(3):
             self.loop.run_until_complete(asyncio.sleep(0))
 
-    @rule(use_with=st.booleans())
-    def start_call(self, use_with: bool) -> None:
+    @rule(form=st.sampled_from(["with", "call", "decorated", "call(decorated)", "nowait"]))
+    def start_call(self, form: str) -> None:
         future: asyncio.Future[Any] = self.loop.create_future()
         breaker = self.breaker
 
@@ -128,9 +143,22 @@ class BreakerMachine(RuleBasedStateMachine):
             return await future
 
         async def guarded() -> Any:
-            if use_with:
+            if form == "with":
                 async with breaker:
                     return await body()
+            if form == "nowait":
+                permit = breaker.admit_nowait()
+                try:
+                    result = await body()
+                except BaseException as exc:
+                    breaker.settle_nowait(permit, exc)
+                    raise
+                breaker.settle_nowait(permit)
+                return result
+            if form == "decorated":
+                return await breaker(body)()
+            if form == "call(decorated)":  # one layer, not two
+                return await breaker.call(breaker(body))
             return await breaker.call(body)
 
         task = self.loop.create_task(guarded())
@@ -176,6 +204,7 @@ class BreakerMachine(RuleBasedStateMachine):
         self.loop.run_until_complete(self.breaker.trip())
         if self.model.state == "open":
             self.model.opened_at = self.clock.now()
+            self.model.renew()
         else:
             self.model.move("open", self.clock.now())
 
@@ -184,6 +213,7 @@ class BreakerMachine(RuleBasedStateMachine):
         self.loop.run_until_complete(self.breaker.reset())
         if self.model.state == "closed":
             self.model.failures = []
+            self.model.renew()
         else:
             self.model.move("closed", self.clock.now())
 

@@ -12,13 +12,32 @@ States and rules (the full contract is in ``docs/circuit-breaker.md``):
 
 Cancellation and other ``BaseException``s are neither success nor failure.
 
+Two rules keep one call from deciding twice:
+
+* Generations. An outcome counts only in the period it started in: every
+  admission carries the record's ``generation``, which moves on each state
+  change and on ``reset()``/``trip()``; a call that ends in a later
+  generation decides nothing.
+* Nesting. A function this breaker guards (``@breaker``) is one layer: passed
+  to :meth:`CircuitBreaker.call` or decorated again it is not guarded twice.
+  While a task holds a half-open trial, every layer of the same breaker it
+  enters inside that call runs without a slot and decides nothing: the
+  trial's outcome is the call's.
+
 Performance shapes the code. The closed path with no failures to record
-reads no clock and allocates nothing: ``__aenter__`` checks one attribute of
-the in-memory record, ``__aexit__`` returns at once on success. The clock is
-read only on a failure, when not closed, or when a ``call_executed`` handler
-wants a duration. Per-call bookkeeping (a trial's ticket, a start time) is
-needed only off that path; for ``async with`` it is kept per task, because
-one breaker object serves every concurrent block.
+reads no clock, allocates nothing and does no per-task bookkeeping:
+``call()`` and ``@breaker`` keep the generation in a local variable,
+``__aenter__`` checks the in-memory record and counts the block in
+``_blocks``, and ``__aexit__`` uncounts it and returns on success. All
+blocks counted there were admitted in one generation (``_blocks_generation``):
+a block arriving after a state change while older ones still run takes the
+tracked path instead, until they are done. (Finding the current task costs
+more than the whole closed path on Python 3.11, whose
+``asyncio.current_task()`` makes a ``getpid()`` system call; so only calls
+off the closed path - trials, timed calls, that catch-up - are kept per task,
+and closed-state layers nested in other ways than the two above each count
+a failure.) The clock is read only on a failure, when not closed, or when a
+``call_executed`` handler wants a duration.
 """
 
 from __future__ import annotations
@@ -56,7 +75,16 @@ from seawall.backends._breaker_protocol import (
     Transition,
 )
 
-__all__ = ["BreakerLike", "BreakerPermit", "BreakerState", "BreakerStatus", "CircuitBreaker"]
+__all__ = [
+    "GUARDED_BY",
+    "BreakerLike",
+    "BreakerPermit",
+    "BreakerState",
+    "BreakerStatus",
+    "CircuitBreaker",
+    "guarded_by",
+    "unguarded",
+]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -173,38 +201,98 @@ def _task_key() -> object:
     return task if task is not None else anyio.get_current_task().id
 
 
+#: The attribute ``@breaker`` sets on the function it returns: the breaker guarding it.
+GUARDED_BY = "__seawall_breaker__"
+
+
+def guarded_by(fn: object) -> CircuitBreaker | None:
+    """The breaker whose ``@breaker`` made ``fn``, if any.
+
+    A layer of that breaker (or of one sharing its state) that is handed
+    ``fn`` runs it as it is: ``fn`` is guarded already, and guarding it
+    twice would count each failure twice.
+    """
+    breaker = getattr(fn, GUARDED_BY, None)
+    return breaker if isinstance(breaker, CircuitBreaker) else None
+
+
+def unguarded(breaker: object, fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """``fn`` without its ``@breaker`` layer when ``breaker`` is (or shares state with) that breaker.
+
+    For a caller that runs ``fn`` inside ``breaker`` already (the coordinator):
+    the outer layer then counts the call once, timeouts included.
+    """
+    if isinstance(breaker, CircuitBreaker) and breaker.guards(fn):
+        inner: Callable[P, Awaitable[T]] = getattr(fn, "__wrapped__")  # noqa: B009 - set by functools.wraps
+        return inner
+    return fn
+
+
 class _Inflight:
-    """Bookkeeping of one ``async with`` block that left the fast path."""
+    """Bookkeeping of one call that left the closed fast path, kept per task.
 
-    __slots__ = ("outer", "start", "ticket")
+    ``async with`` blocks need it to find their ticket and start time at the
+    exit; trials of every form register one so that layers of the same
+    breaker entered inside them can see they are covered.
+    """
 
-    def __init__(self, ticket: Ticket | None, start: float | None, outer: _Inflight | None) -> None:
+    __slots__ = ("outer", "permit", "start", "ticket")
+
+    def __init__(
+        self, ticket: Ticket | None, start: float | None, outer: _Inflight | None, *, permit: bool = False
+    ) -> None:
+        # ``None``: a layer nested inside a trial, which decides nothing.
         self.ticket = ticket
         self.start = start
-        # The same task may nest blocks of one breaker: a stack per task.
+        # The same task may nest calls of one breaker: a stack per task.
         self.outer = outer
+        # Made by admit_nowait(): it has no extent of its own (see _covers).
+        self.permit = permit
 
 
 class BreakerPermit:
     """An admitted call's pass from :meth:`CircuitBreaker.admit_nowait`, for :meth:`~CircuitBreaker.settle_nowait`.
 
-    Opaque and single use: it carries what the breaker must know when the
-    call ends (a half-open trial's slot, the start time for telemetry).
+    Opaque. It carries what the breaker must know when the call ends: the
+    generation the call was admitted in, a half-open trial's slot, the start
+    time for telemetry. A closed call nobody times gets the breaker's shared
+    permit of the current generation (:attr:`plain`): made once per
+    generation, settled any number of times, and a success need not be
+    settled at all. Any other permit is single use.
     """
 
-    __slots__ = ("_settled", "_start", "_ticket")
+    __slots__ = ("_entry", "_generation", "_key", "_settled", "_start", "_ticket", "plain")
 
-    def __init__(self, ticket: Ticket, start: float | None) -> None:
+    def __init__(
+        self,
+        ticket: Ticket | None,
+        start: float | None = None,
+        *,
+        shared: bool = False,
+        key: object = None,
+        entry: _Inflight | None = None,
+    ) -> None:
+        # ``None``: admitted inside a trial of the same breaker; it decides nothing.
         self._ticket = ticket
+        self._generation = -1 if ticket is None else ticket.generation
         self._start = start
-        self._settled = False
+        # ``None`` marks the shared permit, which is never used up.
+        self._settled: bool | None = None if shared else False
+        #: Whether this is a closed call's shared permit: a success changes nothing and needs no
+        #: settling. (An attribute, not a property: hot paths read it on every success.)
+        self.plain: bool = shared
+        # Where a trial's registration lives (see CircuitBreaker._register).
+        self._key = key
+        self._entry = entry
 
     @property
     def trial(self) -> bool:
         """Whether the call holds a half-open trial slot."""
-        return self._ticket.trial is not None
+        return self._ticket is not None and self._ticket.trial is not None
 
     def __repr__(self) -> str:
+        if self._settled is None:
+            return f"<BreakerPermit plain generation={self._generation}>"
         state = "settled" if self._settled else "open"
         return f"<BreakerPermit trial={self.trial} {state}>"
 
@@ -241,12 +329,15 @@ class CircuitBreaker:
     __slots__ = (
         "__weakref__",
         "_backend",
+        "_blocks",
+        "_blocks_generation",
         "_clock",
         "_exclude",
         "_inflight",
         "_last_state",
         "_name",
         "_now",
+        "_plain",
         "_policy",
         "_record",
         "_recovery_time",
@@ -291,6 +382,11 @@ class CircuitBreaker:
         self._record: BreakerRecord | None = backend.record(name) if isinstance(backend, MemoryBreakerBackend) else None
         self._last_state = _CLOSED
         self._inflight: dict[object, _Inflight] = {}
+        # ``async with`` blocks on the closed fast path: how many run, and the
+        # generation they were all admitted in (see the module docstring).
+        self._blocks = 0
+        self._blocks_generation = 0
+        self._plain = BreakerPermit(Ticket(-1, None), shared=True)
         if BREAKER_FUSE_INSTALLED.handlers:
             BREAKER_FUSE_INSTALLED.emit(
                 {},
@@ -339,6 +435,15 @@ class CircuitBreaker:
     def backend(self) -> BreakerBackend:
         """The state store."""
         return self._backend
+
+    @property
+    def decides_locally(self) -> bool:
+        """Whether :meth:`admit_nowait`/:meth:`settle_nowait` decide (the state is in this process).
+
+        ``False`` with a shared store (Redis): they raise :class:`anyio.WouldBlock`
+        there, and ``async with breaker`` (or :meth:`call`) is the way in.
+        """
+        return self._record is not None
 
     # -- state -----------------------------------------------------------
 
@@ -397,7 +502,7 @@ class CircuitBreaker:
 
     # -- the non-waiting form -------------------------------------------
 
-    def admit_nowait(self) -> BreakerPermit | None:
+    def admit_nowait(self) -> BreakerPermit:
         """Admit one call now, synchronously, or raise: what entering ``async with breaker`` decides.
 
         Pair it with :meth:`settle_nowait` once the call has ended. It needs
@@ -407,13 +512,15 @@ class CircuitBreaker:
         breaker`` or :meth:`call` then.
 
         Returns:
-            ``None`` when the breaker is closed and nobody listens to
-            ``call_executed``: the call is admitted with nothing to remember,
-            and a success need not be settled at all (settling ``None`` with
-            no error is a no-op, so the hot path may skip it). Otherwise a
-            :class:`BreakerPermit` - a half-open trial, or a call being timed
-            for telemetry - that must be settled exactly once, whatever the
-            outcome, or a trial slot stays taken until ``recovery_time`` passes.
+            A :class:`BreakerPermit` naming the generation the call was
+            admitted in. When the breaker is closed and nobody listens to
+            ``call_executed`` it is the breaker's shared permit of the
+            current generation (:attr:`BreakerPermit.plain`, nothing is
+            allocated): a success need not be settled, a failure must be.
+            Any other permit - a half-open trial, a call timed for telemetry,
+            a call made inside a trial of this breaker - must be settled
+            exactly once, whatever the outcome, in the task that admitted it,
+            or a trial slot stays taken until ``recovery_time`` passes.
 
         Raises:
             CircuitOpenError: The breaker is open, or its trial slots are taken.
@@ -424,43 +531,59 @@ class CircuitBreaker:
             raise WouldBlock
         state = record.state
         if state is _CLOSED and not BREAKER_CALL_EXECUTED.handlers:
-            return None
+            permit = self._plain
+            if permit._generation != record.generation:
+                # The first closed call of a new generation: the only allocation.
+                permit = self._plain = BreakerPermit(Ticket(record.generation, None), shared=True)
+            return permit
         if state is _OPEN:
             remaining = record.opened_at + self._recovery_time - self._now()
             if remaining > 0:
                 if BREAKER_CALL_REJECTED.handlers:
                     self._emit_rejected(_OPEN, remaining)
                 raise _open_error(self._name, remaining)
+        if self._covered(record, scoped=True):
+            return BreakerPermit(None)
         ticket = self._admit(record)
-        return BreakerPermit(ticket, self._now() if BREAKER_CALL_EXECUTED.handlers else None)
+        start = self._now() if BREAKER_CALL_EXECUTED.handlers else None
+        if ticket.trial is None:
+            return BreakerPermit(ticket, start)
+        key = _task_key()
+        return BreakerPermit(ticket, start, key=key, entry=self._register(key, ticket, start, permit=True))
 
     def settle_nowait(self, permit: BreakerPermit | None, exc: BaseException | None = None) -> None:
         """Record how a call admitted by :meth:`admit_nowait` ended; what leaving ``async with breaker`` records.
 
         Args:
-            permit: What :meth:`admit_nowait` returned for the call.
+            permit: What :meth:`admit_nowait` returned for the call. ``None``
+                still means a closed call admitted without a permit: with no
+                generation to check, its failure counts in the current period.
             exc: The exception the call raised, or ``None`` for a success. An
                 ``Exception`` is a failure unless it is one of ``exclude``;
                 cancellation and other ``BaseException`` are neither.
 
         Raises:
-            RuntimeError: ``permit`` was settled already.
+            RuntimeError: ``permit`` (other than a shared one) was settled already.
             anyio.WouldBlock: The state lives in a shared backend (no permit
                 can come from such a breaker).
         """
-        if permit is None and exc is None:
+        shared = permit is None or permit._settled is None
+        if exc is None and shared:
             return  # a closed call's success changes nothing
         record = self._record
         if record is None:
             raise WouldBlock
-        if permit is None:
-            if isinstance(exc, Exception) and not isinstance(exc, self._exclude):
-                self._settle(record, None, "failure", None)
+        if permit is None or shared:
+            if self._outcome(exc) == "failure":
+                self._fail_plain(record, -1 if permit is None else permit._generation)
             return
         if permit._settled:
             raise RuntimeError("this BreakerPermit was settled already")
         permit._settled = True
-        self._settle(record, permit._ticket, self._outcome(exc), permit._start)
+        if permit._entry is not None:
+            self._unregister(permit._key, permit._entry)
+        if permit._ticket is not None:
+            self._settle(record, permit._ticket, self._outcome(exc), permit._start)
 
     # -- the guarded call ------------------------------------------------
 
@@ -475,38 +598,62 @@ class CircuitBreaker:
         if record is None:
             return self._aenter_remote()
         state = record.state
-        if state is _CLOSED and not BREAKER_CALL_EXECUTED.handlers:
-            return DONE  # the fast path: nothing to remember about this call
-        if state is _OPEN:
+        if state is _CLOSED and not BREAKER_CALL_EXECUTED.handlers and not self._inflight:
+            # The fast path: the block is counted, not tracked. Every counted
+            # block was admitted in _blocks_generation, so its exit knows the
+            # generation without finding its task.
+            blocks = self._blocks
+            if not blocks:
+                self._blocks_generation = record.generation
+                self._blocks = 1
+                return DONE
+            if self._blocks_generation == record.generation:
+                self._blocks = blocks + 1
+                return DONE
+            # Blocks of an older generation still run: track this one until they are done.
+        elif state is _OPEN:
             remaining = record.opened_at + self._recovery_time - self._now()
             if remaining > 0:
                 if BREAKER_CALL_REJECTED.handlers:
                     self._emit_rejected(_OPEN, remaining)
                 raise _open_error(self._name, remaining)
-        self._push(self._admit(record))
+        self._enter_tracked(record)
         return DONE
 
-    async def _aenter_remote(self) -> None:
-        self._push(await self._admit_remote())
-
-    def _push(self, ticket: Ticket) -> None:
-        start = self._now() if BREAKER_CALL_EXECUTED.handlers else None
+    def _enter_tracked(self, record: BreakerRecord) -> None:
         key = _task_key()
-        self._inflight[key] = _Inflight(ticket, start, self._inflight.get(key))
-
-    def _pop(self) -> tuple[Ticket | None, float | None]:
         inflight = self._inflight
-        if not inflight:
-            return None, None
+        outer = inflight.get(key)
+        if self._covers(outer, record):
+            inflight[key] = _Inflight(None, None, outer)
+            return
+        ticket = self._admit(record)
+        inflight[key] = _Inflight(ticket, self._now() if BREAKER_CALL_EXECUTED.handlers else None, outer)
+
+    async def _aenter_remote(self) -> None:
         key = _task_key()
-        entry = inflight.get(key)
-        if entry is None:
-            return None, None
-        if entry.outer is None:
-            del inflight[key]
-        else:
-            inflight[key] = entry.outer
-        return entry.ticket, entry.start
+        inflight = self._inflight
+        outer = inflight.get(key)
+        if self._covers(outer, None):
+            inflight[key] = _Inflight(None, None, outer)
+            return
+        ticket = await self._admit_remote()
+        # The task's stack cannot have changed while this task awaited.
+        inflight[key] = _Inflight(ticket, self._now() if BREAKER_CALL_EXECUTED.handlers else None, outer)
+
+    def _pop(self) -> _Inflight | None:
+        """Take the current task's innermost tracked block off its stack (``None``: it has none).
+
+        Entries of permits are passed over: a permit admitted inside the
+        block may be settled after it ends.
+        """
+        key = _task_key()
+        entry = self._inflight.get(key)
+        while entry is not None and entry.permit:
+            entry = entry.outer
+        if entry is not None:
+            self._unregister(key, entry)
+        return entry
 
     def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -514,21 +661,34 @@ class CircuitBreaker:
         record = self._record
         if record is None:
             return self._aexit_remote(exc)
-        if exc_type is None and not self._inflight:
-            return DONE  # a closed call's success changes nothing
-        ticket, start = self._pop()
-        self._settle(record, ticket, self._outcome(exc), start)
+        if self._inflight:
+            # A block entered while anything is tracked is tracked too, so a
+            # task's tracked blocks are inside its counted ones: a task with
+            # a block entry is leaving a tracked block.
+            entry = self._pop()
+            if entry is not None:
+                if entry.ticket is not None:
+                    self._settle(record, entry.ticket, self._outcome(exc), entry.start)
+                return DONE
+        self._blocks -= 1
+        if exc_type is not None and self._outcome(exc) == "failure":
+            self._fail_plain(record, self._blocks_generation)
         return DONE
 
     async def _aexit_remote(self, exc: BaseException | None) -> None:
-        ticket, start = self._pop()
+        entry = self._pop()
+        if entry is None or entry.ticket is None:
+            return  # a block inside a trial of this breaker decides nothing
         # The block may be ending because its scope was cancelled; the store
         # must still hear of it, or a trial slot stays taken.
         with anyio.CancelScope(shield=True):
-            await self._settle_remote(ticket, self._outcome(exc), start)
+            await self._settle_remote(entry.ticket, self._outcome(exc), entry.start)
 
     async def call(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``await fn(*args, **kwargs)`` through the breaker and return its result.
+
+        A function this breaker guards already (``@breaker``) runs as it is:
+        its own layer decides.
 
         Raises:
             CircuitOpenError: the breaker is open (or its trial slots are
@@ -538,11 +698,13 @@ class CircuitBreaker:
         if record is not None:
             state = record.state
             if state is _CLOSED and not BREAKER_CALL_EXECUTED.handlers:
+                generation = record.generation
                 try:
                     return await fn(*args, **kwargs)
                 except Exception as exc:
-                    if not isinstance(exc, self._exclude):
-                        self._settle(record, None, "failure", None)
+                    # A guarded ``fn`` counted its failure itself (a failure path, so the lookup is free).
+                    if not isinstance(exc, self._exclude) and not self.guards(fn):
+                        self._fail_plain(record, generation)
                     raise
             if state is _OPEN:
                 remaining = record.opened_at + self._recovery_time - self._now()
@@ -550,10 +712,21 @@ class CircuitBreaker:
                     if BREAKER_CALL_REJECTED.handlers:
                         self._emit_rejected(_OPEN, remaining)
                     raise _open_error(self._name, remaining)
-            ticket = self._admit(record)
-        else:
-            ticket = await self._admit_remote()
+        if self.guards(fn) or self._covered(record):
+            return await fn(*args, **kwargs)
+        return await self._call_tracked(record, fn, args, kwargs)
+
+    async def _call_tracked(
+        self, record: BreakerRecord | None, fn: Callable[..., Awaitable[T]], args: Any, kwargs: Any
+    ) -> T:
+        """A call off the closed fast path: admitted with a ticket, and registered by task while it is a trial."""
+        ticket = self._admit(record) if record is not None else await self._admit_remote()
         start = self._now() if BREAKER_CALL_EXECUTED.handlers else None
+        key = entry = None
+        if ticket.trial is not None:
+            # Layers of this breaker inside the trial must see it (see _covered).
+            key = _task_key()
+            entry = self._register(key, ticket, start)
         outcome: Outcome = "cancelled"
         try:
             result = await fn(*args, **kwargs)
@@ -563,6 +736,8 @@ class CircuitBreaker:
             outcome = "success" if isinstance(exc, self._exclude) else "failure"
             raise
         finally:
+            if entry is not None:
+                self._unregister(key, entry)
             if record is not None:
                 self._settle(record, ticket, outcome, start)
             else:
@@ -572,27 +747,86 @@ class CircuitBreaker:
                     await self._settle_remote(ticket, outcome, start)
 
     def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
-        """Decorate an async function so every call goes through the breaker."""
+        """Decorate an async function so every call goes through the breaker.
+
+        A function this breaker guards already is returned as it is: one
+        layer, not two.
+        """
         if not inspect.iscoroutinefunction(fn):
             raise TypeError(f"@{type(self).__name__} decorates async functions, got {fn!r}")
+        if self.guards(fn):
+            return fn  # guarded already: one layer, not two
         call = self.call
         record = self._record
-        settle = self._settle
         breaker = self
 
         @functools.wraps(fn)
         async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
             # call()'s closed fast path, inlined: one coroutine fewer per call.
             if record is not None and record.state is _CLOSED and not BREAKER_CALL_EXECUTED.handlers:
+                generation = record.generation
                 try:
                     return await fn(*args, **kwargs)
                 except Exception as exc:
                     if not isinstance(exc, breaker._exclude):
-                        settle(record, None, "failure", None)
+                        breaker._fail_plain(record, generation)
                     raise
             return await call(fn, *args, **kwargs)
 
+        setattr(guarded, GUARDED_BY, self)
         return guarded
+
+    # -- nesting ---------------------------------------------------------
+
+    def guards(self, fn: object) -> bool:
+        """Whether ``fn`` came from ``@breaker`` of this breaker or of one sharing its state."""
+        other = guarded_by(fn)
+        return other is not None and (other is self or (other._backend is self._backend and other._name == self._name))
+
+    @staticmethod
+    def _covers(entry: _Inflight | None, record: BreakerRecord | None, *, scoped: bool = False) -> bool:
+        """Whether a task whose innermost tracked call is ``entry`` is inside a current trial.
+
+        ``async with``, :meth:`call` and ``@breaker`` have an extent: what the
+        task runs before they end runs inside them. A permit has none - one
+        task may hold several for separate calls - so another
+        :meth:`admit_nowait` (``scoped=True``) is covered only by a layer
+        with an extent, while those layers are covered by a permit's trial
+        too (the caller is running the permitted call).
+        """
+        while entry is not None and (entry.ticket is None or (scoped and entry.permit)):
+            entry = entry.outer
+        if entry is None or entry.ticket is None or entry.ticket.trial is None:
+            return False
+        # A trial of an older generation decides nothing, so it covers nothing:
+        # what runs inside it now is a call of the new period. (A shared store's
+        # generation is not known here; its trials are taken as current.)
+        return record is None or entry.ticket.generation == record.generation
+
+    def _covered(self, record: BreakerRecord | None, *, scoped: bool = False) -> bool:
+        """Whether the current task is inside a current trial of this breaker (see :meth:`_covers`)."""
+        inflight = self._inflight
+        return bool(inflight) and self._covers(inflight.get(_task_key()), record, scoped=scoped)
+
+    def _register(self, key: object, ticket: Ticket, start: float | None, *, permit: bool = False) -> _Inflight:
+        inflight = self._inflight
+        entry = inflight[key] = _Inflight(ticket, start, inflight.get(key), permit=permit)
+        return entry
+
+    def _unregister(self, key: object, entry: _Inflight) -> None:
+        inflight = self._inflight
+        top = inflight.get(key)
+        if top is entry:
+            if entry.outer is None:
+                del inflight[key]
+            else:
+                inflight[key] = entry.outer
+            return
+        # Out of order (a permit settled after a later block or permit ended): unlink it.
+        while top is not None and top.outer is not entry:
+            top = top.outer
+        if top is not None:
+            top.outer = entry.outer
 
     # -- decisions -------------------------------------------------------
 
@@ -602,6 +836,14 @@ class CircuitBreaker:
         if not isinstance(exc, Exception):
             return "cancelled"
         return "success" if isinstance(exc, self._exclude) else "failure"
+
+    def _fail_plain(self, record: BreakerRecord, generation: int) -> None:
+        """A plain call admitted in ``generation`` failed (negative: its generation is unknown)."""
+        if generation >= 0 and generation != record.generation:
+            return  # admitted before the breaker last changed state: it decides nothing
+        transition = record.fail(self._policy, self._now())
+        if transition is not None:
+            self._changed(transition)
 
     def _admit(self, record: BreakerRecord) -> Ticket:
         admission = record.admit(self._policy, self._now())

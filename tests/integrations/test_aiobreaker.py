@@ -120,7 +120,7 @@ async def test_async_with_guards_a_block() -> None:
         async with adapter:
             pass  # pragma: no cover - never runs
     assert breaker.fail_counter == 2
-    assert adapter._blocks == {}
+    assert adapter._calls == {}
 
 
 async def test_half_open_trial_success_closes_and_failure_reopens() -> None:
@@ -179,7 +179,7 @@ async def test_cancellation_is_neither_success_nor_failure() -> None:
             await anyio.sleep_forever()
     assert recorder.events == ["before_call", "before_call"]
     assert breaker.fail_counter == 0
-    assert adapter._blocks == {}
+    assert adapter._calls == {}
 
 
 async def test_telemetry_and_logs() -> None:
@@ -256,11 +256,16 @@ async def test_decorator_and_detach() -> None:
     assert breaker.listeners == ()
 
 
-async def test_unknown_opened_at_gives_no_retry_after() -> None:
-    """With no recorded opening time retry_after is None rather than a guess."""
+async def test_open_storage_without_opened_at_is_reported_as_aiobreaker_treats_it() -> None:
+    """OPEN storage with no opening time admits the next call in aiobreaker, so the adapter says HALF_OPEN."""
     breaker, adapter = make()
+    breaker._state_storage.state = aiobreaker.CircuitBreakerState.OPEN
     breaker._state_storage.opened_at = None
-    assert adapter._retry_after() is None
+    assert adapter.state is BreakerState.HALF_OPEN
+    status = await adapter.status()
+    assert (status.state, status.retry_after) == (BreakerState.HALF_OPEN, 0.0)
+    assert await adapter.call(ok) == "ok"  # admitted, as aiobreaker admits it
+    assert adapter.state is BreakerState.CLOSED
 
 
 @pytest.fixture
@@ -298,7 +303,7 @@ async def test_retry_after_right_off_utc_where_aiobreakers_own_is_not(non_utc_ti
 
 
 async def test_nested_blocks_in_one_task() -> None:
-    """Nested `async with` blocks of one adapter in one task each settle their own call."""
+    """Nested `async with` blocks of one adapter in one task are one call: the outer block settles it."""
     breaker, adapter = make(fail_max=3)
 
     async def nested() -> None:
@@ -310,4 +315,93 @@ async def test_nested_blocks_in_one_task() -> None:
     with pytest.raises(Boom):
         await nested()
     assert breaker.fail_counter == 1
-    assert adapter._blocks == {}
+    assert adapter._calls == {}
+
+
+# -- one call, one count -------------------------------------------------------------
+
+
+def guarded_pair(fail_max: int = 3) -> tuple[Any, AiobreakerAdapter, Any, Any]:
+    """An adapted breaker, and a failing function decorated by aiobreaker and one decorated by the adapter."""
+    breaker, adapter = make(fail_max=fail_max)
+
+    @breaker  # type: ignore[misc]
+    async def by_aiobreaker() -> None:
+        raise Boom("down")
+
+    @adapter
+    async def by_adapter() -> None:
+        raise Boom("down")
+
+    return breaker, adapter, by_aiobreaker, by_adapter
+
+
+@pytest.mark.parametrize("decorated_by", ["aiobreaker", "adapter"])
+async def test_decorated_function_through_the_adapter_counts_once(decorated_by: str) -> None:
+    """As aiobreaker's test_double_count, through the adapter: call() and async with count a decorated failure once."""
+    breaker, adapter, by_aiobreaker, by_adapter = guarded_pair()
+    fn = by_aiobreaker if decorated_by == "aiobreaker" else by_adapter
+    with pytest.raises(Boom):
+        await adapter.call(fn)
+    assert breaker.fail_counter == 1
+    with pytest.raises(Boom):
+        async with adapter:
+            await fn()
+    assert breaker.fail_counter == 2
+    assert adapter._calls == {}
+
+
+@pytest.mark.parametrize("decorated_by", ["aiobreaker", "adapter"])
+async def test_decorated_function_through_the_coordinator_counts_once(decorated_by: str) -> None:
+    """infra.circuit_breaker.execute and execute_protected count a decorated failure once."""
+    from seawall import AsyncInfrastructure
+
+    breaker, _, by_aiobreaker, _ = guarded_pair()
+    async with AsyncInfrastructure() as infra:
+        adapter = infra.circuit_breaker.register("legacy", breaker)
+        fn = by_aiobreaker
+        if decorated_by == "adapter":
+            assert isinstance(adapter, AiobreakerAdapter)
+
+            @adapter
+            async def fn() -> None:
+                raise Boom("down")
+
+        with pytest.raises(Boom):
+            await infra.circuit_breaker.execute("legacy", fn)
+        assert breaker.fail_counter == 1
+        with pytest.raises(Boom):
+            await infra.execute_protected("calls", fn, circuit_breaker="legacy")
+        assert breaker.fail_counter == 2
+
+
+async def test_decorated_function_closes_a_half_open_breaker_through_the_adapter() -> None:
+    """Past its timeout, adapter.call() of an aiobreaker-decorated success closes the breaker once."""
+    breaker, adapter = make(fail_max=1)
+    recorder = Recorder()
+    breaker.add_listener(recorder)
+
+    @breaker  # type: ignore[misc]
+    async def fetch() -> str:
+        return "ok"
+
+    with pytest.raises(Boom):
+        await adapter.call(boom)
+    elapse_timeout(breaker)
+    recorder.events.clear()
+    assert await adapter.call(fetch) == "ok"
+    assert adapter.state is BreakerState.CLOSED
+    assert recorder.events.count("state:CLOSED") == 1  # closed by aiobreaker's layer, not again by the adapter
+
+
+async def test_wrapped_breakers_own_rejection_inside_a_call_is_no_failure() -> None:
+    """An aiobreaker CircuitBreakerError raised inside an adapter call is the breaker's verdict, not a failure."""
+    breaker, adapter = make(fail_max=2)
+
+    async def tripped_meanwhile() -> None:
+        breaker.open()  # another caller opened it while this call ran
+        await breaker.call_async(ok)  # aiobreaker's own layer rejects
+
+    with pytest.raises(aiobreaker.CircuitBreakerError):
+        await adapter.call(tripped_meanwhile)
+    assert breaker.fail_counter == 0

@@ -5,8 +5,9 @@ synchronous - a process-local decision needs no await - and
 :class:`MemoryBreakerBackend` wraps them in the async
 :class:`~seawall.backends._breaker_protocol.BreakerBackend` protocol for
 callers that only know the protocol. :class:`~seawall.CircuitBreaker` holds
-its record directly and peeks at ``state`` and ``opened_at`` so that its
-closed path reads no clock and its open rejection takes no backend call.
+its record directly and peeks at ``state``, ``generation`` and ``opened_at``
+so that its closed path reads no clock and its open rejection takes no
+backend call.
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ class BreakerRecord:
             passed stays OPEN here until the next ``admit`` turns it
             HALF_OPEN; :meth:`effective_state` reports it as HALF_OPEN.
         opened_at: Clock reading when it last opened.
-        generation: Moves on every state change; tickets of older
-            generations no longer decide anything.
+        generation: Moves on every state change and on every ``force``
+            (``reset()``/``trip()``); tickets of older generations no longer
+            decide anything. A closed call that reads it before running and
+            hands it back with its failure needs no ticket object.
     """
 
     __slots__ = ("_slot_ids", "failures", "generation", "opened_at", "state", "trials")
@@ -56,13 +59,16 @@ class BreakerRecord:
         self.trials: dict[int, float] = {}
         self._slot_ids = itertools.count(1)
 
+    def _renew(self) -> None:
+        # A new period: every call admitted before it is stale, and the trial
+        # slots belonged to the old half-open episode.
+        self.generation += 1
+        self.trials.clear()
+
     def _move(self, new: BreakerState) -> Transition:
         old = self.state
         self.state = new
-        self.generation += 1
-        # Slots belong to one half-open episode; tickets of the old
-        # generation are stale now and free nothing.
-        self.trials.clear()
+        self._renew()
         return Transition(old, new)
 
     def _open(self, now: float) -> Transition:
@@ -80,13 +86,17 @@ class BreakerRecord:
 
     def effective_state(self, policy: BreakerPolicy, now: float) -> BreakerState:
         """The state a call arriving at ``now`` would meet (OPEN past recovery is HALF_OPEN)."""
-        if self.state is _OPEN and now - self.opened_at >= policy.recovery_time:
+        # The recovery boundary is one expression everywhere (admit, snapshot,
+        # the breaker's inline rejection): ``opened_at + recovery_time - now``
+        # is positive exactly while the breaker rejects. ``now - opened_at >=
+        # recovery_time`` rounds differently and disagreed with it by 1e-15 s.
+        if self.state is _OPEN and not self.opened_at + policy.recovery_time - now > 0:
             return _HALF_OPEN
         return self.state
 
     def _live_trials(self, policy: BreakerPolicy, now: float) -> list[float]:
-        cutoff = now - policy.recovery_time
-        return [start for start in self.trials.values() if start > cutoff]
+        recovery = policy.recovery_time
+        return [start for start in self.trials.values() if start + recovery - now > 0]
 
     def admit(self, policy: BreakerPolicy, now: float) -> Admission:
         """Admit a call or reject it (rules in :mod:`seawall.backends._breaker_protocol`)."""
@@ -103,31 +113,45 @@ class BreakerRecord:
         if len(trials) >= policy.half_open_max_calls:
             # A trial that has held its slot for recovery_time or longer no
             # longer blocks: it is presumed hung (resilience4j issue #935).
-            cutoff = now - policy.recovery_time
+            recovery = policy.recovery_time
             for slot, start in list(trials.items()):
-                if start <= cutoff:
+                if not start + recovery - now > 0:
                     del trials[slot]
             if len(trials) >= policy.half_open_max_calls:
-                retry_after = min(trials.values()) + policy.recovery_time - now
+                retry_after = min(trials.values()) + recovery - now
                 return Admission(None, retry_after, _HALF_OPEN, transition)
         slot = next(self._slot_ids)
         trials[slot] = now
         return Admission(Ticket(self.generation, slot), 0.0, _HALF_OPEN, transition)
 
+    def _current(self, ticket: Ticket) -> bool:
+        """Whether a plain call's ticket belongs to the current period (see the protocol's rules)."""
+        generation = ticket.generation
+        return generation == self.generation or generation < 0
+
     def settle(self, policy: BreakerPolicy, now: float, ticket: Ticket | None, outcome: Outcome) -> Transition | None:
         """Record how an admitted call ended (rules in :mod:`seawall.backends._breaker_protocol`)."""
-        if ticket is not None and ticket.trial is not None and ticket.generation == self.generation:
-            self.trials.pop(ticket.trial, None)
-            if outcome == "success":
-                return self._close()
-            if outcome == "failure":
-                # Pruned here too, or a dependency failing every trial for
-                # days would grow the list by one entry per recovery_time.
-                self.failures.append(now)
-                self._prune(self.failures, now - policy.window)
-                return self._open(now)
-            return None
-        if outcome != "failure" or self.state is not _CLOSED:
+        if ticket is not None:
+            if ticket.trial is not None:
+                if ticket.generation != self.generation:
+                    return None  # a trial of an earlier period: its slot went with it
+                self.trials.pop(ticket.trial, None)
+                if outcome == "success":
+                    return self._close()
+                if outcome == "failure":
+                    # Pruned here too, or a dependency failing every trial for
+                    # days would grow the list by one entry per recovery_time.
+                    self.failures.append(now)
+                    self._prune(self.failures, now - policy.window)
+                    return self._open(now)
+                return None
+            if not self._current(ticket):
+                return None  # admitted before the breaker last changed state
+        return self.fail(policy, now) if outcome == "failure" else None
+
+    def fail(self, policy: BreakerPolicy, now: float) -> Transition | None:
+        """Count a plain call's failure in the current period (the caller checked the generation)."""
+        if self.state is not _CLOSED:
             return None
         failures = self.failures
         failures.append(now)
@@ -137,15 +161,17 @@ class BreakerRecord:
         return None
 
     def force(self, policy: BreakerPolicy, now: float, state: BreakerState) -> Transition | None:
-        """Force the state to CLOSED (failures cleared) or OPEN (fresh recovery time)."""
+        """Force the state to CLOSED (failures cleared) or OPEN (fresh recovery time); a new period either way."""
         if state is _CLOSED:
             if self.state is _CLOSED:
                 self.failures.clear()
+                self._renew()
                 return None
             return self._close()
         if state is _OPEN:
             if self.state is _OPEN:
                 self.opened_at = now
+                self._renew()
                 return None
             return self._open(now)
         raise ValueError(f"a breaker can be forced to closed or open, not {state!r}")

@@ -5,7 +5,7 @@ its per-task bookkeeping itself; everything that several processes must agree
 on lives in a :class:`BreakerBackend`, keyed by the breaker's name:
 
 * the state (closed / open / half-open) and a *generation* number that moves
-  on every state change,
+  on every state change and on every ``reset()``/``trip()``,
 * the recent failure times (the rolling window),
 * when the breaker opened,
 * the half-open trial slots in use, each with its start time.
@@ -19,22 +19,38 @@ backend uses the breaker's injected clock.
 The rules every backend implements:
 
 ``admit``
-    CLOSED admits a plain call. OPEN rejects until ``recovery_time`` has
-    passed since it opened, then turns HALF_OPEN. HALF_OPEN first forgets
-    trial slots held for ``recovery_time`` or longer (a hung trial must not
-    block recovery forever), then admits a trial if fewer than
-    ``half_open_max_calls`` slots are in use, else rejects.
+    CLOSED admits a plain call. OPEN rejects while ``opened_at +
+    recovery_time - now > 0`` (this one expression is the recovery boundary
+    for ``admit``, ``snapshot`` and the breaker's own state), then turns
+    HALF_OPEN. HALF_OPEN first forgets trial slots that are no longer live
+    (a slot is live while ``start + recovery_time - now > 0``: a hung trial
+    must not block recovery forever), then admits a trial if fewer than
+    ``half_open_max_calls`` slots are in use, else rejects. Every admitted
+    call gets a :class:`Ticket` naming the generation it was admitted in.
 ``settle``
-    A trial of the current generation frees its slot; its success closes
-    the breaker (failures cleared), its failure opens it afresh. Any other
-    outcome - a plain call, or a trial of an older generation - matters only
-    if the breaker is CLOSED and it is a failure: it joins the rolling
-    window, and ``failure_threshold`` failures within ``window`` seconds open
-    the breaker. Successes never erase failures. ``"cancelled"`` only frees
-    the slot.
+    An outcome counts only in the period it started in. A ticket of another
+    generation than the current one decides nothing: the breaker changed
+    state (or was reset or tripped) while the call ran. A trial of the
+    current generation frees its slot; its success closes the breaker
+    (failures cleared), its failure opens it afresh. A plain call of the
+    current generation matters only if it is a failure (the breaker is
+    CLOSED then): it joins the rolling window, and ``failure_threshold``
+    failures within ``window`` seconds open the breaker. Successes never
+    erase failures. ``"cancelled"`` only frees the slot.
 ``force``
     ``reset()`` (to CLOSED, failures cleared) and ``trip()`` (to OPEN for a
-    fresh ``recovery_time``).
+    fresh ``recovery_time``). Both start a new period - the generation moves
+    even when the state stays the same - so nothing admitted before them
+    decides anything afterwards.
+
+Two tickets stand outside the generations: ``ticket=None`` (a plain call a
+caller admitted without asking the store) and a ticket with a negative
+generation (what a store hands out when it admitted a call without deciding,
+such as Redis during an outage). Both are judged as plain calls of the
+current period. A store may also forget the generation of a quiet closed
+period (Redis lets an idle closed hash expire); it then reports generation
+``0`` for it, and a plain ticket settled in generation ``0`` counts whatever
+its own generation.
 """
 
 from __future__ import annotations
@@ -83,7 +99,7 @@ class Ticket(NamedTuple):
     """What ``admit`` hands to an admitted call, and the call hands back to ``settle``."""
 
     generation: int
-    """The generation the call was admitted in."""
+    """The generation the call was admitted in (negative: admitted without a decision, judged as current)."""
     trial: int | None
     """The half-open trial slot held, or ``None`` for a plain (closed-state) call."""
 

@@ -11,9 +11,14 @@ operation (``admit``, ``settle``, ``force``, ``snapshot``) is one run of
 disagree still share one breaker.
 
 A closed breaker's hash expires ``window`` seconds after its last write
-(its failures are stale by then, so nothing is lost). The generation of a
-new hash starts at the server time in microseconds, so a ticket from before
-a hash expired can never match a later generation.
+(its failures are stale by then). Generations follow the rules of
+``_breaker_protocol.py``: a missing hash is a closed period of generation
+``0`` (one whose start is not remembered, in which every plain ticket
+counts), and each state change or ``reset()``/``trip()`` moves the
+generation to at least the server time in microseconds, so no ticket from
+before a hash expired can match a later generation. What expiry forgets:
+a call admitted before a state change, still running ``window`` seconds
+after the breaker closed again quietly, is judged as current when it fails.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ local recovery = tonumber(ARGV[4])
 local max_trials = tonumber(ARGV[5])
 local h = redis.call('HMGET', KEYS[1], 's', 'g', 'o', 'f', 't', 'n')
 local state = h[1] or 'closed'
-local generation = tonumber(h[2]) or (tonumber(t[1]) * 1000000 + tonumber(t[2]))
+local generation = tonumber(h[2]) or 0
 local opened_at = tonumber(h[3]) or 0
 local failures = {}
 if h[4] then
@@ -66,11 +71,15 @@ end
 local next_slot = tonumber(h[6]) or 1
 local moved = '- -'
 
+-- a new period: older tickets decide nothing; see the module docstring for why the clock
+local function renew()
+  generation = math.max(generation + 1, tonumber(t[1]) * 1000000 + tonumber(t[2]))
+  trials = {}
+end
 local function move(new)
   moved = state .. ' ' .. new
   state = new
-  generation = generation + 1
-  trials = {}
+  renew()
 end
 local function open()
   opened_at = now
@@ -102,10 +111,11 @@ local function save()
     redis.call('PERSIST', KEYS[1])
   end
 end
+-- one expression per boundary, as in memory: a slot is live while start + recovery - now > 0
 local function live_trials()
   local kept = {}
   for _, pair in ipairs(trials) do
-    if pair[2] > now - recovery then kept[#kept + 1] = pair end
+    if pair[2] + recovery - now > 0 then kept[#kept + 1] = pair end
   end
   return kept
 end
@@ -144,10 +154,12 @@ if op == 'admit' then
 end
 
 if op == 'settle' then
+  -- an absent or negative ticket was admitted without a decision: judged as current
   local ticket = tonumber(ARGV[6])
   local slot = tonumber(ARGV[7])
   local outcome = ARGV[8]
-  if slot ~= 0 and ticket == generation then
+  if slot ~= 0 then
+    if ticket ~= generation then return moved end
     local kept = {}
     for _, pair in ipairs(trials) do
       if pair[1] ~= slot then kept[#kept + 1] = pair end
@@ -162,6 +174,9 @@ if op == 'settle' then
     save()
     return moved
   end
+  if ticket ~= nil and ticket >= 0 and ticket ~= generation and generation ~= 0 then
+    return moved
+  end
   if outcome ~= 'failure' or state ~= 'closed' then
     return moved
   end
@@ -173,9 +188,9 @@ end
 
 if op == 'force' then
   if ARGV[6] == 'closed' then
-    if state == 'closed' then failures = {} else close() end
+    if state == 'closed' then failures = {}; renew() else close() end
   else
-    if state == 'open' then opened_at = now else open() end
+    if state == 'open' then opened_at = now; renew() else open() end
   end
   save()
   return moved
@@ -187,7 +202,7 @@ for _, at in ipairs(failures) do
   if at > now - window then count = count + 1 end
 end
 local effective = state
-if state == 'open' and now - opened_at >= recovery then effective = 'half_open' end
+if state == 'open' and not (opened_at + recovery - now > 0) then effective = 'half_open' end
 if effective == 'open' then
   return string.format('open %d %.17g 0', count, opened_at + recovery - now)
 end

@@ -15,11 +15,23 @@ listeners are still called; seawall adds, at the boundary:
   ``call_executed``, ``call_rejected``, and ``state_changed`` through a
   listener added to the wrapped breaker.
 
+One call is counted once, however many layers it passes through (the rule
+of aiobreaker's own ``call()`` for functions its decorator made, extended to
+every layer): the adapter keeps its calls per task, so a layer of the same
+adapter entered inside one of its calls (``async with adapter`` around an
+``@adapter`` function, ``adapter.call(guarded)``, the coordinator around
+either) runs without deciding anything, and when aiobreaker itself decides
+inside an adapter call - an ``@breaker`` function of the wrapped breaker, or
+its ``call_async`` - the adapter's listener sees that outcome and the adapter
+does not count the call again. An ``aiobreaker.CircuitBreakerError`` coming
+out of the guarded code is the breaker's own verdict, never a failure.
+
 aiobreaker's semantics stay its own: it counts consecutive failures, and it
 lets every call through once its timeout has passed (no trial limit). Use
 :class:`seawall.CircuitBreaker` where that matters. Requires the
-``aiobreaker`` extra; ``infra.circuit_breaker.register(name, breaker)``
-adapts an aiobreaker breaker through this module by itself.
+``aiobreaker`` extra; once this module is imported,
+``infra.circuit_breaker.register(name, breaker)`` adapts an aiobreaker breaker
+by itself.
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ from seawall._breaker import BreakerState, BreakerStatus, _task_key
 from seawall._clock import Clock, default_clock
 from seawall._errors import CircuitOpenError
 from seawall._logging import logger
+from seawall._registries import BREAKER_ADAPTERS
 from seawall._telemetry import (
     BREAKER_CALL_EXECUTED,
     BREAKER_CALL_REJECTED,
@@ -63,7 +76,7 @@ def _utcnow_naive() -> datetime:
 
 
 class _StateListener(aiobreaker.CircuitBreakerListener):  # type: ignore[misc]
-    """Reports the wrapped breaker's state changes as seawall logs and telemetry."""
+    """Reports the wrapped breaker's state changes as seawall logs and telemetry, and its verdicts to the adapter."""
 
     def __init__(self, adapter: AiobreakerAdapter) -> None:
         self.adapter = adapter
@@ -73,6 +86,25 @@ class _StateListener(aiobreaker.CircuitBreakerListener):  # type: ignore[misc]
             _STATES[old.state] if old is not None else None,
             _STATES[new.state],
         )
+
+    # aiobreaker calls these when it has counted an outcome; inside an adapter
+    # call that outcome is the call's, and the adapter must not count it again.
+    def success(self, breaker: Any) -> None:
+        self.adapter._decided()
+
+    def failure(self, breaker: Any, exception: Exception) -> None:
+        self.adapter._decided()
+
+
+class _Call:
+    """One adapter call in flight: the aiobreaker state it entered, when, and whether aiobreaker decided it."""
+
+    __slots__ = ("decided", "start", "state")
+
+    def __init__(self, state: Any, start: float) -> None:
+        self.state = state
+        self.start = start
+        self.decided = False
 
 
 class AiobreakerAdapter:
@@ -85,7 +117,7 @@ class AiobreakerAdapter:
         clock: Times ``call_executed`` durations (the decisions are aiobreaker's).
     """
 
-    __slots__ = ("_blocks", "_breaker", "_clock", "_listener", "name")
+    __slots__ = ("_breaker", "_calls", "_clock", "_listener", "name")
 
     def __init__(self, breaker: aiobreaker.CircuitBreaker, *, name: str | None = None, clock: Clock | None = None):
         if not isinstance(breaker, aiobreaker.CircuitBreaker):
@@ -97,7 +129,9 @@ class AiobreakerAdapter:
         self._breaker = breaker
         self.name: str = name
         self._clock = default_clock if clock is None else clock
-        self._blocks: dict[object, list[tuple[Any, float]]] = {}
+        # Per task: its outermost adapter call, then None for each layer of
+        # this adapter entered inside it (they ride on that call).
+        self._calls: dict[object, list[_Call | None]] = {}
         self._listener = _StateListener(self)
         breaker.add_listener(self._listener)
         if BREAKER_FUSE_INSTALLED.handlers:
@@ -123,16 +157,22 @@ class AiobreakerAdapter:
 
     # -- state -----------------------------------------------------------
 
-    def _retry_after(self) -> float | None:
+    def _retry_after(self) -> float:
+        """Seconds until aiobreaker admits a call to its OPEN storage; ``0.0`` when it would now.
+
+        The same test as aiobreaker's ``before_call``: it rejects only while
+        ``opened_at`` is set and its timeout has not run out, so storage that
+        is OPEN with no ``opened_at`` admits the next call.
+        """
         opened_at = getattr(self._breaker._state_storage, "opened_at", None)
-        if not isinstance(opened_at, datetime):
-            return None
+        if not opened_at:
+            return 0.0
         remaining: float = (opened_at + self._breaker.timeout_duration - _utcnow_naive()).total_seconds()
         return max(remaining, 0.0)
 
     @property
     def state(self) -> BreakerState:
-        """The state a call arriving now would meet (OPEN past its timeout is HALF_OPEN)."""
+        """The state a call arriving now would meet (OPEN that aiobreaker would let through is HALF_OPEN)."""
         state = _STATES[self._breaker.current_state]
         if state is BreakerState.OPEN and self._retry_after() == 0.0:
             return BreakerState.HALF_OPEN
@@ -145,7 +185,7 @@ class AiobreakerAdapter:
         rolling window and no trial limit.
         """
         state = self.state
-        retry_after = (self._retry_after() or 0.0) if state is BreakerState.OPEN else 0.0
+        retry_after = self._retry_after() if state is BreakerState.OPEN else 0.0
         return BreakerStatus(
             name=self.name,
             state=state,
@@ -189,9 +229,18 @@ class AiobreakerAdapter:
             listener.before_call(breaker, fn, *args, **kwargs)
         return state
 
-    def _exit(self, state: Any, exc: BaseException | None, start: float) -> None:
+    def _exit(self, call: _Call, exc: BaseException | None) -> None:
+        state = call.state
         outcome = "success"
-        if exc is None:
+        if isinstance(exc, aiobreaker.CircuitBreakerError):
+            # The wrapped breaker's own verdict from inside the call (a layer
+            # of it rejected, or reported the trip it counted): no outcome.
+            outcome = "cancelled"
+        elif call.decided:
+            # aiobreaker counted this call itself (see _StateListener).
+            if exc is not None:
+                outcome = "failure" if self._breaker.is_system_error(exc) else "success"
+        elif exc is None:
             state._handle_success()
         elif isinstance(exc, Exception):
             outcome = "failure" if self._breaker.is_system_error(exc) else "success"
@@ -209,7 +258,7 @@ class AiobreakerAdapter:
             outcome = "cancelled"  # neither success nor failure, as in aiobreaker
         if BREAKER_CALL_EXECUTED.handlers:
             BREAKER_CALL_EXECUTED.emit(
-                {"duration": self._clock.now() - start},
+                {"duration": self._clock.now() - call.start},
                 {
                     "name": self.name,
                     "success": outcome == "success" if outcome != "cancelled" else None,
@@ -218,22 +267,41 @@ class AiobreakerAdapter:
                 },
             )
 
-    async def __aenter__(self) -> None:
-        state = self._enter(None, (), {})
-        # One adapter serves every concurrent block: remember each block's
-        # state object and start time by task (a stack, for nesting).
+    def _begin(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[object, _Call | None]:
+        """Enter one layer: the task's key and its new call, or ``None`` inside a call it has already."""
+        # One adapter serves every concurrent call: they are kept by task.
         key = _task_key()
-        self._blocks.setdefault(key, []).append((state, self._clock.now()))
+        stack = self._calls.get(key)
+        if stack:
+            stack.append(None)  # a layer inside this task's call: it decides nothing
+            return key, None
+        call = _Call(self._enter(fn, args, kwargs), self._clock.now())
+        self._calls[key] = [call]
+        return key, call
+
+    def _end(self, key: object, exc: BaseException | None) -> None:
+        stack = self._calls[key]
+        call = stack.pop()
+        if not stack:
+            del self._calls[key]
+        if call is not None:
+            # Popped first: the outcome aiobreaker reports now is the adapter's own.
+            self._exit(call, exc)
+
+    def _decided(self) -> None:
+        """Mark the task's adapter call decided: aiobreaker has just counted an outcome inside it."""
+        if self._calls:
+            stack = self._calls.get(_task_key())
+            if stack and stack[0] is not None:
+                stack[0].decided = True
+
+    async def __aenter__(self) -> None:
+        self._begin(None, (), {})
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        key = _task_key()
-        stack = self._blocks[key]
-        state, start = stack.pop()
-        if not stack:
-            del self._blocks[key]
-        self._exit(state, exc, start)
+        self._end(_task_key(), exc)
 
     async def call(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``await fn(*args, **kwargs)`` through the wrapped breaker.
@@ -241,14 +309,13 @@ class AiobreakerAdapter:
         Raises:
             CircuitOpenError: the wrapped breaker is open; ``fn`` was not called.
         """
-        state = self._enter(fn, args, kwargs)
-        start = self._clock.now()
+        key, _ = self._begin(fn, args, kwargs)
         try:
             result = await fn(*args, **kwargs)
         except BaseException as exc:
-            self._exit(state, exc, start)
+            self._end(key, exc)
             raise
-        self._exit(state, None, start)
+        self._end(key, None)
         return result
 
     def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
@@ -286,3 +353,15 @@ def adapt(breaker: aiobreaker.CircuitBreaker | AiobreakerAdapter, *, name: str |
     if isinstance(breaker, AiobreakerAdapter):
         return breaker
     return AiobreakerAdapter(breaker, name=name)
+
+
+def _adapter_for(breaker: object, name: str) -> AiobreakerAdapter | None:
+    """``infra.circuit_breaker.register(name, breaker)``'s adapter for aiobreaker breakers."""
+    if isinstance(breaker, aiobreaker.CircuitBreaker):
+        return AiobreakerAdapter(breaker, name=name)
+    return None
+
+
+# Registered from this side (the registry imports no integration): importing
+# this module lets the coordinator's registry accept aiobreaker breakers.
+BREAKER_ADAPTERS.append(_adapter_for)
