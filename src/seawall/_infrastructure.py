@@ -1,6 +1,9 @@
 """AsyncInfrastructure: rate limiter, breaker, pool and timeout, per key, in one call.
 
-A protected call goes through the key's layers in a fixed order::
+A key's configuration compiles to a :class:`~seawall._plan.Plan`; a protected
+call (:class:`~seawall._protected_call.ProtectedCall`, the one call path of
+both :meth:`AsyncInfrastructure.execute_protected` and
+:meth:`AsyncInfrastructure.protect`) runs the plan's layers in a fixed order::
 
     rate limiter            (outside the timeout: a denial costs no scope)
     ┌ one anyio cancel scope with the call's timeout ───────────────┐
@@ -9,19 +12,19 @@ A protected call goes through the key's layers in a fixed order::
 
 A denial never touches the breaker or the pool; a breaker rejection never
 touches the pool. Expiry of the timeout raises :class:`ProtectionTimeout`,
-which the breaker counts as a failure.
+which the breaker counts as a failure; a cancellation from outside stays a
+cancellation.
 
-The timeout is the expensive layer if done naively (an event-loop timer per
-call), so the cancel scope is entered without a deadline and registered with
-the infrastructure's :class:`~seawall._deadline.DeadlineTimer`, one task that
-cancels expired scopes (see that module for the design and its granularity).
-Outside ``async with AsyncInfrastructure()`` there is no timer task, and each
-call falls back to an ordinary anyio deadline.
+This module holds the configuration (plans, what a reconfiguration keeps), the
+lifecycle (the deadline timer task, the pools started here) and the status.
+What a call needs of it is the narrow :class:`_Host` (``CallHost`` of
+``_plan``, ``RegistryHost`` of ``_registries``), never this object.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
@@ -29,27 +32,18 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
-from anyio import WouldBlock
 
-from seawall import _plan
-from seawall._breaker import BreakerLike, CircuitBreaker
+from seawall._breaker import GUARDED_BY, BreakerLike, BreakerState, CircuitBreaker, unguarded
 from seawall._checks import seconds as check_seconds
 from seawall._clock import Clock, MonotonicClock, default_clock
 from seawall._config import DEFAULT_TIMEOUT, BreakerConfig, PoolConfig, ProtectionConfig, RateLimitConfig, load_toml
-from seawall._deadline import DeadlineTimer
-from seawall._errors import (
-    ConfigurationError,
-    ConfigurationTypeError,
-    ProtectionKeyNotFound,
-    ProtectionTimeout,
-    SeawallError,
-)
-from seawall._fastpath import CLOSED
+from seawall._deadline import DeadlineTimer, TimerStatistics
+from seawall._errors import ConfigurationError, ConfigurationTypeError, ProtectionKeyNotFound, ProtectionTimeout
 from seawall._limiter import RateLimiter
-from seawall._logging import logger
-from seawall._plan import NO_SLOT, Plan, cancel_scope_class, cancelled_class, uncount
-from seawall._pool import ConnectionPool
-from seawall._protection import NowaitProtection, Protection, watched
+from seawall._logging import Throttle
+from seawall._plan import Plan
+from seawall._pool import ConnectionPool, PoolStatus
+from seawall._protected_call import ProtectedCall
 from seawall._registries import (
     CircuitBreakerRegistry,
     ConnectionManager,
@@ -57,13 +51,10 @@ from seawall._registries import (
     bucket_key,
     jsonable,
 )
-from seawall._telemetry import (
-    ANY_HANDLER,
-    BREAKER_CALL_EXECUTED,
-    INFRA_PROTECTION_TRIGGERED,
-)
+from seawall._telemetry import INFRA_PROTECTION_TRIGGERED
+from seawall.backends._breaker_memory import MemoryBreakerBackend
 
-__all__ = ["AsyncInfrastructure"]
+__all__ = ["AsyncInfrastructure", "InfrastructureStatistics", "KeyStatistics"]
 
 T = TypeVar("T")
 
@@ -77,6 +68,176 @@ _CLOSE_GRACE = 10.0
 _MAX_ADHOC = 1024
 #: Entity plans kept per key (``protect(key, rate_limiter=entity)``) before they are dropped and rebuilt.
 _MAX_ENTITY_PLANS = 1024
+
+#: Timeouts are logged once a second per key at most (each carries the count of those not logged).
+_LOG = Throttle(1.0)
+
+#: The call options that pick layers other than the key's own.
+_Options = tuple[str | tuple[str, str] | None, str | None, str | None, float | timedelta | None]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyStatistics:
+    """One configured key, from :meth:`AsyncInfrastructure.statistics`.
+
+    Attributes:
+        key: The protection key.
+        timeout: Its calls' timeout in seconds.
+        layers: Its layers in call order (``"rate_limiter"``, ``"circuit_breaker"``, ``"connection_pool"``).
+        inflight: Calls that awaited before their checkout and are not done (a replaced pool waits for them).
+        breaker_state: The state of its breaker as this process knows it (``None``: no breaker).
+        pool: Its pool's counts (``None``: no pool).
+        entity_plans: Entities whose calls have a plan kept on the key.
+    """
+
+    key: str
+    timeout: float
+    layers: tuple[str, ...]
+    inflight: int
+    breaker_state: BreakerState | None
+    pool: PoolStatus | None
+    entity_plans: int
+
+
+@dataclass(frozen=True, slots=True)
+class InfrastructureStatistics:
+    """A snapshot of an :class:`AsyncInfrastructure` (``infra.statistics()``), for tests and dashboards.
+
+    Attributes:
+        running: Whether ``async with infra`` is active.
+        keys: Every configured key's figures, sorted by key.
+        timer: The deadline timer's figures.
+        unconfigured_keys: Unconfigured keys whose calls (timeout only) have a kept plan.
+    """
+
+    running: bool
+    keys: tuple[KeyStatistics, ...]
+    timer: TimerStatistics
+    unconfigured_keys: int
+
+    def key(self, name: str) -> KeyStatistics:
+        """The figures of key ``name``.
+
+        Raises:
+            ProtectionKeyNotFound: ``name`` is not configured.
+        """
+        for found in self.keys:
+            if found.key == name:
+                return found
+        raise ProtectionKeyNotFound(name=name)
+
+
+class _Host:
+    """The infrastructure as its calls (``CallHost``) and registries (``RegistryHost``) see it."""
+
+    __slots__ = (
+        "backend",
+        "breaker_backend",
+        "clock",
+        "connections",
+        "now",
+        "pools",
+        "register",
+        "scope_class",
+        "task_group",
+        "timer",
+    )
+
+    def __init__(self, backend: Any, clock: Clock) -> None:
+        self.backend = backend
+        # One breaker store for every breaker made here: a reconfigured key's
+        # breaker of the same name finds its state (an open breaker stays open).
+        self.breaker_backend = backend if backend is not None else MemoryBreakerBackend()
+        self.clock = clock
+        self.now = clock.now
+        self.timer = DeadlineTimer(clock)
+        self.register = self.timer.register  # (bound once: every call registers)
+        # ``anyio.CancelScope()`` dispatches on the backend at every construction;
+        # while running, the backend's own class is called directly (looked up at entry).
+        self.scope_class: Callable[[], Any] = anyio.CancelScope
+        self.task_group: anyio.abc.TaskGroup | None = None
+        self.pools: set[ConnectionPool[Any]] = set()  # every pool started here and not yet closed
+        self.connections: ConnectionManager | None = None
+
+    # -- CallHost (and ``register``, the timer's own, bound in __init__) --------
+
+    def triggered(self, key: str, layer: str, exc: BaseException, metadata: Mapping[str, Any] | None = None) -> None:
+        """Report that ``layer`` stopped a call (telemetry; the layer logs it itself)."""
+        if INFRA_PROTECTION_TRIGGERED.handlers:
+            meta: dict[str, Any] = {
+                "key": key,
+                "layer": layer,
+                "error_type": getattr(exc, "error_type", type(exc).__name__),
+                "retry_after": getattr(exc, "retry_after", None),
+            }
+            if metadata:
+                meta["metadata"] = dict(metadata)
+            INFRA_PROTECTION_TRIGGERED.emit({}, meta)
+
+    def timed_out(self, plan: Plan, *, overran: bool = False) -> ProtectionTimeout:
+        error = ProtectionTimeout(key=plan.key, timeout=plan.timeout)
+        self.triggered(plan.key, "timeout", error)
+        if overran:
+            _LOG.warning(
+                "protection_overran",
+                ("overran", plan.key),
+                key=plan.key,
+                timeout=plan.timeout,
+                hint="the call finished after its deadline: its code could not be cancelled "
+                "(it blocked the event loop, or waited on a thread); its result was returned",
+            )
+        else:
+            _LOG.warning("protection_timeout", ("timeout", plan.key), key=plan.key, timeout=plan.timeout)
+        return error
+
+    # -- RegistryHost ----------------------------------------------------------
+
+    def make_limiter(self, config: RateLimitConfig) -> RateLimiter:
+        options: dict[str, Any] = {"algorithm": config.algorithm, "backend": self.backend}
+        if not isinstance(self.clock, MonotonicClock):
+            options["clock"] = self.clock
+        return RateLimiter(config.limit, config.window, **options)
+
+    def make_breaker(self, name: str, config: BreakerConfig) -> CircuitBreaker:
+        return CircuitBreaker(name, **config.options(), backend=self.breaker_backend, clock=self.clock)
+
+    async def start_pool(self, name: str, config: PoolConfig) -> ConnectionPool[Any]:
+        pool: ConnectionPool[Any] = ConnectionPool(
+            config.factory,
+            size=config.size,
+            max_overflow=config.max_overflow,
+            timeout=config.timeout,
+            name=name,
+            clock=self.clock,
+        )
+        await pool.start()
+        self.pools.add(pool)
+        return pool
+
+    async def close_pool(self, pool: ConnectionPool[Any], grace: float = _CLOSE_GRACE) -> None:
+        self.pools.discard(pool)
+        with anyio.CancelScope(shield=True):
+            await pool.close(grace=grace)
+
+    async def retire_pool(self, pool: ConnectionPool[Any], plan: Plan | None) -> None:
+        """Close ``pool`` once the calls in flight on ``plan`` are done, without waiting here."""
+        if plan is not None and plan.inflight and plan.drained is None:
+            plan.drained = anyio.Event()
+        if self.connections is not None and self.connections.holds(pool):
+            return  # still registered under another name: it stays open
+        # Calls holding a worker are waited for by close() itself, for up to
+        # ``grace``: long enough for any of them to finish or time out.
+        grace = max(_CLOSE_GRACE, plan.timeout) if plan is not None else _CLOSE_GRACE
+
+        async def close_when_drained() -> None:
+            if plan is not None and plan.drained is not None:
+                await plan.drained.wait()
+            await self.close_pool(pool, grace)
+
+        if self.task_group is None:
+            await close_when_drained()
+        else:
+            self.task_group.start_soon(close_when_drained)
 
 
 class AsyncInfrastructure:
@@ -95,35 +256,25 @@ class AsyncInfrastructure:
 
     __slots__ = (
         "_adhoc",
-        "_backend",
-        "_clock",
         "_entered",
-        "_now",
+        "_host",
         "_pending",
         "_plans",
-        "_pools",
-        "_task_group",
-        "_timer",
         "circuit_breaker",
         "connection_manager",
         "rate_limiter",
     )
 
     def __init__(self, *, backend: Any = None, clock: Clock | None = None) -> None:
-        self._backend = backend
-        self._clock: Clock = clock if clock is not None else default_clock
-        self._now = self._clock.now
-        self._timer = DeadlineTimer(self._clock)
+        self._host = _Host(backend, clock if clock is not None else default_clock)
         self._plans: dict[str, Plan] = {}
         # Plans of unconfigured keys (the timeout alone), kept so such calls allocate nothing.
         self._adhoc: dict[str, Plan] = {}
-        self._pools: set[ConnectionPool[Any]] = set()  # every pool started here and not yet closed
-        self._task_group: anyio.abc.TaskGroup | None = None
         self._entered = False
         self._pending: dict[str, ProtectionConfig] = {}
-        self.rate_limiter = RateLimiterRegistry(self)
-        self.circuit_breaker = CircuitBreakerRegistry(self)
-        self.connection_manager = ConnectionManager(self)
+        self.rate_limiter = RateLimiterRegistry(self._host)
+        self.circuit_breaker = CircuitBreakerRegistry(self._host)
+        self.connection_manager = self._host.connections = ConnectionManager(self._host)
 
     # -- lifecycle -------------------------------------------------------
 
@@ -142,49 +293,58 @@ class AsyncInfrastructure:
         if self._entered:
             raise RuntimeError("an AsyncInfrastructure can be entered only once")
         self._entered = True
-        cancel_scope_class()
+        host = self._host
+        # The running backend's own CancelScope class (the dispatch is 40% of a scope's cost).
+        host.scope_class = type(anyio.CancelScope())
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
-        self._task_group = task_group
+        host.task_group = task_group
         try:
-            await task_group.start(self._timer.run)
+            await task_group.start(host.timer.run)
             pending, self._pending = self._pending, {}
             for key, config in pending.items():
                 await self.configure_protection(key, config)
-        except BaseException as exc:
-            await self._shutdown(exc)
+        except BaseException:
+            await self._shutdown()
             raise
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
-        return await self._shutdown(exc)
+        await self._shutdown()
+        return None
 
-    async def _shutdown(self, exc: BaseException | None) -> bool | None:
-        task_group, self._task_group = self._task_group, None
+    async def _shutdown(self) -> None:
+        host = self._host
+        task_group, host.task_group = host.task_group, None
         try:
             with anyio.CancelScope(shield=True):
                 # Pools first: their close waits for calls still holding workers.
-                for pool in list(self._pools):
-                    await self._close_pool(pool)
+                for pool in list(host.pools):
+                    await host.close_pool(pool)
         finally:
+            host.scope_class = anyio.CancelScope
             if task_group is not None:
-                # Only the timer task runs in the group: stop it. The body's own
-                # exception is not handed to the group, which would wrap it in
-                # an ExceptionGroup; it propagates from our __aexit__ as itself.
+                # Only the timer task (and pool retirements) run in the group: stop
+                # them. The body's own exception is not handed to the group, which
+                # would wrap it in an ExceptionGroup; it propagates as itself.
                 task_group.cancel_scope.cancel()
                 await task_group.__aexit__(None, None, None)
-        return None
 
     async def aclose(self) -> None:
         """Close every pool started here and stop the timer (what ``async with`` does on exit)."""
-        await self._shutdown(None)
+        await self._shutdown()
 
     # -- configuration ---------------------------------------------------
 
     async def configure_protection(self, key: str, config: Mapping[str, Any] | ProtectionConfig) -> ProtectionConfig:
         """Configure (or reconfigure) the protection of ``key``.
+
+        Reconfiguring keeps what it can: a breaker keeps its state (an open
+        breaker stays open, under its new options), and the pool is kept when
+        its options did not change (else the old one closes once the calls in
+        flight on it are done).
 
         Args:
             key: The name calls use.
@@ -203,37 +363,43 @@ class AsyncInfrastructure:
         if not isinstance(key, str) or not key:
             raise ConfigurationError(f"a protection key must be a non-empty str, got {key!r}", path="key")
         validated = ProtectionConfig.from_mapping(config, key)
-        limiter = self.rate_limiter.limiter(validated.rate_limiter) if validated.rate_limiter else None
-        breaker = self._make_breaker(key, validated.circuit_breaker) if validated.circuit_breaker else None
-        pool = await self._start_pool(key, validated.connection_pool) if validated.connection_pool else None
-        # Nothing can fail from here on: swap everything in at once.
-        plan = Plan(
-            self,
-            key,
-            validated,
-            limiter,
-            bucket_key(key, DEFAULT_ENTITY),
-            breaker,
-            pool,
-            validated.timeout if validated.timeout is not None else DEFAULT_TIMEOUT,
-        )
         old = self._plans.get(key)
-        plan.slot = self._timer.slot(plan.timeout)
-        self._plans[key] = plan
+        host = self._host
+        limiter = self.rate_limiter.limiter(validated.rate_limiter) if validated.rate_limiter else None
+        breaker = self._breaker_for(key, validated.circuit_breaker, old)
+        pool = await self._pool_for(key, validated.connection_pool, old)
+        # Nothing can fail from here on: swap everything in at once.
+        timeout = validated.timeout if validated.timeout is not None else DEFAULT_TIMEOUT
+        self._plans[key] = Plan(host, key, validated, limiter, bucket_key(key, DEFAULT_ENTITY), breaker, pool, timeout)
         self.rate_limiter.bind(key, limiter)
-        if old is not None and old.breaker is not None and self.circuit_breaker._breakers.get(key) is old.breaker:
-            self.circuit_breaker._set(key, None)
+        if old is not None and old.breaker is not None and old.breaker is not breaker:
+            self.circuit_breaker.unbind(key, old.breaker)
         if breaker is not None:
-            self.circuit_breaker._set(key, breaker)
-        if old is not None and old.pool is not None and self.connection_manager._pools.get(key) is old.pool:
-            self.connection_manager._set(key, None)
+            self.circuit_breaker.bind(key, breaker)
+        if old is not None and old.pool is not None and old.pool is not pool:
+            self.connection_manager.unbind(key, old.pool)
+            await host.retire_pool(old.pool, old)
         if pool is not None:
-            self.connection_manager._set(key, pool)
-        if old is not None and old.timeout != plan.timeout:
-            self._release_slot(old.timeout)
-        if old is not None and old.pool is not None:
-            await self._retire_pool(old.pool, old)
+            self.connection_manager.bind(key, pool)
         return validated
+
+    def _breaker_for(self, key: str, config: BreakerConfig | None, old: Plan | None) -> CircuitBreaker | None:
+        """The key's breaker: the old one if its options are unchanged, else a new one on the same store."""
+        if config is None:
+            return None
+        unchanged = old is not None and old.config is not None and old.config.circuit_breaker == config
+        if unchanged and isinstance(old.breaker, CircuitBreaker):  # type: ignore[union-attr]  # (old is set)
+            return old.breaker  # type: ignore[union-attr]
+        return self._host.make_breaker(key, config)
+
+    async def _pool_for(self, key: str, config: PoolConfig | None, old: Plan | None) -> ConnectionPool[Any] | None:
+        """The key's pool: the old one if its options are unchanged (and it is open), else a new one."""
+        if config is None:
+            return None
+        if old is not None and old.pool is not None and not old.pool.closed and old.config is not None:  # noqa: SIM102
+            if old.config.connection_pool == config:  # (unchanged options: the same pool, its workers kept)
+                return old.pool
+        return await self._host.start_pool(key, config)
 
     async def configure_from_mapping(self, configs: Mapping[str, Any]) -> dict[str, ProtectionConfig]:
         """Configure several keys from ``{key: config}``; all are validated before any is applied."""
@@ -257,15 +423,13 @@ class AsyncInfrastructure:
         plan = self._plans.pop(key, None)
         if plan is None:
             raise ProtectionKeyNotFound(name=key)
-        self._release_slot(plan.timeout)
         if self.rate_limiter.for_operation(key) is plan.limiter:
             self.rate_limiter.bind(key, None)
-        if plan.breaker is not None and self.circuit_breaker._breakers.get(key) is plan.breaker:
-            self.circuit_breaker._set(key, None)
+        if plan.breaker is not None:
+            self.circuit_breaker.unbind(key, plan.breaker)
         if plan.pool is not None:
-            if self.connection_manager._pools.get(key) is plan.pool:
-                self.connection_manager._set(key, None)
-            await self._retire_pool(plan.pool, plan)
+            self.connection_manager.unbind(key, plan.pool)
+            await self._host.retire_pool(plan.pool, plan)
 
     def list_protection_keys(self) -> list[str]:
         """The configured keys, sorted."""
@@ -284,6 +448,9 @@ class AsyncInfrastructure:
         timeout: float | timedelta | None = None,  # noqa: ASYNC109 - the contract's API; it is the scope's deadline
     ) -> T:
         """Run ``await fn()`` through ``key``'s layers and return its result.
+
+        It is ``async with infra.protect(key, ...): return await fn()``: one
+        call path for both.
 
         Args:
             key: The protection key; an unknown key with no options runs
@@ -305,8 +472,7 @@ class AsyncInfrastructure:
             ProtectionTimeout: The call did not finish within ``timeout``.
             Exception: Whatever ``fn`` raised, unchanged.
         """
-        # Plans are truthy; an unconfigured key finds its cached timeout-only plan.
-        plan = self._plans.get(key) or self._adhoc.get(key)
+        plan = self._plans.get(key) or self._adhoc.get(key)  # (plans are truthy)
         if (
             plan is None
             or rate_limiter is not None
@@ -314,190 +480,11 @@ class AsyncInfrastructure:
             or connection_pool is not None
             or timeout is not None
         ):
-            plan = self._call_plan(key, self._plans.get(key), rate_limiter, circuit_breaker, connection_pool, timeout)
-        # One attribute read tells whether any telemetry handler is attached at
-        # all; only then are the execute_* topics looked at one by one.
-        if ANY_HANDLER.attached and watched():
-            block = Protection()
-            block._plan = plan
-            block._scope = None
-            async with block:
-                return await fn()
-        # The unobserved hot path, written out flat: every coroutine frame and
-        # object saved here is a measurable share of the whole chain's cost.
-        # ``Protection``/``NowaitProtection`` are the same logic spread over
-        # __aenter__/__aexit__ (see _protection). Each layer uses its primitive's synchronous non-waiting form where it
-        # can decide (see _fastpath), else the waiting form.
-        #
-        # A replaced pool stays open for the calls that fetched the old plan
-        # (uncount() in _plan): a call holding a worker is waited for by the
-        # pool's own close(), and a call that awaits anything before its
-        # checkout is counted in ``owner.inflight`` from just before that first
-        # await. When every layer decides without awaiting, nothing is awaited
-        # before the worker is taken: nothing to count.
-        pool = plan.pool
-        counted = False
-        try:
-            limiter = plan.limiter
-            if limiter is not None:
-                try:
-                    acquire = plan.acquire
-                    if acquire is not None:
-                        acquire()
-                    else:
-                        if pool is not None:
-                            counted = True
-                            plan.owner.inflight += 1
-                        await limiter.hit(plan.bucket)
-                except SeawallError as exc:
-                    self._triggered(plan.key, "rate_limiter", exc)
-                    raise
-            scope = (_plan.scope_class or cancel_scope_class())()
-            group: dict[Any, Any] | None
-            with scope:
-                # While the timer ticks, a key's calls register in its slot with
-                # no clock read (see _deadline); else exactly, or on anyio's clock.
-                group = plan.slot.open
-                if group is not None:
-                    group[scope] = None
-                else:
-                    group = self._register(plan, scope)
-                try:
-                    breaker = plan.breaker
-                    if breaker is not None:
-                        sync_breaker = plan.nowait_breaker
-                        permit = None
-                        record = plan.breaker_record
-                        # admit_nowait()'s common case inline (its frame is half its cost):
-                        # a closed breaker that nobody times admits with nothing to remember.
-                        if record is None or record.state is not CLOSED or BREAKER_CALL_EXECUTED.handlers:
-                            try:
-                                if sync_breaker is not None:
-                                    permit = sync_breaker.admit_nowait()
-                                else:
-                                    if pool is not None and not counted:
-                                        counted = True
-                                        plan.owner.inflight += 1
-                                    await breaker.__aenter__()
-                            except SeawallError as exc:
-                                self._triggered(plan.key, "circuit_breaker", exc)
-                                raise
-                    try:
-                        if pool is None:
-                            result = await fn()
-                        else:
-                            idle = pool._idle
-                            if idle and pool._fast_take and not ANY_HANDLER.attached:
-                                # checkout_nowait()'s common case inline (see ConnectionPool._fast_take).
-                                lease = idle.pop()
-                                pool._busy.add(lease)
-                            else:
-                                try:
-                                    lease = pool.checkout_nowait()
-                                except WouldBlock:
-                                    lease = None
-                                except SeawallError as exc:
-                                    self._triggered(plan.key, "connection_pool", exc)
-                                    raise
-                            if lease is not None:
-                                try:
-                                    result = await fn()
-                                except BaseException:
-                                    try:
-                                        pool.checkin_nowait(lease, raised=True)
-                                    except WouldBlock:
-                                        await pool.checkin(lease, raised=True)  # shielded inside
-                                    raise
-                                if (
-                                    pool._fast_return
-                                    and lease._lent_at is None
-                                    and not pool._waiters
-                                    and pool._total - pool._closing <= pool._size
-                                ):
-                                    # checkin_nowait()'s common case inline (see ConnectionPool._fast_return).
-                                    pool._busy.remove(lease)
-                                    pool._idle.append(lease)
-                                else:
-                                    try:
-                                        pool.checkin_nowait(lease)
-                                    except WouldBlock:
-                                        await pool.checkin(lease)
-                            else:
-                                if not counted:
-                                    counted = True
-                                    plan.owner.inflight += 1
-                                checkout = pool.checkout()
-                                try:
-                                    await checkout.__aenter__()
-                                except SeawallError as exc:
-                                    self._triggered(plan.key, "connection_pool", exc)
-                                    raise
-                                try:
-                                    result = await fn()
-                                except BaseException as exc:
-                                    await checkout.__aexit__(type(exc), exc, exc.__traceback__)
-                                    raise
-                                await checkout.__aexit__(None, None, None)
-                    except BaseException as exc:
-                        if breaker is None:
-                            raise
-                        if scope.cancel_called and isinstance(exc, cancelled_class()):
-                            # Our deadline fired: the breaker must see a timeout, a failure.
-                            timed_out = self._timed_out(plan)
-                            if sync_breaker is not None:
-                                sync_breaker.settle_nowait(permit, timed_out)
-                            else:
-                                await breaker.__aexit__(ProtectionTimeout, timed_out, None)
-                            raise timed_out from None
-                        if sync_breaker is not None:
-                            sync_breaker.settle_nowait(permit, exc)
-                        else:
-                            await breaker.__aexit__(type(exc), exc, exc.__traceback__)
-                        raise
-                    if breaker is not None:
-                        if sync_breaker is None:
-                            await breaker.__aexit__(None, None, None)
-                        elif permit is not None:  # a success without a permit changes nothing
-                            sync_breaker.settle_nowait(permit)
-                    return result
-                finally:
-                    if group is not None:
-                        try:
-                            del group[scope]
-                        except KeyError:
-                            pass  # the timer expired it (and cancelled the scope)
-            # Only reached when the scope swallowed its own cancellation.
-            raise self._timed_out(plan)
-        finally:
-            if counted:
-                uncount(plan)
-
-    def _register(self, plan: Plan, scope: Any) -> dict[Any, Any] | None:
-        """Give ``scope`` the plan's deadline exactly; return the dict to delete it from when done.
-
-        On the timer when it runs (and start it ticking if the plan has a
-        slot, so the next calls need no clock read), else as the scope's own
-        anyio deadline (no infrastructure task: ``None``).
-        """
-        timer = self._timer
-        timeout = plan.timeout
-        if not timer.running:
-            scope.deadline = anyio.current_time() + timeout
-            return None
-        group = timer.groups.get(timeout)
-        if group is None:  # (an empty group is falsy: test for None)
-            group = timer.group(timeout)
-        group[scope] = self._now() + timeout
-        if plan.slot is not NO_SLOT:
-            timer.start_ticking()
-        timer.wake_if_idle()
-        return group
-
-    def _timed_out(self, plan: Plan) -> ProtectionTimeout:
-        error = ProtectionTimeout(key=plan.key, timeout=plan.timeout)
-        self._triggered(plan.key, "timeout", error)
-        logger.warning("protection_timeout", key=plan.key, timeout=plan.timeout)
-        return error
+            plan = self._call_plan(key, (rate_limiter, circuit_breaker, connection_pool, timeout))
+        if plan.breaker is not None and getattr(fn, GUARDED_BY, None) is not None:
+            fn = unguarded(plan.breaker, fn)  # ``@breaker`` of the key's own breaker: one layer counts it
+        async with ProtectedCall(plan):
+            return await fn()
 
     def protect(
         self,
@@ -507,14 +494,13 @@ class AsyncInfrastructure:
         circuit_breaker: str | None = None,
         connection_pool: str | None = None,
         timeout: float | timedelta | None = None,
-    ) -> Protection:
+    ) -> ProtectedCall:
         """``async with infra.protect(key) as conn:`` protects a block like :meth:`execute_protected`.
 
         Yields the pool's connection (``None`` without a pool). The options are
         those of :meth:`execute_protected`.
         """
-        # Plans are truthy; an unconfigured key finds its cached timeout-only plan.
-        plan = self._plans.get(key) or self._adhoc.get(key)
+        plan = self._plans.get(key) or self._adhoc.get(key)  # (plans are truthy)
         if (
             plan is None
             or rate_limiter is not None
@@ -522,104 +508,115 @@ class AsyncInfrastructure:
             or connection_pool is not None
             or timeout is not None
         ):
-            plan = self._call_plan(key, self._plans.get(key), rate_limiter, circuit_breaker, connection_pool, timeout)
-        # The synchronous form unless a layer must be awaited or execute_* is observed.
-        # (Protection has no __init__: its fields are set here, sparing a frame.)
-        block = NowaitProtection() if plan.nowait and not (ANY_HANDLER.attached and watched()) else Protection()
-        block._plan = plan
-        block._scope = None
-        return block
+            plan = self._call_plan(key, (rate_limiter, circuit_breaker, connection_pool, timeout))
+        return ProtectedCall(plan)
 
-    def _call_plan(
-        self,
-        key: str,
-        base: Plan | None,
-        rate_limiter: str | tuple[str, str] | None,
-        circuit_breaker: str | None,
-        connection_pool: str | None,
-        timeout: float | timedelta | None,
-    ) -> Plan:
-        """A one-call plan: the key's layers with the call's options applied."""
+    def _call_plan(self, key: str, options: _Options) -> Plan:
+        """The plan of one call's options: the key's layers with them applied (kept where it pays)."""
+        base = self._plans.get(key)
+        rate_limiter, circuit_breaker, connection_pool, timeout = options
         if base is None and not isinstance(key, str):
             # Configured keys are str; an unknown non-str key must not run as a key of its own.
             raise ConfigurationTypeError(f"a protection key must be a str, got {key!r}", path="key")
-        if (
-            base is None
-            and rate_limiter is None
-            and circuit_breaker is None
-            and connection_pool is None
-            and timeout is None
-        ):
-            adhoc = self._adhoc.get(key)
-            if adhoc is None:
-                if len(self._adhoc) >= _MAX_ADHOC:
-                    self._adhoc.clear()  # many one-off keys: start over rather than grow
-                adhoc = self._adhoc[key] = Plan(self, key, None, None, "", None, None, DEFAULT_TIMEOUT)
-                adhoc.slot = self._timer.slot(DEFAULT_TIMEOUT)
-            return adhoc
+        if base is None and options == (None, None, None, None):
+            return self._adhoc_plan(key)
         # A bucket per entity (per user, per client address) is the commonest
         # call option: its plan is kept on the key's plan, so that the entity's
-        # next call finds its bucket handle and timer slot ready. A reconfigured
-        # key drops them with its old plan.
-        kept_entity = (
-            rate_limiter
-            if isinstance(rate_limiter, str) and circuit_breaker is None and connection_pool is None and timeout is None
-            else None
-        )
+        # next call finds its bucket handle ready. A reconfigured key drops
+        # them with its old plan.
+        kept_entity = rate_limiter if isinstance(rate_limiter, str) and options[1:] == (None, None, None) else None
         if base is not None and kept_entity is not None:
             kept = base.entities.get(kept_entity)
             if kept is not None:
                 return kept
-        limiter = base.limiter if base is not None else None
-        bucket = base.bucket if base is not None else bucket_key(key, DEFAULT_ENTITY)
-        if rate_limiter is not None:
-            if isinstance(rate_limiter, str):
-                bucket = bucket_key(key, rate_limiter)
-            elif (
-                isinstance(rate_limiter, tuple)
-                and len(rate_limiter) == 2
-                and all(isinstance(part, str) for part in rate_limiter)
-            ):
-                operation, entity = rate_limiter
-                limiter = self.rate_limiter.for_operation(operation) or limiter
-                bucket = bucket_key(operation, entity)
-            else:
-                raise ConfigurationError(
-                    f"{key}.rate_limiter: expected an entity id (str) or an (operation, entity_id) pair, "
-                    f"got {rate_limiter!r}",
-                    path=f"{key}.rate_limiter",
-                )
-            if limiter is None:
-                raise ConfigurationError(
-                    f"{key}.rate_limiter: no rate limit is configured for this key or operation",
-                    path=f"{key}.rate_limiter",
-                )
-        breaker = base.breaker if base is not None else None
-        if circuit_breaker is not None:
-            breaker = self.circuit_breaker.get(circuit_breaker)
-        pool = base.pool if base is not None else None
-        if connection_pool is not None:
-            pool = self.connection_manager.get(connection_pool)
+        limiter, bucket = self._bucket_for(key, base, rate_limiter)
+        breaker = self.circuit_breaker.get(circuit_breaker) if circuit_breaker is not None else None
+        pool = self.connection_manager.get(connection_pool) if connection_pool is not None else None
+        if base is not None:
+            breaker = base.breaker if breaker is None else breaker
+            pool = base.pool if pool is None else pool
         if timeout is not None:
             seconds = check_seconds(timeout, f"{key}.timeout")
         else:
             seconds = base.timeout if base is not None else DEFAULT_TIMEOUT
-        if base is not None and _same(limiter, bucket, breaker, pool, seconds, base):
-            plan = base
-        else:
-            one_call = base is None or kept_entity is None
-            plan = Plan(self, key, None, limiter, bucket, breaker, pool, seconds, one_call=one_call)
-            if base is not None:
-                # Count the call against the key's plan, whose pool it may use.
-                plan.owner = base
-        if base is not None and kept_entity is not None:
-            plan.slot = base.slot
-            if len(base.entities) >= _MAX_ENTITY_PLANS:
-                base.entities.clear()  # many entities: start over rather than grow
-            base.entities[kept_entity] = plan
+        if base is not None and base.same_layers(limiter, bucket, breaker, pool, seconds):
+            return base
+        plan = Plan(self._host, key, None, limiter, bucket, breaker, pool, seconds, one_call=kept_entity is None)
+        if base is not None:
+            plan.owner = base  # the call counts against the key's plan, whose pool it may use
+            if kept_entity is not None:
+                if len(base.entities) >= _MAX_ENTITY_PLANS:
+                    base.entities.clear()  # many entities: start over rather than grow
+                base.entities[kept_entity] = plan
         return plan
 
+    def _adhoc_plan(self, key: str) -> Plan:
+        """The kept timeout-only plan of an unconfigured key."""
+        adhoc = self._adhoc.get(key)
+        if adhoc is None:
+            if len(self._adhoc) >= _MAX_ADHOC:
+                self._adhoc.clear()  # many one-off keys: start over rather than grow
+            adhoc = self._adhoc[key] = Plan(self._host, key, None, None, "", None, None, DEFAULT_TIMEOUT)
+        return adhoc
+
+    def _bucket_for(
+        self, key: str, base: Plan | None, rate_limiter: str | tuple[str, str] | None
+    ) -> tuple[RateLimiter | None, str]:
+        """The limiter and bucket a call's ``rate_limiter=`` option names."""
+        limiter = base.limiter if base is not None else None
+        if rate_limiter is None:
+            return limiter, base.bucket if base is not None else bucket_key(key, DEFAULT_ENTITY)
+        path = f"{key}.rate_limiter"
+        if isinstance(rate_limiter, str):
+            bucket = bucket_key(key, rate_limiter)
+        elif (
+            isinstance(rate_limiter, tuple) and len(rate_limiter) == 2 and all(isinstance(p, str) for p in rate_limiter)
+        ):
+            operation, entity = rate_limiter
+            limiter = self.rate_limiter.for_operation(operation) or limiter
+            bucket = bucket_key(operation, entity)
+        else:
+            raise ConfigurationError(
+                f"{path}: expected an entity id (str) or an (operation, entity_id) pair, got {rate_limiter!r}",
+                path=path,
+            )
+        if limiter is None:
+            raise ConfigurationError(f"{path}: no rate limit is configured for this key or operation", path=path)
+        return limiter, bucket
+
     # -- status ----------------------------------------------------------
+
+    def statistics(self) -> InfrastructureStatistics:
+        """A frozen snapshot of the keys, the deadline timer and each key's layers (no I/O)."""
+        keys = tuple(self._key_statistics(plan) for _, plan in sorted(self._plans.items()))
+        host = self._host
+        return InfrastructureStatistics(
+            running=host.task_group is not None,
+            keys=keys,
+            timer=host.timer.statistics(),
+            unconfigured_keys=len(self._adhoc),
+        )
+
+    @staticmethod
+    def _key_statistics(plan: Plan) -> KeyStatistics:
+        layers = tuple(
+            name
+            for name, layer in (
+                ("rate_limiter", plan.limiter),
+                ("circuit_breaker", plan.breaker),
+                ("connection_pool", plan.pool),
+            )
+            if layer is not None
+        )
+        return KeyStatistics(
+            key=plan.key,
+            timeout=plan.timeout,
+            layers=layers,
+            inflight=plan.inflight,
+            breaker_state=plan.breaker.state if plan.breaker is not None else None,
+            pool=plan.pool.status() if plan.pool is not None else None,
+            entity_plans=len(plan.entities),
+        )
 
     async def get_protection_status(self, key: str) -> dict[str, Any]:
         """The state of each of ``key``'s layers as a JSON-ready dict.
@@ -650,122 +647,37 @@ class AsyncInfrastructure:
         pools: dict[str, Any] = {}
         for name in self.connection_manager.list_pools():
             pool = self.connection_manager.get(name)
-            healthy = not pool.closed
-            pools[name] = {"healthy": healthy, **jsonable(pool.status().to_dict())}
+            pools[name] = {"healthy": not pool.closed, **jsonable(pool.status().to_dict())}
         breakers: dict[str, Any] = {}
         for name in self.circuit_breaker.names():
-            breaker = self.circuit_breaker._breakers.get(name)
+            breaker = self.circuit_breaker.find(name)
             if breaker is None:
                 continue  # removed while an earlier breaker's status was awaited
-            try:
-                snapshot = jsonable((await breaker.status()).to_dict())
-            except Exception as exc:  # any store failure is reported, not raised
-                breakers[name] = {"healthy": False, "state": "unknown", "error": f"{type(exc).__name__}: {exc}"}
-            else:
-                breakers[name] = {"healthy": snapshot.get("state") != "open", **snapshot}
+            breakers[name] = await _breaker_health(breaker)
         healthy = all(p["healthy"] for p in pools.values()) and all(b["healthy"] for b in breakers.values())
+        timer = self._host.timer.statistics()
         return {
             "status": "healthy" if healthy else "degraded",
             "keys": len(self._plans),
             "protection_keys": self.list_protection_keys(),
             "pools": pools,
             "circuit_breakers": breakers,
-            "timer": {"running": self._timer.running, "pending": self._timer.pending, "expired": self._timer.expired},
+            "timer": {"running": timer.running, "pending": timer.pending, "expired": timer.expired},
         }
 
     health = get_infrastructure_status
 
-    # -- internals used by the registries and Protection -----------------------
-
-    def _make_limiter(self, config: RateLimitConfig) -> RateLimiter:
-        options: dict[str, Any] = {"algorithm": config.algorithm, "backend": self._backend}
-        if not isinstance(self._clock, MonotonicClock):
-            options["clock"] = self._clock
-        return RateLimiter(config.limit, config.window, **options)
-
-    def _make_breaker(self, name: str, config: BreakerConfig) -> CircuitBreaker:
-        return CircuitBreaker(name, **config.options(), backend=self._backend, clock=self._clock)
-
-    async def _start_pool(self, name: str, config: PoolConfig) -> ConnectionPool[Any]:
-        pool: ConnectionPool[Any] = ConnectionPool(
-            config.factory,
-            size=config.size,
-            max_overflow=config.max_overflow,
-            timeout=config.timeout,
-            name=name,
-            clock=self._clock,
-        )
-        await pool.start()
-        self._pools.add(pool)
-        return pool
-
-    async def _close_pool(self, pool: ConnectionPool[Any], grace: float = _CLOSE_GRACE) -> None:
-        self._pools.discard(pool)
-        with anyio.CancelScope(shield=True):
-            await pool.close(grace=grace)
-
-    def _release_slot(self, timeout: float) -> None:
-        """A key stopped using ``timeout``: let the timer drop its slot if no other key uses it."""
-        # (Unconfigured keys use DEFAULT_TIMEOUT's slot.)
-        if timeout != DEFAULT_TIMEOUT and all(plan.timeout != timeout for plan in self._plans.values()):
-            self._timer.release(timeout)
-
-    async def _retire_pool(self, pool: ConnectionPool[Any], plan: Plan | None) -> None:
-        """Close ``pool`` once the calls in flight on ``plan`` are done, without waiting here."""
-        if plan is not None and plan.inflight and plan.drained is None:
-            plan.drained = anyio.Event()
-        if pool in self.connection_manager._pools.values():
-            return  # still registered under another name: it stays open
-        task_group = self._task_group
-        if task_group is None:
-            if plan is not None and plan.drained is not None:
-                await plan.drained.wait()
-            await self._close_pool(pool, max(_CLOSE_GRACE, plan.timeout) if plan is not None else _CLOSE_GRACE)
-            return
-
-        # Calls holding a worker are waited for by close() itself, for up to
-        # ``grace``: long enough for any of them to finish or time out.
-        grace = max(_CLOSE_GRACE, plan.timeout) if plan is not None else _CLOSE_GRACE
-
-        async def close_when_drained() -> None:
-            if plan is not None and plan.drained is not None:
-                await plan.drained.wait()
-            await self._close_pool(pool, grace)
-
-        task_group.start_soon(close_when_drained)
-
-    def _triggered(self, key: str, layer: str, exc: BaseException, metadata: Mapping[str, Any] | None = None) -> None:
-        """Report that ``layer`` stopped a call (telemetry; the layer logs it itself)."""
-        if INFRA_PROTECTION_TRIGGERED.handlers:
-            meta: dict[str, Any] = {
-                "key": key,
-                "layer": layer,
-                "error_type": getattr(exc, "error_type", type(exc).__name__),
-                "retry_after": getattr(exc, "retry_after", None),
-            }
-            if metadata:
-                meta["metadata"] = dict(metadata)
-            INFRA_PROTECTION_TRIGGERED.emit({}, meta)
-
     def __repr__(self) -> str:
+        host = self._host
         return (
             f"AsyncInfrastructure(keys={self.list_protection_keys()!r}, "
-            f"running={self._task_group is not None}, timer={self._timer!r})"
+            f"running={host.task_group is not None}, timer={host.timer!r})"
         )
 
 
-def _same(
-    limiter: RateLimiter | None,
-    bucket: str,
-    breaker: BreakerLike | None,
-    pool: ConnectionPool[Any] | None,
-    timeout: float,
-    base: Plan,
-) -> bool:
-    return (
-        limiter is base.limiter
-        and bucket == base.bucket
-        and breaker is base.breaker
-        and pool is base.pool
-        and timeout == base.timeout
-    )
+async def _breaker_health(breaker: BreakerLike) -> dict[str, Any]:
+    try:
+        snapshot = jsonable((await breaker.status()).to_dict())
+    except Exception as exc:  # any store failure is reported, not raised
+        return {"healthy": False, "state": "unknown", "error": f"{type(exc).__name__}: {exc}"}
+    return {"healthy": snapshot.get("state") != "open", **snapshot}

@@ -18,11 +18,13 @@ path. ``debug`` is filtered by the stdlib level before any rendering.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
 
-__all__ = ["logger"]
+__all__ = ["Throttle", "logger"]
 
 _stdlib_logger = logging.getLogger("seawall")
 
@@ -78,3 +80,46 @@ class _SeawallLogger:
 
 
 logger = _SeawallLogger()
+
+
+class Throttle:
+    """At most one log line per ``every`` seconds for each ``group`` (a key, a backend), with a count.
+
+    A burst of the same event (10,000 calls timing out at once, a Redis outage
+    failing every request) must not turn into as many log lines: writing them
+    would stall the event loop and delay the very timeouts being reported. The
+    first event of a group is logged at once; later ones within ``every``
+    seconds are counted, and the next line logged carries ``suppressed=N``.
+    Telemetry still sees every event.
+    """
+
+    __slots__ = ("_every", "_groups", "_now")
+
+    def __init__(self, every: float = 1.0, *, now: Callable[[], float] = time.monotonic) -> None:
+        self._every = every
+        self._now = now
+        self._groups: dict[Any, list[float]] = {}  # group -> [last logged at, suppressed since]
+
+    def warning(self, event: str, group: Any, **fields: Any) -> None:
+        self._log("warning", event, group, fields)
+
+    def error(self, event: str, group: Any, **fields: Any) -> None:
+        self._log("error", event, group, fields)
+
+    def _log(self, level: str, event: str, group: Any, fields: dict[str, Any]) -> None:
+        now = self._now()
+        state = self._groups.get(group)
+        if state is not None and now - state[0] < self._every:
+            state[1] += 1
+            return
+        suppressed = 0 if state is None else int(state[1])
+        if len(self._groups) >= _MAX_THROTTLED_GROUPS:
+            self._groups.clear()  # many groups (one-off keys): start over rather than grow
+        self._groups[group] = [now, 0]
+        if suppressed:
+            fields["suppressed"] = suppressed
+        getattr(logger, level)(event, **fields)
+
+
+#: Groups a Throttle remembers at most.
+_MAX_THROTTLED_GROUPS = 4096

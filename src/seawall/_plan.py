@@ -1,90 +1,99 @@
-"""A key's compiled layers (:class:`Plan`) and the small helpers its protected calls share.
+"""What a protection key compiles to: its :class:`Plan`, built once per configuration.
 
-``AsyncInfrastructure`` compiles each key's configuration into a plan once;
-``execute_protected`` and :class:`~seawall._protection.Protection` then run
-a call from the plan alone, without looking anything up by name.
+``AsyncInfrastructure`` turns each key's configuration into a plan: the
+layers in their order (rate limiter and bucket, breaker, pool), the timeout,
+and which of the layers decide without awaiting. A protected call
+(``_protected_call.ProtectedCall``) then runs from the plan alone, looking
+nothing up by name; what it needs of the infrastructure besides is the
+narrow :class:`CallHost` (the clock, the deadline timer, the telemetry of a
+triggered protection), never the infrastructure itself.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 
-from seawall._breaker import BreakerLike
-from seawall._config import DEFAULT_TIMEOUT, ProtectionConfig
-from seawall._deadline import Slot
-from seawall._fastpath import breaker_record, nowait_breaker, nowait_limiter
+from seawall._breaker import BreakerLike, CircuitBreaker
+from seawall._config import ProtectionConfig
+from seawall._errors import ProtectionTimeout
 from seawall._limiter import RateLimiter
 from seawall._pool import ConnectionPool
 
-if TYPE_CHECKING:
-    from seawall._infrastructure import AsyncInfrastructure
-
-__all__ = ["NO_SLOT", "Plan", "cancel_scope_class", "cancelled_class", "scope_class", "uncount"]
-
-#: The running backend's CancelScope class once looked up; hot paths call
-#: ``(_plan.scope_class or cancel_scope_class())()`` to spare a frame.
-scope_class: Any = None
+__all__ = ["CallHost", "Plan", "uncount"]
 
 
-def cancel_scope_class() -> Any:
-    """The running backend's own CancelScope class.
+class CallHost(Protocol):
+    """What a protected call needs from the infrastructure that runs it."""
 
-    ``anyio.CancelScope()`` dispatches to the backend on every construction
-    (measured: 40% of the scope's cost); the class it returns is the same
-    every time, so it is looked up once and called directly.
-    """
-    global scope_class
-    if scope_class is None:
-        scope_class = type(anyio.CancelScope())
-    return scope_class
+    #: Makes the call's cancel scope (the running backend's class while the infrastructure runs).
+    scope_class: Callable[[], Any]
 
+    def now(self) -> float:
+        """The infrastructure's clock."""
+        ...
 
-_CancelledClass: type[BaseException] | None = None
+    def register(self, scope: Any, deadline: float, timeout: float) -> dict[Any, float] | None:
+        """File ``scope`` with the deadline timer (``None``: give it a deadline of its own)."""
+        ...
 
+    def triggered(self, key: str, layer: str, exc: BaseException) -> None:
+        """Report that ``layer`` stopped a call of ``key`` (telemetry)."""
+        ...
 
-def cancelled_class() -> type[BaseException]:
-    """The running backend's cancellation exception (looked up once)."""
-    global _CancelledClass
-    if _CancelledClass is None:
-        _CancelledClass = anyio.get_cancelled_exc_class()
-    return _CancelledClass
+    def timed_out(self, plan: Plan, *, overran: bool = False) -> ProtectionTimeout:
+        """The error of a call of ``plan`` that passed its deadline (reported and logged).
 
-
-#: The slot of one-call plans: never filled by a timer, so its ``open`` stays None.
-NO_SLOT = Slot(DEFAULT_TIMEOUT)
+        ``overran``: the call finished after its deadline because its code
+        could not be cancelled (it blocked the loop, or ran in a thread).
+        """
+        ...
 
 
 class Plan:
-    """The compiled layers of one key, of one entity's calls on a key, or of one call's options."""
+    """The compiled layers of one key, of one entity's calls on a key, or of one call's options.
+
+    Attributes:
+        host: The infrastructure's :class:`CallHost`.
+        key: The protection key.
+        config: The key's configuration (``None`` for a plan of call options).
+        limiter, bucket: The rate limiter and the bucket a call takes from.
+        acquire: The bucket's ``acquire_nowait`` when the limiter decides in
+            this process, else ``None`` (its ``hit()`` is awaited).
+        breaker: The breaker, and ``local_breaker``: the same when its
+            ``admit_nowait``/``settle_nowait`` decide (state in this process).
+        pool: The pool or bulkhead.
+        timeout: Seconds for everything after the rate limit.
+        nowait: Whether the limiter and the breaker both decide without awaiting.
+        owner: The key's plan, which counts the calls in flight (``inflight``)
+            that awaited before their checkout: a replaced pool stays open for them.
+        entities: A kept plan's plans for calls that name only their entity.
+    """
 
     __slots__ = (
         "acquire",
         "breaker",
-        "breaker_record",
         "bucket",
         "config",
         "drained",
         "entities",
+        "host",
         "inflight",
-        "infra",
         "key",
         "limiter",
+        "local_breaker",
         "nowait",
-        "nowait_breaker",
-        "nowait_limiter",
         "owner",
         "pool",
-        "slot",
         "timeout",
     )
 
     def __init__(
         self,
-        infra: AsyncInfrastructure,
+        host: CallHost,
         key: str,
         config: ProtectionConfig | None,
         limiter: RateLimiter | None,
@@ -95,7 +104,7 @@ class Plan:
         *,
         one_call: bool = False,
     ) -> None:
-        self.infra = infra
+        self.host = host
         self.key = key
         self.config = config
         self.limiter = limiter
@@ -103,35 +112,45 @@ class Plan:
         self.breaker = breaker
         self.pool = pool
         self.timeout = timeout
-        # The key's plan, which counts this plan's calls (a call's options make a new plan).
         self.owner: Plan = self
-        # Calls in flight on this plan that await before their pool checkout:
-        # a replaced pool closes once they finish (see uncount).
         self.inflight = 0
         self.drained: anyio.Event | None = None
-        # A kept plan's plans for calls that name only their entity's bucket (see _call_plan).
         self.entities: dict[str, Plan] = {}
-        # The timer's slot for this plan's timeout: set for the kept plans (a
-        # configured or unconfigured key); a one-call plan's never ticks.
-        self.slot: Slot = NO_SLOT
-        # The layers whose non-waiting form decides every call (see _fastpath);
-        # None where a layer must be awaited every time.
-        self.nowait_limiter = nowait_limiter(limiter)
-        # The bucket's acquire: a kept plan builds the bucket's fused function
-        # (RateLimitBucket.acquire_nowait) once; a plan for one call's options
-        # only binds acquire_nowait, a fifth of the cost to build.
+        # Each primitive owns its non-waiting decision; the plan only learns, once,
+        # whether that decision is available (the state is in this process).
         self.acquire: Callable[[], None] | None = None
-        if self.nowait_limiter is not None:
-            if one_call:
-                self.acquire = partial(self.nowait_limiter.acquire_nowait, bucket)
-            else:
-                self.acquire = self.nowait_limiter.bucket(bucket).acquire_nowait
-        self.nowait_breaker = nowait_breaker(breaker)
-        self.breaker_record = breaker_record(self.nowait_breaker)
-        # Whether the limiter and the breaker both decide without awaiting (or are absent).
-        self.nowait = (limiter is None or self.nowait_limiter is not None) and (
-            breaker is None or self.nowait_breaker is not None
+        if limiter is not None and limiter.resident_buckets is not None:
+            # A kept plan builds the bucket's handle once; a plan for one call's
+            # options only binds acquire_nowait, a fifth of the cost to build.
+            self.acquire = (
+                partial(limiter.acquire_nowait, bucket) if one_call else limiter.bucket(bucket).acquire_nowait
+            )
+        self.local_breaker = breaker if isinstance(breaker, CircuitBreaker) and breaker.decides_locally else None
+        self.nowait = (limiter is None or self.acquire is not None) and (
+            breaker is None or self.local_breaker is not None
         )
+
+    def same_layers(
+        self,
+        limiter: RateLimiter | None,
+        bucket: str,
+        breaker: BreakerLike | None,
+        pool: ConnectionPool[Any] | None,
+        timeout: float,
+    ) -> bool:
+        """Whether these layers are this plan's (a call's options that change nothing reuse it)."""
+        return (
+            limiter is self.limiter
+            and bucket == self.bucket
+            and breaker is self.breaker
+            and pool is self.pool
+            and timeout == self.timeout
+        )
+
+    def __repr__(self) -> str:
+        pairs = (("rate_limiter", self.limiter), ("circuit_breaker", self.breaker), ("pool", self.pool))
+        layers = [name for name, layer in pairs if layer is not None]
+        return f"<Plan key={self.key!r} layers={layers} timeout={self.timeout!r}>"
 
 
 def uncount(plan: Plan) -> None:

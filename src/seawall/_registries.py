@@ -11,9 +11,9 @@ can be named in ``execute_protected(..., circuit_breaker="db_breaker")``.
 from __future__ import annotations
 
 import enum
-import importlib
+import functools
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from seawall._breaker import BreakerLike, BreakerStatus, CircuitBreaker
 from seawall._config import BreakerConfig, PoolConfig, RateLimitConfig
@@ -28,12 +28,52 @@ from seawall._errors import (
 from seawall._pool import ConnectionPool, PoolStatus
 
 if TYPE_CHECKING:
-    from seawall._infrastructure import AsyncInfrastructure
     from seawall._limiter import RateLimiter, RateLimitStatus
 
-__all__ = ["CircuitBreakerRegistry", "ConnectionManager", "RateLimiterRegistry", "bucket_key", "jsonable"]
+__all__ = [
+    "BREAKER_ADAPTERS",
+    "CircuitBreakerRegistry",
+    "ConnectionManager",
+    "RateLimiterRegistry",
+    "RegistryHost",
+    "bucket_key",
+    "jsonable",
+]
 
 T = TypeVar("T")
+
+
+class RegistryHost(Protocol):
+    """What the registries need from their infrastructure: making, starting and retiring primitives."""
+
+    def make_limiter(self, config: RateLimitConfig) -> RateLimiter:
+        """A limiter for ``config``'s rule on the infrastructure's backend and clock."""
+        ...
+
+    def make_breaker(self, name: str, config: BreakerConfig) -> CircuitBreaker:
+        """A breaker named ``name`` on the infrastructure's backend and clock."""
+        ...
+
+    async def start_pool(self, name: str, config: PoolConfig) -> ConnectionPool[Any]:
+        """Start a pool the infrastructure closes on exit."""
+        ...
+
+    async def close_pool(self, pool: ConnectionPool[Any]) -> None:
+        """Close ``pool`` now (after its checked-out workers come back)."""
+        ...
+
+    async def retire_pool(self, pool: ConnectionPool[Any], plan: Any) -> None:
+        """Close ``pool`` once the calls in flight on ``plan`` are done, unless it is still registered."""
+        ...
+
+    def triggered(self, key: str, layer: str, exc: BaseException, metadata: Mapping[str, Any] | None = None) -> None:
+        """Report that ``layer`` stopped a call (telemetry)."""
+        ...
+
+
+#: Adapters of third-party breakers, registered by their integration modules on import:
+#: each takes ``(breaker, name)`` and returns a seawall breaker, or ``None`` if it is not its kind.
+BREAKER_ADAPTERS: list[Callable[[Any, str], BreakerLike | None]] = []
 
 
 def bucket_key(operation: str, entity_id: str) -> str:
@@ -70,10 +110,10 @@ class RateLimiterRegistry:
     ``window``); the bucket of an entity is ``"<operation>:<entity_id>"``.
     """
 
-    __slots__ = ("_by_operation", "_configured", "_infra", "_rules")
+    __slots__ = ("_by_operation", "_configured", "_host", "_rules")
 
-    def __init__(self, infra: AsyncInfrastructure) -> None:
-        self._infra = infra
+    def __init__(self, host: RegistryHost) -> None:
+        self._host = host
         self._rules: dict[tuple[float, float, str], RateLimiter] = {}
         self._by_operation: dict[str, RateLimiter] = {}
         # Operations whose limiter a protection key's configuration bound:
@@ -85,7 +125,7 @@ class RateLimiterRegistry:
         rule = (config.limit, config.window, config.algorithm)
         found = self._rules.get(rule)
         if found is None:
-            found = self._rules[rule] = self._infra._make_limiter(config)
+            found = self._rules[rule] = self._host.make_limiter(config)
         return found
 
     def bind(self, operation: str, limiter: RateLimiter | None) -> None:
@@ -128,7 +168,7 @@ class RateLimiterRegistry:
         try:
             return await limiter.hit(bucket_key(operation, entity_id))
         except Exception as exc:
-            self._infra._triggered(operation, "rate_limiter", exc, metadata)
+            self._host.triggered(operation, "rate_limiter", exc, metadata)
             raise
 
     async def execute_with_limit(
@@ -178,10 +218,10 @@ class RateLimiterRegistry:
 class CircuitBreakerRegistry:
     """``infra.circuit_breaker``: breakers by name (the seed's Fuse instances)."""
 
-    __slots__ = ("_breakers", "_infra")
+    __slots__ = ("_breakers", "_host")
 
-    def __init__(self, infra: AsyncInfrastructure) -> None:
-        self._infra = infra
+    def __init__(self, host: RegistryHost) -> None:
+        self._host = host
         self._breakers: dict[str, BreakerLike] = {}
 
     async def start_fuse_instance(self, name: str, **breaker_options: Any) -> CircuitBreaker:
@@ -194,7 +234,7 @@ class CircuitBreakerRegistry:
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"a circuit breaker name must be a non-empty str, got {name!r}", path="name")
         config = BreakerConfig.from_mapping(breaker_options, name)
-        breaker = self._infra._make_breaker(name, config)
+        breaker = self._host.make_breaker(name, config)
         self._breakers[name] = breaker
         return breaker
 
@@ -210,12 +250,19 @@ class CircuitBreakerRegistry:
         Returns:
             The registered breaker (the adapter, for an aiobreaker one).
         """
-        if type(breaker).__module__.split(".")[0] == "aiobreaker":
-            # Imported lazily: aiobreaker is an optional extra.
-            adapter_module = importlib.import_module("seawall.integrations.aiobreaker")
-            breaker = adapter_module.adapt(breaker, name=name)
+        for adapt in BREAKER_ADAPTERS:
+            adapted = adapt(breaker, name)
+            if adapted is not None:
+                breaker = adapted
+                break
         if not isinstance(breaker, BreakerLike):
-            raise TypeError(f"expected a circuit breaker (async with, call(), status()), got {breaker!r}")
+            hint = ""
+            if type(breaker).__module__.split(".")[0] == "aiobreaker":
+                hint = "; import seawall.integrations.aiobreaker first, which registers its adapter"
+            raise ConfigurationTypeError(
+                f"breaker: expected a circuit breaker (async with, call(), status()), got {breaker!r}{hint}",
+                path="breaker",
+            )
         self._breakers[name] = breaker
         return breaker
 
@@ -235,6 +282,7 @@ class CircuitBreakerRegistry:
         breaker = self.get(name)
         ran = False
 
+        @functools.wraps(fn)  # (so the breaker sees fn's own ``@breaker`` mark and counts it once)
         async def run() -> T:
             nonlocal ran
             ran = True
@@ -244,7 +292,7 @@ class CircuitBreakerRegistry:
             return await breaker.call(run)
         except CircuitOpenError as exc:
             if not ran:  # rejected by this breaker, not raised by fn
-                self._infra._triggered(name, "circuit_breaker", exc, metadata)
+                self._host.triggered(name, "circuit_breaker", exc, metadata)
             raise
 
     async def get_status(self, name: str) -> BreakerStatus:
@@ -259,11 +307,18 @@ class CircuitBreakerRegistry:
         """The registered names, sorted."""
         return sorted(self._breakers)
 
-    def _set(self, name: str, breaker: BreakerLike | None) -> None:
-        if breaker is None:
-            self._breakers.pop(name, None)
-        else:
-            self._breakers[name] = breaker
+    def find(self, name: str) -> BreakerLike | None:
+        """The breaker registered as ``name``, or ``None``."""
+        return self._breakers.get(name)
+
+    def bind(self, name: str, breaker: BreakerLike) -> None:
+        """Register ``breaker`` as ``name`` (a configured key's own breaker)."""
+        self._breakers[name] = breaker
+
+    def unbind(self, name: str, breaker: BreakerLike) -> None:
+        """Forget ``name`` if ``breaker`` is what it names (a key's breaker going away)."""
+        if self._breakers.get(name) is breaker:
+            del self._breakers[name]
 
     def __repr__(self) -> str:
         return f"CircuitBreakerRegistry(names={self.names()!r})"
@@ -272,10 +327,10 @@ class CircuitBreakerRegistry:
 class ConnectionManager:
     """``infra.connection_manager``: named connection pools (and bulkheads)."""
 
-    __slots__ = ("_infra", "_pools")
+    __slots__ = ("_host", "_pools")
 
-    def __init__(self, infra: AsyncInfrastructure) -> None:
-        self._infra = infra
+    def __init__(self, host: RegistryHost) -> None:
+        self._host = host
         self._pools: dict[str, ConnectionPool[Any]] = {}
 
     async def start_pool(self, name: str, factory: Any = None, **pool_options: Any) -> ConnectionPool[Any]:
@@ -295,11 +350,11 @@ class ConnectionManager:
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"a pool name must be a non-empty str, got {name!r}", path="name")
         config = PoolConfig.from_mapping({**pool_options, "factory": factory}, name)
-        pool = await self._infra._start_pool(name, config)
+        pool = await self._host.start_pool(name, config)
         old = self._pools.get(name)
         self._pools[name] = pool
         if old is not None and old is not pool:
-            await self._infra._retire_pool(old, None)
+            await self._host.retire_pool(old, None)
         return pool
 
     def get(self, name: str) -> ConnectionPool[Any]:
@@ -333,17 +388,28 @@ class ConnectionManager:
         pool = self._pools.pop(name, None)
         if pool is None:
             raise PoolNotFound(name=name)
-        await self._infra._close_pool(pool)
+        await self._host.close_pool(pool)
 
     def list_pools(self) -> list[str]:
         """The names of the registered pools, sorted."""
         return sorted(self._pools)
 
-    def _set(self, name: str, pool: ConnectionPool[Any] | None) -> None:
-        if pool is None:
-            self._pools.pop(name, None)
-        else:
-            self._pools[name] = pool
+    def find(self, name: str) -> ConnectionPool[Any] | None:
+        """The pool registered as ``name``, or ``None``."""
+        return self._pools.get(name)
+
+    def holds(self, pool: ConnectionPool[Any]) -> bool:
+        """Whether ``pool`` is registered under any name (then it must stay open)."""
+        return any(found is pool for found in self._pools.values())
+
+    def bind(self, name: str, pool: ConnectionPool[Any]) -> None:
+        """Register ``pool`` as ``name`` (a configured key's own pool)."""
+        self._pools[name] = pool
+
+    def unbind(self, name: str, pool: ConnectionPool[Any]) -> None:
+        """Forget ``name`` if ``pool`` is what it names (a key's pool going away)."""
+        if self._pools.get(name) is pool:
+            del self._pools[name]
 
     def __repr__(self) -> str:
         return f"ConnectionManager(pools={self.list_pools()!r})"

@@ -56,9 +56,9 @@ async def breaker_is_typed() -> None:
     assert_type(breaker.state, seawall.BreakerState)
     assert_type(await breaker.status(), seawall.BreakerStatus)
     permit = breaker.admit_nowait()
-    assert_type(permit, seawall.BreakerPermit | None)
-    if permit is not None:
-        assert_type(permit.trial, bool)
+    assert_type(permit, seawall.BreakerPermit)
+    assert_type(permit.trial, bool)
+    assert_type(permit.plain, bool)
     breaker.settle_nowait(permit)
     breaker.settle_nowait(permit, ValueError("failed"))
 

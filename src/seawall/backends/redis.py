@@ -407,23 +407,7 @@ class RedisBackend:
             # One deadline for the batch's replies instead of one timer per reply (a third of
             # the client's work under load); expiry raises TimeoutError, a backend error.
             async with asyncio.timeout(connection.socket_timeout):
-                for item in batch:
-                    future = item[1]
-                    try:
-                        reply = await connection.read_response(timeout=math.inf)
-                    except NoScriptError as exc:
-                        # The server lost its scripts (restart, SCRIPT FLUSH): load them and send again.
-                        if retry_scripts:
-                            missing.append(item)
-                        elif not future.done():
-                            future.set_exception(exc)
-                        continue
-                    except ResponseError as exc:
-                        if not future.done():
-                            future.set_exception(exc)
-                        continue
-                    if not future.done():
-                        future.set_result(reply)
+                await _read_replies(connection, batch, missing if retry_scripts else None)
                 if missing:
                     for script in (GCRA, FIXED_WINDOW, breaker_wire.BREAKER):
                         await connection.send_packed_command(_pack(b"SCRIPT", b"LOAD", script.source.encode()))
@@ -523,3 +507,32 @@ def _decision(
     if peek:
         admitted = next_after == 0.0
     return RateLimitDecision(admitted, retry_after, count, remaining, reset_after, next_after)
+
+
+async def _read_replies(
+    connection: AbstractConnection,
+    batch: list[tuple[_Command, asyncio.Future[Any]]],
+    missing: list[tuple[_Command, asyncio.Future[Any]]] | None,
+) -> None:
+    """Read one reply per command of ``batch`` into its future.
+
+    A ``NOSCRIPT`` reply (the server lost its scripts: a restart, ``SCRIPT
+    FLUSH``) puts the command in ``missing`` to be sent again once the scripts
+    are loaded; with ``missing`` ``None`` (that second try) it is an error.
+    """
+    for item in batch:
+        future = item[1]
+        try:
+            reply = await connection.read_response(timeout=math.inf)
+        except NoScriptError as exc:
+            if missing is not None:
+                missing.append(item)
+            elif not future.done():
+                future.set_exception(exc)
+            continue
+        except ResponseError as exc:
+            if not future.done():
+                future.set_exception(exc)
+            continue
+        if not future.done():
+            future.set_result(reply)

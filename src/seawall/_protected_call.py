@@ -1,0 +1,404 @@
+"""One protected call: what ``async with infra.protect(key)`` enters and ``execute_protected`` runs ``fn`` in.
+
+A :class:`ProtectedCall` takes its plan's layers in order, and gives them back
+in reverse::
+
+    rate limiter            (outside the timeout: a denial costs no scope)
+    ┌ cancel scope, registered with the deadline timer ───────────┐
+    │ circuit breaker  ->  pool checkout  ->  the block / fn()      │
+    └───────────────────────────────────────────────────────────────┘
+
+There is one call path. ``execute_protected`` is ``async with
+ProtectedCall(plan): return await fn()``, so the layer order, the telemetry
+and the error mapping exist once, here. Each layer is asked through its
+primitive's own non-waiting form first (``acquire_nowait`` of the limiter's
+bucket, ``admit_nowait``/``settle_nowait`` of the breaker,
+``checkout_nowait``/``checkin_nowait`` of the pool), and only when that cannot
+decide (``anyio.WouldBlock``: a remote store, a checkout that must wait, a
+return that awaits ``reset``) through its waiting form. When every layer
+decides at once, ``__aenter__`` and ``__aexit__`` are plain methods that do
+the work and return a finished awaitable (``_awaitables.DONE``): no coroutine
+is created for the block.
+
+The outcome a breaker hears:
+
+* the block's own exception (a failure unless the breaker excludes it);
+* :class:`~seawall.ProtectionTimeout` when the call's own deadline fired: the
+  cancel scope, and nobody else, decides that (its ``__exit__`` swallows the
+  cancellation only when it was the scope's own). A cancellation from outside
+  that lands in the same loop iteration as the deadline is the caller's: it
+  propagates as cancellation and is no breaker outcome;
+* a timeout as well when the block *finished* after its deadline because its
+  code could not be cancelled (it blocked the loop, or waited on a thread):
+  its result is returned (the work happened), the breaker counts a timeout,
+  and a warning names the key.
+
+Cleanup survives cancellation: the pool's ``checkin`` shields itself, and a
+remote breaker settling a cancelled call is shielded too (bounded by its
+client's timeout), so a cancelled caller loses no worker and no trial slot.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable
+from types import TracebackType
+from typing import Any
+
+import anyio
+from anyio import WouldBlock
+
+from seawall._awaitables import DONE, ready
+from seawall._errors import SeawallError
+from seawall._plan import Plan, uncount
+from seawall._pool import PoolLease
+from seawall._telemetry import ANY_HANDLER, INFRA_EXECUTE_EXCEPTION, INFRA_EXECUTE_START, INFRA_EXECUTE_STOP
+
+__all__ = ["OUT", "ProtectedCall", "watched"]
+
+
+class _Out:
+    """The type of ``OUT``: a call that has not entered its breaker."""
+
+    __slots__ = ()
+
+
+#: ``ProtectedCall._permit`` before the breaker admitted the call (``None`` is an admission without a permit).
+OUT = _Out()
+
+
+def watched() -> bool:
+    """Whether a handler listens to ``execute_start``/``_stop``/``_exception``."""
+    return bool(INFRA_EXECUTE_START.handlers or INFRA_EXECUTE_STOP.handlers or INFRA_EXECUTE_EXCEPTION.handlers)
+
+
+# The stages of an entry, in the layers' order: what ``__aenter__`` takes next.
+_LIMIT, _SCOPE, _BREAKER, _POOL, _ENTERED = range(5)
+#: The layer a refusal at each stage comes from (telemetry's ``layer``).
+_LAYERS = ("rate_limiter", "timeout", "circuit_breaker", "connection_pool", "connection_pool")
+
+
+class ProtectedCall:
+    """One protected call through a plan's layers; an async context manager, single use.
+
+    ``async with`` yields the pool's connection (``None`` without a pool).
+    Which awaits are checkpoints: entering checkpoints only where a layer must
+    wait (a remote limiter or breaker, a pool checkout with no idle worker);
+    leaving only where a layer must be awaited (a factory's ``reset``/``check``,
+    a remote breaker) or the block failed.
+    """
+
+    __slots__ = ("_counted", "_group", "_held", "_observed", "_permit", "_plan", "_scope", "_stage", "_start")
+
+    def __init__(self, plan: Plan) -> None:
+        self._plan = plan
+        self._stage = _LIMIT  # the next layer to take (see __aenter__)
+        self._scope: Any = None
+        self._group: dict[Any, float] | None = None
+        self._permit: Any = OUT
+        # The pool's PoolLease (non-waiting checkout) or PoolCheckout (waited for).
+        self._held: Any = None
+        # Whether the call counts in plan.owner.inflight (it awaited before its checkout).
+        self._counted = False
+        self._start = 0.0
+        # When an observed call (execute_* telemetry) started, else None.
+        self._observed: float | None = None
+
+    # -- entering ------------------------------------------------------------
+
+    def __aenter__(self) -> Awaitable[Any]:
+        """Take the layers from ``_stage`` on, each by its primitive's non-waiting form.
+
+        Returns a finished awaitable of the pool's connection (``None``
+        without a pool) when every layer decided at once; else a coroutine
+        that awaits the layer at ``_stage`` (:meth:`_wait_and_resume`) and then
+        comes back here for the rest. A refusal is reported and raised; a
+        failure after the scope was entered unwinds what was taken.
+        """
+        plan = self._plan
+        stage = self._stage
+        if stage == _LIMIT:
+            if self._observed is None and ANY_HANDLER.attached and watched():
+                self._observe_start()
+        elif stage == _ENTERED:
+            raise RuntimeError("a protected call can be entered only once; call infra.protect() again")
+        try:
+            if stage == _LIMIT:
+                acquire = plan.acquire
+                if acquire is not None:
+                    acquire()
+                elif plan.limiter is not None:
+                    return self._wait_and_resume()  # (at _LIMIT)
+                stage = _SCOPE
+            if stage == _SCOPE:
+                # The call's cancel scope, filed with the deadline timer at its exact deadline.
+                host = plan.host
+                scope = self._scope = host.scope_class()
+                scope.__enter__()
+                start = self._start = host.now()
+                self._group = host.register(scope, start + plan.timeout, plan.timeout)
+                if self._group is None:  # no timer runs (outside ``async with infra``): the scope's own deadline
+                    scope.deadline = anyio.current_time() + plan.timeout
+                stage = _BREAKER
+            if stage == _BREAKER:
+                breaker = plan.local_breaker
+                if breaker is not None:
+                    self._permit = breaker.admit_nowait()
+                elif plan.breaker is not None:
+                    self._stage = _BREAKER
+                    return self._wait_and_resume()
+            stage = _POOL
+            pool = plan.pool
+            if pool is None:
+                self._stage = _ENTERED
+                return DONE
+            try:
+                held = self._held = pool.checkout_nowait()
+            except WouldBlock:
+                self._stage = _POOL
+                return self._wait_and_resume()
+        except BaseException as exc:
+            return self._entry_failed(exc, stage)
+        self._stage = _ENTERED
+        conn = held.conn
+        return DONE if conn is None else ready(conn)
+
+    async def _wait_and_resume(self) -> Any:
+        """Await the layer at ``_stage`` (its waiting form), then take the rest without awaiting where it can."""
+        try:
+            conn = await self._wait()
+        except BaseException as exc:
+            if self._scope is None:  # refused by the rate limiter: nothing else was taken
+                self._stage = _ENTERED  # (used: it cannot be entered again)
+                self._uncount()
+                self._finish(exc)
+                raise
+            await self._exit(type(exc), exc, exc.__traceback__)
+            raise  # pragma: no cover - _exit raises the outcome of a failed entry
+        if self._stage == _ENTERED:  # the waited-for checkout was the last layer
+            return conn
+        return await self.__aenter__()  # (it unwinds by itself if a later layer fails)
+
+    async def _wait(self) -> Any:
+        """Await the layer at ``_stage`` (its waiting form) and move past it; a checkout's connection."""
+        plan = self._plan
+        self._count()  # from the first await: a replaced pool stays open until the call ends
+        stage = self._stage
+        try:
+            if stage == _LIMIT:
+                assert plan.limiter is not None
+                await plan.limiter.hit(plan.bucket)
+                self._stage = _SCOPE
+            elif stage == _BREAKER:
+                await plan.breaker.__aenter__()  # type: ignore[union-attr]  # (a breaker is at this stage)
+                self._permit = None
+                self._stage = _POOL
+            else:
+                checkout = plan.pool.checkout()  # type: ignore[union-attr]  # (a pool is at this stage)
+                conn = await checkout.__aenter__()
+                self._held = checkout
+                self._stage = _ENTERED
+                return conn
+        except SeawallError as exc:
+            plan.host.triggered(plan.key, _LAYERS[stage], exc)
+            raise
+        return None
+
+    def _entry_failed(self, exc: BaseException, stage: int) -> Awaitable[Any]:
+        """A layer refused (reported) or failed at ``stage``: raise, or unwind what was taken and raise."""
+        plan = self._plan
+        if isinstance(exc, SeawallError):
+            plan.host.triggered(plan.key, _LAYERS[stage], exc)
+        if self._scope is None:  # refused by the rate limiter: nothing else was taken
+            self._stage = _ENTERED  # (used: it cannot be entered again)
+            self._finish(exc)
+            raise exc
+        return self._fail_entry(exc)
+
+    async def _fail_entry(self, exc: BaseException) -> None:
+        """Unwind a synchronous entry that failed after its scope was entered, then raise."""
+        await self._exit(type(exc), exc, exc.__traceback__)
+        raise exc  # pragma: no cover - _exit raises the outcome of a failed entry
+
+    # -- leaving -------------------------------------------------------------
+
+    def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> Awaitable[None]:
+        """Give every layer back; synchronously after a success where each can, else in a coroutine."""
+        plan = self._plan
+        if exc_type is not None or self._observed is not None or self._counted or not plan.nowait:
+            return self._exit(exc_type, exc, tb)
+        held = self._held
+        if held is not None:
+            if type(held) is not PoolLease:  # a waited-for checkout
+                return self._exit(None, None, None)
+            try:
+                plan.pool.checkin_nowait(held)  # type: ignore[union-attr]  # (held implies a pool)
+            except WouldBlock:  # the return awaits reset/check: the worker is still lent
+                return self._exit(None, None, None)
+            self._held = None
+        scope = self._scope
+        group = self._group
+        if group is not None:
+            group.pop(scope, None)  # (gone already if the timer expired it)
+        scope.__exit__(None, None, None)
+        if plan.host.now() - self._start >= plan.timeout:
+            return self._settle_overrun()
+        permit = self._permit
+        if permit is not OUT:
+            self._permit = OUT
+            if not permit.plain:  # a closed call's shared permit: a success changes nothing
+                try:
+                    plan.local_breaker.settle_nowait(permit)  # type: ignore[union-attr]  # (a permit implies it)
+                except BaseException as breaker_exc:
+                    return self._raise(breaker_exc)
+        return DONE
+
+    async def _exit(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """The general exit: give back, let the scope tell our deadline from a cancellation, settle."""
+        self._stage = _ENTERED  # (also after a failed entry: it cannot be entered again)
+        original = exc
+        try:
+            exc = await self._give_back(exc)
+        finally:
+            self._close_scope()
+        outcome, raised = self._leave_scope(exc)
+        raised = await self._settle(outcome, raised)
+        self._uncount()
+        self._finish(raised)
+        if raised is None or raised is original:
+            return  # (None: an exception of the block propagates as itself)
+        raise raised
+
+    async def _give_back(self, exc: BaseException | None) -> BaseException | None:
+        """Return the worker; a failing check-in becomes the call's exception."""
+        held = self._held
+        if held is None:
+            return exc
+        self._held = None
+        try:
+            if type(held) is PoolLease:
+                pool = self._plan.pool
+                assert pool is not None
+                try:
+                    pool.checkin_nowait(held, exc is not None)
+                except WouldBlock:
+                    await pool.checkin(held, exc is not None)  # shielded inside
+            else:
+                await held.__aexit__(type(exc) if exc else None, exc, exc.__traceback__ if exc else None)
+        except BaseException as checkin_exc:
+            return checkin_exc
+        return exc
+
+    def _close_scope(self) -> None:
+        """Unfile the scope from the deadline timer (gone already if the timer expired it)."""
+        group = self._group
+        if group is not None:
+            group.pop(self._scope, None)
+            self._group = None
+
+    def _leave_scope(self, exc: BaseException | None) -> tuple[BaseException | None, BaseException | None]:
+        """Exit the cancel scope; return ``(what the breaker hears, what the caller gets)``."""
+        plan = self._plan
+        scope = self._scope
+        if exc is None:
+            scope.__exit__(None, None, None)  # (trio's returns True here: nothing to swallow)
+            if plan.host.now() - self._start >= plan.timeout:
+                return plan.host.timed_out(plan, overran=True), None
+            return None, None
+        try:
+            swallowed = scope.__exit__(type(exc), exc, exc.__traceback__)
+        except BaseException as scope_exc:  # the scope raised something else (e.g. a cancellation group)
+            return scope_exc, scope_exc
+        if swallowed:
+            # Only the scope's own cancellation is swallowed, and only our timer
+            # cancels it: this call's deadline fired.
+            timeout = plan.host.timed_out(plan)
+            return timeout, timeout
+        return exc, exc
+
+    async def _settle(self, outcome: BaseException | None, raised: BaseException | None) -> BaseException | None:
+        """Tell the breaker how the call ended; a breaker that fails to settle replaces ``raised``."""
+        permit = self._permit
+        if permit is OUT:
+            return raised
+        self._permit = OUT
+        plan = self._plan
+        local = plan.local_breaker
+        try:
+            if local is not None:
+                local.settle_nowait(permit, outcome)
+            elif isinstance(outcome, Exception) or outcome is None:
+                await plan.breaker.__aexit__(type(outcome) if outcome else None, outcome, None)  # type: ignore[union-attr]
+            else:
+                # A cancelled call frees its trial slot even while its caller is cancelled.
+                with anyio.CancelScope(shield=True):
+                    await plan.breaker.__aexit__(type(outcome), outcome, None)  # type: ignore[union-attr]
+        except BaseException as breaker_exc:
+            if breaker_exc is not outcome:
+                return breaker_exc
+        return raised
+
+    def _settle_overrun(self) -> Awaitable[None]:
+        """A success that finished after its deadline: the breaker counts a timeout; the result stands."""
+        plan = self._plan
+        timeout = plan.host.timed_out(plan, overran=True)
+        permit, self._permit = self._permit, OUT
+        if permit is not OUT:
+            breaker = plan.local_breaker
+            assert breaker is not None
+            try:
+                breaker.settle_nowait(permit, timeout)
+            except BaseException as breaker_exc:
+                if breaker_exc is not timeout:
+                    return self._raise(breaker_exc)
+        return DONE
+
+    @staticmethod
+    async def _raise(exc: BaseException) -> None:
+        raise exc
+
+    # -- bookkeeping ---------------------------------------------------------
+
+    def _count(self) -> None:
+        if self._plan.pool is not None and not self._counted:
+            self._counted = True
+            self._plan.owner.inflight += 1
+
+    def _uncount(self) -> None:
+        if self._counted:
+            self._counted = False
+            uncount(self._plan)
+
+    def _observe_start(self) -> None:
+        plan = self._plan
+        started = self._observed = plan.host.now()
+        if INFRA_EXECUTE_START.handlers:
+            INFRA_EXECUTE_START.emit({"monotonic_time": started, "system_time": time.time()}, {"key": plan.key})
+
+    def _finish(self, exc: BaseException | None) -> None:
+        """Emit ``execute_exception``/``execute_stop`` for an observed call."""
+        started = self._observed
+        if started is None:
+            return
+        plan = self._plan
+        duration = plan.host.now() - started
+        if exc is not None and INFRA_EXECUTE_EXCEPTION.handlers:
+            INFRA_EXECUTE_EXCEPTION.emit(
+                {"duration": duration},
+                {
+                    "key": plan.key,
+                    "kind": type(exc).__name__,
+                    "error_type": getattr(exc, "error_type", None),
+                    "reason": exc,
+                },
+            )
+        if INFRA_EXECUTE_STOP.handlers:
+            INFRA_EXECUTE_STOP.emit({"duration": duration}, {"key": plan.key, "success": exc is None})
+
+    def __repr__(self) -> str:
+        state = "new" if self._scope is None else ("held" if self._held is not None else "open")
+        return f"<ProtectedCall key={self._plan.key!r} {state}>"
