@@ -1,4 +1,4 @@
-"""Development sessions: ``nox -s tests lint typecheck bench docs``.
+"""Development sessions: ``nox -s tests lint typecheck bench docs stress``.
 
 Each session installs what it needs from the package registry into its own
 virtualenv; nothing else is fetched, so sessions re-run offline-friendly with
@@ -37,6 +37,13 @@ def tests(session: nox.Session) -> None:
         "--cov-fail-under=90",
         *session.posargs,
     )
+
+
+@nox.session(python=PYTHON)
+def stress(session: nox.Session) -> None:
+    """The heavy reliability runs: soak, large storms, state machines with many examples (needs the services)."""
+    session.install(".[all,dev]")
+    session.run("pytest", "-m", "stress", "tests/reliability", *session.posargs)
 
 
 @nox.session(python=PYTHON)

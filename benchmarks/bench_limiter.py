@@ -15,6 +15,14 @@ Memory: 1,000,000 one-off keys, one hit each, on a virtual clock (the peers'
 ``time`` is patched the same way), then one window later one more hit lets
 each store expire what it can. Peak and residual are tracemalloc's traced
 bytes, so the figures count Python objects only, key strings included.
+
+Waiting (issue 16): N tasks queue in ``acquire()`` on one full bucket, then
+are admitted one by one - seawall on asyncio, aiolimiter, seawall on trio
+(in a thread of its own). The bucket drains 10**6 units per second, faster
+than any engine admits, so the time per admitted waiter is the engine's own
+cost per admission (wake, take, hand on), measured from the moment the last
+task queued to the moment the last one is admitted. Target: from 1,000 to
+50,000 queued waiters that time grows by at most 1.5x.
 """
 
 from __future__ import annotations
@@ -23,13 +31,17 @@ import asyncio
 import contextlib
 import gc
 import os
+import statistics
 import time
 import tracemalloc
 from collections.abc import Awaitable, Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import aiolimiter
+import anyio
+import anyio.to_thread
 import limits
 import limits.aio.storage.memory as limits_memory
 import pyrate_limiter
@@ -75,6 +87,14 @@ def _peers_hot() -> dict[str, Callable[[], Awaitable[object]]]:
         # The status is built lazily: reading a field pays for computing all of them.
         _ = (await ours.hit("k")).remaining
 
+    async def seawall_acquire_nowait() -> None:
+        ours.acquire_nowait("k")  # the synchronous form: no coroutine of its own
+
+    handle = ours.bucket("k").acquire_nowait
+
+    async def seawall_bucket_handle() -> None:
+        handle()
+
     async def aiolimiter_async_with() -> None:
         async with aio:
             pass
@@ -103,6 +123,8 @@ def _peers_hot() -> dict[str, Callable[[], Awaitable[object]]]:
         "seawall hit() gcra": seawall_gcra,
         "seawall hit() fixed_window": seawall_fixed,
         "seawall hit() gcra, status read": seawall_status_read,
+        "seawall acquire_nowait() gcra": seawall_acquire_nowait,
+        "seawall bucket().acquire_nowait() gcra": seawall_bucket_handle,
         "aiolimiter async with (no keys)": aiolimiter_async_with,
         "aiolimiter has_capacity()+acquire()": aiolimiter_has_capacity,
         "limits moving window": limits_moving,
@@ -289,8 +311,156 @@ async def _memory(ctx: BenchContext, keys: int) -> None:
         await run_limits("fixed", "rss")
 
 
+#: The waiting benchmark's rule: a burst of 1,000, then 10**6 units per second (faster than any engine admits).
+WAIT_LIMIT, WAIT_WINDOW = 1_000, 0.001
+
+
+class _Held:
+    """A monotonic clock held still while the waiters queue, then running on from where it stood.
+
+    Starting N tasks takes real time, in which so fast a bucket would drain
+    and let the late ones pass without queueing (aiolimiter lets a newcomer
+    take free capacity ahead of its waiters). Held, every one of them queues;
+    released, time flows at its normal rate again.
+    """
+
+    def __init__(self, source: Callable[[], float]) -> None:
+        self._source = source
+        self._held: float | None = source()
+        self._shift = 0.0
+
+    def now(self) -> float:
+        held = self._held
+        return held if held is not None else self._source() - self._shift
+
+    def release(self) -> None:
+        if self._held is not None:
+            self._shift = self._source() - self._held
+            self._held = None
+
+
+class _HeldClock:
+    """A seawall Clock reading a :class:`_Held` clock and sleeping on the loop's."""
+
+    def __init__(self, held: _Held, sleep: Callable[[float], Awaitable[None]]) -> None:
+        self.now = held.now
+        self._sleep = sleep
+
+    async def sleep(self, seconds: float) -> None:
+        await self._sleep(seconds)
+
+
+class _Seawall:
+    """``acquire(cost)`` on one key of a seawall limiter (aiolimiter's has no keys)."""
+
+    def __init__(self, held: _Held, sleep: Callable[[float], Awaitable[None]]) -> None:
+        self._limiter = RateLimiter(WAIT_LIMIT, WAIT_WINDOW, clock=_HeldClock(held, sleep))
+
+    async def acquire(self, cost: float) -> None:
+        await self._limiter.acquire("k", cost)
+
+
+async def _admit_queued(waiters: int, held: _Held, limiter: Any) -> float:
+    """Seconds per admitted waiter: ``waiters`` tasks queue on one full bucket, then are admitted.
+
+    Runs on whichever anyio backend runs it; ``limiter.acquire(cost)`` is
+    awaited, on ``held`` time. The tasks start in one batch: the first fills
+    the bucket, every one queues, the last releases the clock; timed from
+    there to the last admission.
+    """
+    entered = admitted = 0
+    queued_at = done_at = 0.0
+
+    async def waiter() -> None:
+        nonlocal entered, admitted, queued_at, done_at
+        entered += 1
+        if entered == 1:
+            await limiter.acquire(WAIT_LIMIT)  # the bucket is empty: taken at once, and now full
+        if entered == waiters:
+            held.release()
+            queued_at = time.perf_counter()
+        await limiter.acquire(1)
+        admitted += 1
+        if admitted == waiters:
+            done_at = time.perf_counter()
+
+    gc.collect()
+    gc.disable()
+    try:
+        async with anyio.create_task_group() as tg:
+            for _ in range(waiters):
+                tg.start_soon(waiter)
+    finally:
+        gc.enable()
+    return (done_at - queued_at) / waiters
+
+
+async def _seawall_asyncio(waiters: int) -> float:
+    held = _Held(time.monotonic)  # the default clock's source on asyncio
+    return await _admit_queued(waiters, held, _Seawall(held, anyio.sleep))
+
+
+async def _aiolimiter(waiters: int) -> float:
+    # aiolimiter reads loop.time(); hold that (as aiolimiter's own tests patch it).
+    loop = asyncio.get_running_loop()
+    held = _Held(loop.time)
+    loop.time = held.now  # type: ignore[method-assign]
+    try:
+        return await _admit_queued(waiters, held, aiolimiter.AsyncLimiter(WAIT_LIMIT, WAIT_WINDOW))
+    finally:
+        del loop.time  # the class's method again
+
+
+async def _seawall_trio_run(waiters: int) -> float:
+    import trio
+
+    held = _Held(trio.current_time)  # what seawall's default clock reads under trio
+    return await _admit_queued(waiters, held, _Seawall(held, trio.sleep))
+
+
+def _seawall_trio(waiters: int) -> float:
+    return anyio.run(_seawall_trio_run, waiters, backend="trio")
+
+
+async def _waiting(ctx: BenchContext) -> None:
+    """Time per admitted waiter at several queue lengths: seawall on asyncio, aiolimiter, seawall on trio."""
+    sizes = (1_000, 2_000) if ctx.quick else (1_000, 10_000, 50_000)
+    repeats = 1 if ctx.quick else 3
+    variants: dict[str, Callable[[int], Awaitable[float]]] = {
+        "seawall acquire(), asyncio": _seawall_asyncio,
+        "aiolimiter acquire(), asyncio": _aiolimiter,
+        # A thread of its own: trio cannot run inside the asyncio loop's thread.
+        "seawall acquire(), trio": partial(anyio.to_thread.run_sync, _seawall_trio),
+    }
+    case = "limiter: waiting acquire(), time per admitted waiter"
+    figures: dict[tuple[str, int], float] = {}
+    print(f"\n{case}")
+    for size in sizes:
+        samples: dict[str, list[float]] = {label: [] for label in variants}
+        for repeat in range(repeats):
+            labels = list(variants)
+            for label in labels[repeat % len(labels) :] + labels[: repeat % len(labels)]:
+                samples[label].append(await variants[label](size))
+        for label, values in samples.items():
+            figures[label, size] = statistics.median(values) * 1e6
+            ctx.record(case, f"{label}, {size:,} waiters", figures[label, size], "us/waiter", repeats=repeats)
+    if ctx.quick:
+        return
+    for label in variants:
+        growth = figures[label, sizes[-1]] / figures[label, sizes[0]]
+        ctx.record(case, f"{label}: {sizes[-1]:,} / {sizes[0]:,} waiters", growth, "x")
+        if label.startswith("seawall"):
+            ctx.target(
+                case,
+                f"growth, {label}",
+                f"{label}: time per admitted waiter grows at most 1.5x from {sizes[0]:,} to {sizes[-1]:,} waiters",
+                growth <= 1.5,
+                f"{figures[label, sizes[0]]:.1f} -> {figures[label, sizes[-1]]:.1f} us ({growth:.2f}x)",
+            )
+
+
 async def run(ctx: BenchContext) -> None:
-    """Per-call cost on one hot key and on 10,000 keys; then memory."""
+    """Per-call cost on one hot key and on 10,000 keys; then memory; then waiting."""
     calls = 2_000 if ctx.quick else 50_000
     hot = await ctx.per_call("limiter: hit() on one hot key", _peers_hot(), calls=calls)
     many = await ctx.per_call(
@@ -298,6 +468,7 @@ async def run(ctx: BenchContext) -> None:
     )
 
     await _memory(ctx, 20_000 if ctx.quick else 1_000_000)
+    await _waiting(ctx)
     if ctx.quick:
         # The smoke run checks that everything runs, never how fast; limits' moving window in
         # particular only gets slow as its event list fills, which a short run never does.

@@ -3,13 +3,34 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import anyio
 import pytest
+import trio
+from trio.testing import MockClock
 
 from seawall import Clock, FakeClock, MonotonicClock
+from seawall._clock import current_clock, default_clock, in_trio_task
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(("asyncio", {"debug": True}), id="asyncio"),
+        pytest.param("trio", id="trio"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    """Both anyio backends, asyncio in debug mode (as anyio's own suite does)."""
+    return request.param
+
+
+#: trio with a clock that jumps to the next deadline as soon as every task is blocked.
+trio_autojump = pytest.mark.parametrize(
+    "anyio_backend", [pytest.param(("trio", {"clock": MockClock(autojump_threshold=0)}), id="trio-mockclock")]
+)
 
 
 def test_monotonic_clock_is_time_monotonic() -> None:
@@ -27,6 +48,40 @@ async def test_monotonic_clock_sleep_waits_real_time() -> None:
     start = clock.now()
     await clock.sleep(0.01)
     assert clock.now() - start >= 0.009
+
+
+def test_outside_any_event_loop_the_current_clock_is_the_monotonic_clock() -> None:
+    """With no loop running, clock=None means time.monotonic (and no trio task is detected)."""
+    assert current_clock() is default_clock
+    assert isinstance(default_clock, MonotonicClock)
+    assert not in_trio_task()
+
+
+async def test_the_current_clock_is_the_running_loops(anyio_backend_name: str) -> None:
+    """On asyncio the current clock is time.monotonic (= loop.time()); under trio it reads the run's own clock."""
+    clock = current_clock()
+    assert isinstance(clock, Clock)
+    assert in_trio_task() is (anyio_backend_name == "trio")
+    before = anyio.current_time()
+    now = clock.now()
+    assert before <= now <= anyio.current_time()
+    if anyio_backend_name == "asyncio":
+        assert clock is default_clock
+    else:
+        assert repr(clock) == "TrioClock()"
+        assert current_clock() is clock  # one instance serves every run
+        assert abs(now - time.monotonic()) > 1.0  # trio's clock has its own (random) epoch
+
+
+@trio_autojump
+async def test_under_trio_the_current_clock_follows_a_mock_clock() -> None:
+    """A MockClock moves the current clock: its sleep jumps, and now() reads the virtual time."""
+    clock = current_clock()
+    start, real = clock.now(), time.monotonic()
+    await clock.sleep(600.0)
+    assert clock.now() - start == pytest.approx(600.0)
+    assert clock.now() == trio.current_time()
+    assert time.monotonic() - real < 60.0  # virtual time, not slept
 
 
 async def test_fake_clock_sleepers_wake_in_deadline_order_when_time_passes() -> None:

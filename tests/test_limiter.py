@@ -15,6 +15,8 @@ from typing import Any
 
 import anyio
 import pytest
+import trio
+from trio.testing import MockClock
 
 from seawall import ConfigurationError, FakeClock, MonotonicClock, RateLimiter, RateLimitExceeded, RateLimitStatus
 from seawall.backends import (
@@ -29,6 +31,25 @@ from seawall.backends._limiter_protocol import Algorithm, check_rule
 from seawall.testing import capture_events
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(("asyncio", {"debug": True}), id="asyncio"),
+        pytest.param("trio", id="trio"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    """Both anyio backends, asyncio in debug mode (as anyio's own suite does)."""
+    return request.param
+
+
+#: For the tests of something only asyncio has (each says what); they override the fixture above.
+asyncio_only = pytest.mark.parametrize("anyio_backend", [pytest.param(("asyncio", {"debug": True}), id="asyncio")])
+#: trio with a clock that jumps to the next deadline as soon as every task is blocked.
+trio_autojump = pytest.mark.parametrize(
+    "anyio_backend", [pytest.param(("trio", {"clock": MockClock(autojump_threshold=0)}), id="trio-mockclock")]
+)
 
 
 async def denied(limiter: RateLimiter, key: str = "k", cost: float = 1) -> RateLimitExceeded:
@@ -415,7 +436,8 @@ async def test_acquire_waits_fifo_at_the_drain_rate() -> None:
             await anyio.wait_all_tasks_blocked()
         assert [i for i, _ in order] == [0, 1]
         assert "waiting_keys=1" in repr(limiter)
-        assert "waking in 500000" in repr(limiter._waiting["k"])  # aiolimiter's repr, on the fake clock
+        assert "waiters=3" in repr(limiter._waiting["k"])
+        assert "timer=next at 50.5" in repr(limiter._line)  # the one timer, on the fake clock
         for expected in (2, 3, 4):
             clock.advance(0.25)
             await anyio.wait_all_tasks_blocked()
@@ -478,6 +500,7 @@ async def test_a_cancelled_waiter_consumes_nothing_and_blocks_nobody(algorithm: 
     assert "waiting_keys=0" in repr(limiter)
 
 
+@asyncio_only  # asyncio.timeout() is asyncio's own; anyio's scopes are tested on both backends
 async def test_asyncio_timeout_cancels_a_waiter_cleanly() -> None:
     """asyncio.timeout around acquire() on the real clock: TimeoutError, nothing taken, nothing left."""
     limiter = RateLimiter(1, 3600.0)
@@ -490,17 +513,266 @@ async def test_asyncio_timeout_cancels_a_waiter_cleanly() -> None:
     assert status.current_count == pytest.approx(1.0, abs=1e-3)
 
 
-async def test_acquire_on_the_monotonic_clock_uses_the_event_loop_timer() -> None:
-    """Production waiting (loop.call_at on loop.time()) admits a waiter once the bucket drains."""
+async def test_acquire_on_the_default_clock_waits_on_the_loop_clock() -> None:
+    """Production waiting (the running loop's clock) admits a waiter once the bucket drains, on either backend."""
     limiter = RateLimiter(1, 0.02)
-    loop = asyncio.get_running_loop()
     await limiter.acquire()
-    start = loop.time()
-    async with limiter:  # waits ~20 ms of real time
+    start = anyio.current_time()
+    async with limiter:  # waits ~20 ms of the loop's time
         pass
     # A lower bound only (a loaded machine may wake it later): it did wait for the bucket to drain.
-    assert loop.time() - start >= 0.015
+    assert anyio.current_time() - start >= 0.015
     assert "waiting_keys=0" in repr(limiter)
+
+
+@trio_autojump
+async def test_trio_mock_clock_jumps_through_an_acquire_wait() -> None:
+    """Under trio a limiter built in the run waits on the run's clock: a MockClock jumps an hour-long wait at once."""
+    limiter = RateLimiter(1, 3600.0)
+    await limiter.acquire("k")
+    start = trio.current_time()
+    with anyio.fail_after(7200):  # virtual seconds too: a wait on another clock would never end
+        await limiter.acquire("k")
+    assert trio.current_time() - start == pytest.approx(3600.0)
+    assert (await limiter.status("k")).current_count == pytest.approx(1.0)
+
+
+async def test_waiters_are_fifo_whatever_their_cost() -> None:
+    """A smaller cost queued behind a larger one waits its turn: strict arrival order, so no cost starves."""
+    clock = FakeClock()
+    limiter = RateLimiter(4, 4.0, clock=clock)  # one unit drains per second
+    await limiter.hit("k", 4)
+    order: list[tuple[str, float]] = []
+
+    async def waiter(name: str, cost: float) -> None:
+        await limiter.acquire("k", cost)
+        order.append((name, clock.now()))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter, "big", 3)
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(waiter, "small", 1)
+        await anyio.wait_all_tasks_blocked()
+        for _ in range(4):
+            clock.advance(1.0)
+            await anyio.wait_all_tasks_blocked()
+    # The small one fitted from 1 s on, but the big one came first (3 s); then the small one behind it (4 s).
+    assert order == [("big", 3.0), ("small", 4.0)]
+
+
+async def test_one_timer_serves_every_waiting_key() -> None:
+    """However many keys and waiters wait, one task sleeps on the clock; each head is served at its own time."""
+    clock = FakeClock()
+    limiter = RateLimiter(1, 10.0, clock=clock)
+    served: list[tuple[str, float]] = []
+
+    async def waiter(key: str) -> None:
+        await limiter.acquire(key)
+        served.append((key, clock.now()))
+
+    for offset, key in enumerate(["late", "middle", "early"]):
+        await limiter.hit(key)
+        clock.advance(1.0 if offset < 2 else 0.0)
+    # Buckets full until 10 s ("late"), 11 s ("middle"), 12 s ("early").
+    async with anyio.create_task_group() as tg:
+        for key in ["early", "early", "middle", "late"]:
+            tg.start_soon(waiter, key)
+            await anyio.wait_all_tasks_blocked()
+        assert clock.sleepers == 1  # the one timer
+        while len(served) < 4:
+            clock.advance(1.0)
+            await anyio.wait_all_tasks_blocked()
+            assert clock.sleepers <= 1
+    assert served == [("late", 10.0), ("middle", 11.0), ("early", 12.0), ("early", 22.0)]
+    assert clock.sleepers == 0
+    assert "timer=idle" in repr(limiter._line)
+
+
+async def test_an_earlier_deadline_on_another_key_cuts_the_timer_short() -> None:
+    """A key that fits sooner than the one the timer sleeps for is served on time, not after it."""
+    clock = FakeClock()
+    slow = RateLimiter(1, 60.0, clock=clock)
+    await slow.hit("slow")
+    clock.advance(59.0)
+    await slow.hit("quick")  # "slow" fits again at 60 s, "quick" at 119 s
+    served: list[tuple[str, float]] = []
+
+    async def waiter(key: str) -> None:
+        await slow.acquire(key)
+        served.append((key, clock.now()))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter, "quick")  # the timer sleeps for 119 s
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(waiter, "slow")  # due at 60 s: the timer must wake for it
+        await anyio.wait_all_tasks_blocked()
+        assert clock.sleepers == 1
+        clock.advance(1.0)
+        await anyio.wait_all_tasks_blocked()
+        assert served == [("slow", 60.0)]
+        clock.advance(59.0)
+    assert served == [("slow", 60.0), ("quick", 119.0)]
+
+
+@pytest.mark.parametrize("algorithm", ["gcra", "fixed_window"])
+async def test_cancelling_the_waiter_that_keeps_the_timer_hands_the_timer_on(algorithm: str) -> None:
+    """The waiter sleeping for everyone is cancelled: another takes over the timer, every other waiter is served."""
+    clock = FakeClock()
+    limiter = RateLimiter(1, 1.0, algorithm=algorithm, clock=clock)  # type: ignore[arg-type]
+    await limiter.hit("a")
+    await limiter.hit("b")
+    served: list[str] = []
+
+    async def waiter(key: str, scope: anyio.CancelScope) -> None:
+        with scope:
+            await limiter.acquire(key)
+            served.append(key)
+
+    scopes = [anyio.CancelScope() for _ in range(3)]
+    async with anyio.create_task_group() as tg:
+        for key, scope in zip(["a", "a", "b"], scopes, strict=True):
+            tg.start_soon(waiter, key, scope)
+            await anyio.wait_all_tasks_blocked()
+        keeper = limiter._line._keeper
+        assert keeper is not None
+        assert clock.sleepers == 1
+        scopes[0].cancel()  # the first waiter: the head of "a", and the one keeping time
+        await anyio.wait_all_tasks_blocked()
+        assert limiter._line._keeper not in (None, keeper)
+        assert clock.sleepers == 1
+        clock.advance(1.0)
+    assert sorted(served) == ["a", "b"]
+    assert (await limiter.status("a")).current_count == pytest.approx(1.0)
+    assert limiter._line._keeper is None
+    assert "waiting_keys=0" in repr(limiter)
+
+
+async def test_a_waiter_woken_then_cancelled_by_a_scope_completes_first() -> None:
+    """On both backends (anyio's rule) a task already woken completes its acquire(); the cancellation lands after."""
+    clock = FakeClock()
+    limiter = RateLimiter(2, 2.0, clock=clock)
+    await limiter.hit("k", 2)
+    served: list[str] = []
+    scope = anyio.CancelScope()
+
+    async def waiter(name: str, scope: anyio.CancelScope) -> None:
+        with scope:
+            await limiter.acquire("k")
+            served.append(name)
+            await anyio.lowlevel.checkpoint()  # where the cancellation lands
+            served.append(f"{name} not cancelled")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter, "first", scope)
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(waiter, "second", anyio.CancelScope())
+        await anyio.wait_all_tasks_blocked()
+        clock.advance(1.0)  # one unit drained: the first waiter's turn ...
+        scope.cancel()  # ... and its cancellation, before it ran
+        await anyio.wait_all_tasks_blocked()
+        assert served == ["first"]
+        clock.advance(1.0)
+    assert served == ["first", "second", "second not cancelled"]
+    assert (await limiter.status("k")).current_count == pytest.approx(2.0)
+
+
+@asyncio_only  # task.cancel() of a task whose wake-up is already scheduled: only asyncio can cut it
+async def test_a_waiter_natively_cancelled_as_its_turn_comes_takes_nothing() -> None:
+    """The head is cancelled (task.cancel()) in the instant its turn came: it takes nothing, the next gets the turn."""
+    clock = FakeClock()
+    limiter = RateLimiter(2, 2.0, clock=clock)
+    await limiter.hit("k", 2)
+    served: list[str] = []
+
+    async def waiter(name: str) -> None:
+        await limiter.acquire("k")
+        served.append(name)
+
+    first = asyncio.get_running_loop().create_task(waiter("first"))
+    await anyio.wait_all_tasks_blocked()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter, "second")
+        await anyio.wait_all_tasks_blocked()
+        clock.advance(1.0)  # the first waiter's turn (its timer fired) ...
+        first.cancel()  # ... and a native cancellation before it ran
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        await anyio.wait_all_tasks_blocked()
+    assert served == ["second"]
+    assert (await limiter.status("k")).current_count == pytest.approx(2.0)
+    assert "waiting_keys=0" in repr(limiter)
+
+
+async def test_a_table_whose_retry_time_and_take_disagree_costs_a_rearm_not_a_spin() -> None:
+    """A head given its turn that cannot take after all (a table's rounding) goes back on the timer, no busy loop."""
+    clock = FakeClock()
+
+    class Rounding(GcraTable):
+        """Says "fits now" once, where take() still refuses."""
+
+        fibs = 1
+
+        def retry_after(self, key: str, cost: float, now: float) -> float:
+            if self.fibs:
+                self.fibs -= 1
+                return 0.0
+            return super().retry_after(key, cost, now)
+
+    class Backend(MemoryRateLimitBackend):
+        def __init__(self) -> None:
+            super().__init__(clock=clock)
+            self.rounding: Rounding | None = None
+
+        def table(self, rule: RateLimitRule) -> Rounding:
+            if self.rounding is None:
+                self.rounding = Rounding(rule)
+            return self.rounding
+
+    limiter = RateLimiter(1, 1.0, backend=Backend())
+    await limiter.hit("k")
+    done = anyio.Event()
+
+    async def waiter() -> None:
+        await limiter.acquire("k")
+        done.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter)
+        await anyio.wait_all_tasks_blocked()
+        assert not done.is_set()
+        assert clock.sleepers == 1  # back on the timer, for the true retry time
+        clock.advance(1.0)
+    assert done.is_set()
+
+
+async def test_many_waiters_cancelled_mid_line_leave_the_rest_in_order() -> None:
+    """Cancelling most of a long line keeps the survivors' order and drops every cancelled waiter's cost."""
+    clock = FakeClock()
+    limiter = RateLimiter(1, 1.0, clock=clock)
+    await limiter.hit("k")
+    served: list[int] = []
+    scopes = [anyio.CancelScope() for _ in range(50)]
+
+    async def waiter(i: int) -> None:
+        with scopes[i]:
+            await limiter.acquire("k")
+            served.append(i)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(50):
+            tg.start_soon(waiter, i)
+            await anyio.wait_all_tasks_blocked()
+        for i in range(50):
+            if i % 10:
+                scopes[i].cancel()
+        await anyio.wait_all_tasks_blocked()
+        assert limiter._waiting["k"].queued == 5
+        error = await denied(limiter)
+        assert error.retry_after == pytest.approx(6.0)  # behind the five survivors
+        for _ in range(5):
+            clock.advance(1.0)
+            await anyio.wait_all_tasks_blocked()
+    assert served == [0, 10, 20, 30, 40]
 
 
 async def test_hit_does_not_jump_the_queue() -> None:

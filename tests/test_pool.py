@@ -13,12 +13,33 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
+import trio
+from trio.testing import MockClock
 
 from seawall import ConfigurationError, ConfigurationTypeError, ConnectionPool, PoolClosed, PoolStatus, PoolTimeout
-from seawall._pool import PoolCheckout, PoolFactory
+from seawall._pool import PoolCheckout, PoolFactory, _Background
 from seawall.testing import FakeClock, capture_events
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(("asyncio", {"debug": True}), id="asyncio"),
+        pytest.param("trio", id="trio"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    """Both anyio backends, asyncio in debug mode (as anyio's own suite does)."""
+    return request.param
+
+
+#: For the tests of something only asyncio has (each says what); they override the fixture above.
+asyncio_only = pytest.mark.parametrize("anyio_backend", [pytest.param(("asyncio", {"debug": True}), id="asyncio")])
+#: trio with a clock that jumps to the next deadline as soon as every task is blocked.
+trio_autojump = pytest.mark.parametrize(
+    "anyio_backend", [pytest.param(("trio", {"clock": MockClock(autojump_threshold=0)}), id="trio-mockclock")]
+)
 
 
 class Conn:
@@ -267,6 +288,7 @@ async def test_cancelled_waiter_leaves_no_trace_and_others_proceed() -> None:
         assert counts(pool) == (1, 0, 0, 0)
 
 
+@asyncio_only  # a native task.cancel() after the hand-off; anyio's scopes let a woken task finish (next test)
 async def test_waiter_cancelled_after_handoff_passes_worker_on() -> None:
     """A waiter cancelled just after being handed a worker gives it to the next waiter."""
     factory = Factory()
@@ -291,6 +313,34 @@ async def test_waiter_cancelled_after_handoff_passes_worker_on() -> None:
             with pytest.raises(asyncio.CancelledError):
                 await doomed
         assert served == ["next"]
+        assert counts(pool) == (1, 0, 0, 0)
+        assert factory.open_count() == 1
+
+
+async def test_waiter_cancelled_by_a_scope_after_handoff_returns_the_worker() -> None:
+    """Cancelled by its scope after the hand-off, a waiter gets the worker, is cancelled in its block, returns it."""
+    factory = Factory()
+    async with ConnectionPool(factory, size=1) as pool:
+        cm = pool.checkout()
+        await cm.__aenter__()
+        served: list[str] = []
+        scope = anyio.CancelScope()
+
+        async def take(label: str, scope: anyio.CancelScope) -> None:
+            with scope:
+                async with pool.checkout():
+                    served.append(label)
+                    await anyio.lowlevel.checkpoint()  # where the cancellation lands
+                    served.append(f"{label} not cancelled")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(take, "doomed", scope)
+            await settle()
+            tg.start_soon(take, "next", anyio.CancelScope())
+            await settle()
+            await cm.__aexit__(None, None, None)  # hands the worker to "doomed" ...
+            scope.cancel()  # ... which is cancelled before it runs: anyio lets it finish its checkout
+        assert served == ["doomed", "next", "next not cancelled"]
         assert counts(pool) == (1, 0, 0, 0)
         assert factory.open_count() == 1
 
@@ -456,6 +506,7 @@ async def test_cancel_during_create_frees_the_slot() -> None:
             assert not conn.closed
 
 
+@asyncio_only  # a native task.cancel() cuts through anyio's shield; nothing can on trio
 async def test_native_cancel_during_reset_settles_counts_and_closes_worker() -> None:
     """An asyncio task.cancel() that cuts into the return path still leaks nothing."""
     factory = ResettingFactory()
@@ -844,6 +895,7 @@ def test_factory_protocol_is_runtime_checkable() -> None:
     assert not isinstance(object(), PoolFactory)
 
 
+@asyncio_only  # a native task.cancel() after the hand-off of a slot
 async def test_waiter_cancelled_after_being_handed_a_slot_passes_it_on() -> None:
     """A waiter cancelled just after being promised a free slot hands the slot to the next waiter."""
     factory = Factory()
@@ -870,6 +922,7 @@ async def test_waiter_cancelled_after_being_handed_a_slot_passes_it_on() -> None
         assert counts(pool) == (1, 0, 0, 0)
 
 
+@asyncio_only  # a native task.cancel() cuts through anyio's shield; nothing can on trio
 async def test_native_cancel_during_close_finishes_close_in_background() -> None:
     """A close() of a worker interrupted by task.cancel() still completes and frees the slot."""
 
@@ -923,6 +976,7 @@ async def test_concurrent_starts_fill_the_pool_once() -> None:
     await pool.close()
 
 
+@asyncio_only  # native cancellations at random points; the scoped variant below runs on both backends
 @pytest.mark.parametrize("seed", range(6))
 async def test_random_mix_of_use_failure_death_and_cancellation_keeps_counts_exact(seed: int) -> None:
     """Under a random mix of holds, errors, dead workers, timeouts and cancellations, nothing leaks."""
@@ -978,11 +1032,160 @@ async def test_random_mix_of_use_failure_death_and_cancellation_keeps_counts_exa
     assert pool.status().to_dict()["idle"] == 0
 
 
+@pytest.mark.parametrize("seed", range(4))
+async def test_random_mix_with_scoped_cancellation_keeps_counts_exact(seed: int) -> None:
+    """Holds, errors, dead workers, timeouts and scope cancellations at random, on either backend: nothing leaks."""
+    rng = random.Random(seed)
+    clock = FakeClock()
+    factory = ResettingFactory()
+    pool = ConnectionPool(factory, size=3, max_overflow=2, timeout=0.5, clock=clock)
+    scopes: list[anyio.CancelScope] = []
+
+    async def job(scope: anyio.CancelScope) -> None:
+        action = rng.random()
+        with scope:
+            try:
+                async with pool.checkout() as conn:
+                    assert not conn.closed
+                    for _ in range(rng.randrange(4)):
+                        await anyio.lowlevel.checkpoint()
+                    if action < 0.15:
+                        conn.closed = True  # the server dropped it
+                    elif action < 0.3:
+                        factory.healthy = rng.random() < 0.5
+                        raise KeyError("user error")
+            except (KeyError, PoolTimeout, OSError):
+                pass
+
+    async with pool:
+        async with anyio.create_task_group() as tg:
+            for _ in range(150):
+                if rng.random() < 0.1:
+                    factory.fail_create.append(OSError("refused"))
+                scope = anyio.CancelScope()
+                scopes.append(scope)
+                tg.start_soon(job, scope)
+                if rng.random() < 0.3:
+                    await anyio.lowlevel.checkpoint()
+                if rng.random() < 0.2:
+                    rng.choice(scopes).cancel()
+                if rng.random() < 0.05:
+                    clock.advance(0.5)  # the waiters of the moment time out
+            while pool.status().waiting:
+                await settle()
+                clock.advance(0.5)
+        await settle()
+        status = pool.status()
+        assert (status.in_use, status.waiting) == (0, 0)
+        assert status.idle == factory.open_count()
+        assert all(not w.conn.closed for w in pool._idle)
+    assert factory.open_count() == 0
+    assert len(pool._background) == 0
+
+
 async def _swallow_os_error(job: Any) -> None:
     try:
         await job()
     except OSError:
         pass
+
+
+# -- background work and the loop's clock ---------------------------------------
+
+
+async def test_close_waits_for_the_background_closes_it_owns() -> None:
+    """A close started in the background (a dead worker given back synchronously) finishes before close() returns."""
+
+    class SlowClose(Factory):
+        def __init__(self) -> None:
+            super().__init__()
+            self.close_gate = anyio.Event()
+
+        async def close(self, worker: Conn) -> None:
+            await self.close_gate.wait()
+            await super().close(worker)
+
+    factory = SlowClose()
+    pool = ConnectionPool(factory, size=1)
+    await pool.start()
+    lease = pool.checkout_nowait()
+    lease.conn.closed = True  # died while lent
+    pool.checkin_nowait(lease)  # closed in a background task the pool owns
+    await settle()
+    assert len(pool._background) == 1
+    closed = anyio.Event()
+
+    async def close() -> None:
+        await pool.close()
+        closed.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(close)
+        await settle()
+        assert not closed.is_set()  # waiting for the background close
+        factory.close_gate.set()
+    assert factory.closed == [lease.conn]
+    assert len(pool._background) == 0
+    assert counts(pool) == (0, 0, 0, 0)
+
+
+async def test_the_timer_and_the_reaper_end_with_their_work() -> None:
+    """No background task outlives its work: the timer ends with the last deadline, the reaper with the surplus."""
+    clock = FakeClock()
+    async with ConnectionPool(Factory(), size=1, max_overflow=1, max_idle=5.0, timeout=1.0, clock=clock) as pool:
+        timed_out: list[PoolTimeout] = []
+
+        async def wait() -> None:
+            with pytest.raises(PoolTimeout) as info:
+                async with pool.checkout():
+                    pass  # pragma: no cover - times out
+            timed_out.append(info.value)
+
+        async with pool.checkout(), pool.checkout(), anyio.create_task_group() as tg:
+            tg.start_soon(wait)
+            await settle()
+            assert pool._timer
+            clock.advance(1.0)
+        assert len(timed_out) == 1
+        await settle()
+        assert not pool._timer  # nobody waits with a deadline
+        assert pool._reaper is not None  # the overflow worker idles
+        clock.advance(5.0)
+        await settle()
+        assert pool._reaper is None
+        assert len(pool._background) == 0
+        assert counts(pool) == (1, 0, 0, 0)
+
+
+async def test_a_failing_background_job_is_logged_never_raised(caplog: pytest.LogCaptureFixture) -> None:
+    """A bug in a background job is logged as an error and ends the job; nothing escapes into the event loop."""
+    background = _Background("p")
+
+    async def broken() -> None:
+        raise RuntimeError("a bug")
+
+    background.spawn(broken)
+    assert len(background) == 1
+    await background.wait()
+    assert len(background) == 0
+    assert "pool_background_task_failed" in caplog.text
+
+
+@trio_autojump
+async def test_trio_mock_clock_jumps_through_a_checkout_timeout_and_the_reaper() -> None:
+    """Under trio a pool built in the run times out and reaps on the run's clock: a MockClock jumps both."""
+    factory = Factory()
+    async with ConnectionPool(factory, size=1, max_overflow=1, timeout=10.0, max_idle=30.0) as pool:
+        async with pool.checkout(), pool.checkout():
+            start = trio.current_time()
+            with pytest.raises(PoolTimeout):
+                async with pool.checkout():
+                    pass  # pragma: no cover - times out
+            assert trio.current_time() - start == pytest.approx(10.0)
+        assert counts(pool) == (2, 0, 1, 0)
+        await trio.sleep(31.0)
+        assert counts(pool) == (1, 0, 0, 0)
+        assert factory.open_count() == 1
 
 
 # -- checkout_nowait / checkin_nowait / checkin: the non-waiting form ----------

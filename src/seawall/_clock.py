@@ -1,10 +1,29 @@
 """The one monotonic clock of seawall, injectable for tests.
 
 Every primitive reads time through a :class:`Clock`: ``now()`` for decisions
-and ``sleep()`` for waiting. Production uses :class:`MonotonicClock`, which is
-``time.monotonic`` - the very clock asyncio's event loop reports from
-``loop.time()`` - and never the wall clock, so a changed system time or
-time zone cannot open a breaker or refill a bucket.
+and ``sleep()`` for waiting. Timeouts and waits follow the running event
+loop's clock, never the wall clock, so a changed system time or time zone
+cannot open a breaker or refill a bucket:
+
+* On asyncio, and outside any event loop, that is :class:`MonotonicClock`:
+  ``time.monotonic``, the very clock asyncio's event loop reports from
+  ``loop.time()``. ``now`` *is* the C function, so a decision on a hot path
+  (``RateLimiter.hit_nowait``) pays for no Python frame of seawall's.
+* Under trio the loop's clock is the run's own (``trio.current_time()``): a
+  :class:`trio.testing.MockClock`, or trio's system clock, which reads
+  ``time.perf_counter`` plus a random offset. Reading ``time.monotonic``
+  there would put decisions and waits on two clocks: under a ``MockClock``
+  a wait would end in virtual time while the bucket had not drained in real
+  time.
+
+A primitive built with ``clock=None`` asks :func:`current_clock` once, when
+it is built, which of the two it runs on (a probe per ``now()`` would cost
+more than the decision). Build it inside the run that uses it, as anyio asks
+of its own primitives; one built under trio keeps reading the current trio
+run's clock, and one built outside any loop reads ``time.monotonic`` on
+every backend (trio's system clock ticks at the same rate, so its waits still
+last as long, but a ``MockClock`` does not move it). Pass ``clock=`` to pin
+a clock explicitly.
 
 Tests inject :class:`FakeClock` and move time with ``advance()`` instead of
 sleeping; sleepers on a fake clock wake exactly when virtual time passes
@@ -13,16 +32,19 @@ their deadline.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import math
+import sys
 import time
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol, runtime_checkable
 
 import anyio
 import anyio.lowlevel
 
-__all__ = ["Clock", "FakeClock", "MonotonicClock", "default_clock"]
+__all__ = ["Clock", "FakeClock", "MonotonicClock", "current_clock", "default_clock", "in_trio_task"]
 
 
 @runtime_checkable
@@ -39,7 +61,7 @@ class Clock(Protocol):
 
 
 class MonotonicClock:
-    """The production clock: ``time.monotonic`` and ``anyio.sleep``."""
+    """The production clock on asyncio: ``time.monotonic`` (asyncio's ``loop.time()``) and ``anyio.sleep``."""
 
     __slots__ = ()
 
@@ -52,7 +74,52 @@ class MonotonicClock:
         return "MonotonicClock()"
 
 
+#: The clock of asyncio and of code outside any event loop (see :func:`current_clock`).
 default_clock: Clock = MonotonicClock()
+
+
+def in_trio_task() -> bool:
+    """Whether the caller runs in a trio task (anyio's trio backend), not on asyncio or outside any loop."""
+    # No trio without importing it: on asyncio this is one dict lookup. (Not
+    # "no asyncio loop": in trio's guest mode an asyncio loop runs the thread.)
+    trio = sys.modules.get("trio")
+    return trio is not None and bool(trio.lowlevel.in_trio_task())
+
+
+class _TrioClock:
+    """The clock of the trio run the caller is in: ``trio.current_time()`` and ``trio.sleep()``.
+
+    Both read whichever run is current when called, so one instance serves
+    every run; outside a run ``now()`` raises :class:`RuntimeError`.
+    """
+
+    __slots__ = ("now", "sleep")
+
+    def __init__(self) -> None:
+        import trio  # only ever built inside a trio run, so importable
+
+        # Bound once: the hot paths call ``now`` straight, with no frame of ours.
+        self.now: Callable[[], float] = trio.current_time
+        self.sleep: Callable[[float], Coroutine[Any, Any, None]] = trio.sleep
+
+    def __repr__(self) -> str:
+        return "TrioClock()"
+
+
+@functools.cache
+def _trio_clock() -> _TrioClock:
+    return _TrioClock()
+
+
+def current_clock() -> Clock:
+    """The running event loop's clock, which is what ``clock=None`` means for a primitive.
+
+    :data:`default_clock` (a :class:`MonotonicClock`) on asyncio and outside
+    any event loop; under trio, a clock reading the trio run's own time, so a
+    :class:`trio.testing.MockClock` moves it. Called once per primitive, when
+    it is built (see the module docstring).
+    """
+    return _trio_clock() if in_trio_task() else default_clock
 
 
 class FakeClock:

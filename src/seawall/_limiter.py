@@ -7,20 +7,23 @@ Two ways through a limiter:
   consumes nothing. With the in-memory backend it never suspends: the
   decision is one dict lookup and a few float operations on the caller's
   clock (see ``backends/_limiter_memory.py``).
-* :meth:`RateLimiter.acquire` waits its turn. For GCRA buckets in memory the
-  waiting is aiolimiter's own machinery (a heap of futures woken by one timer
-  per waiting key), driven by the same bucket that :meth:`~RateLimiter.hit`
-  reads, and by the limiter's clock: aiolimiter schedules its timer with
-  ``loop.call_at`` on ``loop.time()``, which *is* ``time.monotonic`` for
-  asyncio, so production uses the real loop unchanged while an injected
-  clock (a :class:`~seawall.FakeClock` in tests) gets a view of the loop
-  whose ``time()`` and timers come from that clock. Other buckets (fixed
-  windows, remote backends) wait in a FIFO lock per key and retry after the
-  ``retry_after`` the backend reports.
+* :meth:`RateLimiter.acquire` waits its turn. With buckets in this process
+  the waiting is seawall's own engine (:class:`_Line`), on anyio primitives
+  so it runs on asyncio and trio alike: FIFO per key, a waiter whose turn
+  came keeps it, one timer for all the limiter's waiters (one of the waiting
+  tasks sleeps on the limiter's clock for everyone), and a cancelled waiter
+  takes nothing. It decides with the same bucket and the same ``take`` that
+  :meth:`~RateLimiter.hit` uses. With a remote backend the waiters of a key
+  wait in a FIFO lock and retry after the ``retry_after`` the backend
+  reports (:class:`_RetryQueue`).
 
 Both have a synchronous non-waiting form for buckets in this process
 (:meth:`~RateLimiter.hit_nowait`, :meth:`~RateLimiter.acquire_nowait`), which
 raise :class:`anyio.WouldBlock` with a remote backend.
+
+Time comes from the limiter's clock: an injected one (a
+:class:`~seawall.FakeClock` in tests), the backend's, or the running loop's
+as :func:`seawall._clock.current_clock` finds it when the limiter is built.
 
 The status returned by :meth:`~RateLimiter.hit` is a frozen dataclass whose
 fields are computed on first access: building eight fields of a frozen
@@ -30,22 +33,22 @@ look at them.
 
 from __future__ import annotations
 
-import asyncio
+import itertools
 import logging
+import math
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from datetime import timedelta
-from functools import partial
-from heapq import heappush
+from heapq import heappop, heappush
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, NoReturn, cast
+from typing import TYPE_CHECKING, Any, Final, NoReturn, Protocol, cast
 
 import anyio
-from aiolimiter import AsyncLimiter
 from anyio import WouldBlock
 
 from seawall._checks import number
-from seawall._clock import Clock, MonotonicClock, default_clock
+from seawall._clock import Clock, current_clock
 from seawall._errors import ConfigurationError, ConfigurationTypeError, RateLimitExceeded
 from seawall._logging import logger
 from seawall._telemetry import LIMITER_REQUEST_ALLOWED, LIMITER_REQUEST_DENIED
@@ -59,9 +62,10 @@ from seawall.backends._limiter_protocol import (
     RateLimitBackend,
     RateLimitRule,
     check_rule,
+    tolerance,
 )
 
-__all__ = ["RateLimitBucket", "RateLimitStatus", "RateLimiter"]
+__all__ = ["LimiterLike", "RateLimitBucket", "RateLimitStatus", "RateLimiter"]
 
 
 class _Lazy:
@@ -147,136 +151,233 @@ def _bad_key(key: object) -> str:
     raise ConfigurationTypeError(f"key must be a str, got {key!r}", path="key")
 
 
-class _ClockTimer:
-    """A ``call_at`` handle whose time is a seawall clock's."""
+class _Waiter:
+    """One task waiting in :meth:`RateLimiter.acquire`, in the line of its key."""
 
-    __slots__ = ("_task", "_when")
+    __slots__ = ("cost", "event", "gone", "turn")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, clock: Clock, when: float, callback: Callable[[], None]):
-        self._when = when
-        self._task = loop.create_task(self._fire(clock, when, callback))
-
-    @staticmethod
-    async def _fire(clock: Clock, when: float, callback: Callable[[], None]) -> None:
-        await clock.sleep(when - clock.now())
-        callback()
-
-    def cancel(self) -> None:
-        self._task.cancel()
-
-    def cancelled(self) -> bool:
-        return self._task.cancelled()
-
-    def when(self) -> float:
-        return self._when
+    def __init__(self, cost: float) -> None:
+        self.cost = cost
+        # Set to wake the task: its turn has come, or it is to keep the timer.
+        self.event = anyio.Event()
+        # Its cost fits now (it is the head of its key): it takes on waking.
+        self.turn = False
+        # It left the line (admitted, or cancelled having taken nothing); skipped when met.
+        self.gone = False
 
 
-class _ClockLoop:
-    """The event loop as aiolimiter sees it, with ``time()`` and ``call_at`` on an injected clock.
+class _Queue:
+    """The waiters of one key of a limiter whose buckets are in this process, in arrival order."""
 
-    aiolimiter only calls ``time``, ``create_future``, ``call_soon`` and
-    ``call_at`` (its ``_loop`` property, which checks ``is_closed``, is
-    replaced by :class:`_GcraWaiters`); the futures and callbacks stay on the
-    real loop, only the timer is moved onto the clock (a task sleeping on it).
+    __slots__ = ("key", "line", "queued", "ticket", "users", "waiters")
+
+    def __init__(self, line: _Line, key: str) -> None:
+        self.line = line
+        self.key = key
+        # Live waiters, and the gone ones behind the head that were not met yet.
+        self.waiters: deque[_Waiter] = deque()
+        self.users = 0  # live waiters
+        self.queued = 0.0  # their costs: what a hit() on the key must wait behind
+        self.ticket = -1  # the current entry of the head on the line's timer (-1: none)
+
+    async def acquire(self, cost: float) -> None:
+        await self.line.wait(self, cost)
+
+    def __repr__(self) -> str:
+        return f"<waiting line key={self.key!r} waiters={self.users} queued={self.queued!r}>"
+
+
+class _Line:
+    """The waiting engine of a limiter whose buckets are in this process (a :class:`BucketTable`).
+
+    * FIFO per key: only the head of a key's line may take; newcomers queue
+      behind it (and ``hit()`` is denied) while the line exists, so a head
+      whose turn came keeps it until it runs.
+    * One timer for all waiters of the limiter: a heap of the times at which
+      each key's head fits, and at any moment exactly one waiting task, the
+      *keeper*, sleeps on the limiter's clock until the earliest of them and
+      gives the heads that are due their turn. Every other waiter waits on
+      its own :class:`anyio.Event`. The timer lives in a waiter's own task -
+      no background task, so nothing outlives the waiters and the limiter
+      needs no lifecycle - and passes to another waiter when the keeper leaves.
+    * A head takes from the bucket itself, in its own task, only once it
+      runs: a waiter cancelled before that has taken nothing, and its turn
+      passes to the next head.
+
+    Per admitted waiter this is O(1) plus O(log keys) on the timer: a
+    deque pop, an event, a timer entry. Waiters cancelled mid-line are only
+    marked (and their cost no longer queued), and dropped when they reach
+    the head, so mass cancellation stays linear.
     """
 
-    __slots__ = ("_clock", "_loop")
+    __slots__ = (
+        "_clock",
+        "_due",
+        "_keeper",
+        "_keeper_scope",
+        "_keeper_until",
+        "_slack",
+        "_table",
+        "_tickets",
+        "_waiting",
+    )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, clock: Clock) -> None:
-        self._loop = loop
-        self._clock = clock
-
-    def time(self) -> float:
-        return self._clock.now()
-
-    def create_future(self) -> asyncio.Future[None]:
-        return self._loop.create_future()
-
-    def call_soon(self, callback: Callable[..., object], *args: object) -> asyncio.Handle:
-        return self._loop.call_soon(callback, *args)
-
-    def call_at(self, when: float, callback: Callable[[], None]) -> _ClockTimer:
-        return _ClockTimer(self._loop, self._clock, when, callback)
-
-
-class _GcraWaiters(AsyncLimiter):
-    """aiolimiter's waiting queue for one GCRA bucket held in a :class:`GcraTable`.
-
-    aiolimiter keeps its own ``_level``; here the level is read from the
-    table, and the admission test (``has_capacity``) *is* the table's atomic
-    ``take``, the very operation :meth:`RateLimiter.hit` performs, so both
-    paths share one bucket and one rule of admission. aiolimiter's heap of
-    futures and its single wake-up timer (``_wake_next``) do the waiting.
-
-    ``acquire`` differs from aiolimiter's in one respect: a waiter keeps its
-    place in line. aiolimiter's newcomers first try to take capacity, and a
-    woken waiter that finds its capacity taken (by a newcomer that ran first)
-    queues again at the back; here every waiter queues, and keeps its arrival
-    number when it has to wait again.
-    """
-
-    __slots__ = ("_bucket", "_now", "_table", "_time_loop", "queued", "users")
-
-    def __init__(self, table: GcraTable, key: str, clock: Clock) -> None:
+    def __init__(self, table: BucketTable, clock: Clock, waiting: dict[str, _Queue | _RetryQueue]) -> None:
         self._table = table
-        self._bucket = key
-        self._now = clock.now
-        loop = asyncio.get_running_loop()
-        # MonotonicClock reads time.monotonic, the very clock of asyncio's
-        # loop.time(): aiolimiter can use the loop as it is.
-        self._time_loop = loop if isinstance(clock, MonotonicClock) else _ClockLoop(loop, clock)
-        self.users = 0
-        self.queued = 0.0
-        super().__init__(table.rule.limit, table.rule.window)
+        self._clock = clock
+        self._waiting = waiting
+        # A wait this short is no wait: GCRA admits within this slack of its
+        # window (see tolerance()), so a head whose retry time rounds to a few
+        # ulps fits now. (Sleeping them on a FakeClock would wait for an advance.)
+        rule = table.rule
+        self._slack = rule.window * tolerance(rule.limit) if isinstance(table, GcraTable) else 0.0
+        # The timer: ``(when the head fits, ticket, line)``; an entry whose
+        # ticket is no longer its line's is stale, dropped when met.
+        self._due: list[tuple[float, int, _Queue]] = []
+        self._tickets = itertools.count()
+        self._keeper: _Waiter | None = None
+        self._keeper_scope: anyio.CancelScope | None = None  # the keeper's sleep, while it sleeps
+        self._keeper_until = math.inf  # when that sleep ends
 
-    @property
-    def _loop(self) -> asyncio.AbstractEventLoop:
-        return cast("asyncio.AbstractEventLoop", self._time_loop)
+    async def wait(self, queue: _Queue, cost: float) -> None:
+        """Queue up behind the key's waiters; return once ``cost`` is taken from the bucket."""
+        waiter = _Waiter(cost)
+        queue.waiters.append(waiter)
+        queue.users += 1
+        queue.queued += cost
+        if queue.users == 1:  # a new line: this waiter is its head
+            self._rouse(queue, self._clock.now())
+        try:
+            await self._park(queue, waiter)
+        finally:
+            self._leave(queue, waiter)
 
-    @property
-    def _level(self) -> float:
-        return self._table.level(self._bucket, self._last_check)
-
-    @_level.setter
-    def _level(self, value: float) -> None:
-        pass  # the amount was taken by has_capacity(), atomically with the test
-
-    def _leak(self) -> None:
-        self._last_check = self._now()
-
-    def has_capacity(self, amount: float = 1) -> bool:
-        """Take ``amount`` from the bucket if it fits now (so 'has capacity' means 'took it')."""
-        self._leak()
-        return self._table.take(self._bucket, amount, self._last_check) is not None
-
-    async def acquire(self, amount: float = 1) -> None:
-        loop = self._loop
-        arrival = self._next_count()
+    async def _park(self, queue: _Queue, waiter: _Waiter) -> None:
+        table, clock, key = self._table, self._clock, queue.key
         while True:
-            future = loop.create_future()
-            # As aiolimiter: once this future is done (result or cancellation),
-            # look at the next waiter - after this task has run, so it takes first.
-            future.add_done_callback(partial(loop.call_soon, self._wake_next))
-            heappush(self._waiters, (amount, arrival, future))
-            self._wake_next()
-            if future.done():
-                # Granted at once, but a waiter granted just before may not
-                # have run yet: its capacity is not taken. Let it go first.
-                await asyncio.sleep(0)
+            if waiter.turn:
+                waiter.turn = False
+                now = clock.now()
+                if table.take(key, waiter.cost, now) is not None:
+                    return
+                # Woken a hair early (a loop timer may fire up to its resolution
+                # early): wait the rest on the timer, never at once again.
+                self._arm(queue, now + max(table.retry_after(key, waiter.cost, now), _MIN_RETRY_AFTER))
+                continue
+            if self._keeper is None and self._next_due() is not None:
+                self._keeper = waiter
+            if self._keeper is waiter:
+                await self._keep_time(waiter)
             else:
-                await future
-            if self.has_capacity(amount):
-                break
-        self._wake_next()
+                await waiter.event.wait()
+                waiter.event = anyio.Event()
 
-    def close(self) -> None:
-        handle = self._waker_handle
-        if handle is not None:
-            handle.cancel()
+    async def _keep_time(self, waiter: _Waiter) -> None:
+        """Be the timer until this waiter's turn: sleep to the earliest due head, give the due heads their turn."""
+        clock = self._clock
+        while self._keeper is waiter and not waiter.turn:
+            due = self._next_due()
+            if due is None:
+                self._keeper = None  # nothing to time: every head has its turn
+                return
+            delay = due - clock.now()
+            if delay > 0.0:
+                # In a scope of its own, so that an earlier due (another key)
+                # or this waiter's own turn (a reset) can cut the sleep short.
+                scope = self._keeper_scope = anyio.CancelScope()
+                self._keeper_until = due
+                try:
+                    with scope:
+                        await clock.sleep(delay)
+                finally:
+                    self._keeper_scope = None
+                    self._keeper_until = math.inf
+            self._fire(clock.now())
+
+    def _next_due(self) -> float | None:
+        due = self._due
+        while due:
+            when, ticket, queue = due[0]
+            if queue.ticket == ticket:
+                return when
+            heappop(due)
+        return None
+
+    def _fire(self, now: float) -> None:
+        """Give their turn to the heads due by ``now`` (or put them back on the timer)."""
+        due = self._due
+        while due and due[0][0] <= now:
+            _, ticket, queue = heappop(due)
+            if queue.ticket == ticket:
+                queue.ticket = -1
+                self._rouse(queue, now)
+
+    def _rouse(self, queue: _Queue, now: float) -> None:
+        """The head of ``queue`` gets its turn if its cost fits at ``now``, else a place on the timer."""
+        head = queue.waiters[0]
+        wait = self._table.retry_after(queue.key, head.cost, now)
+        if wait <= self._slack:
+            head.turn = True
+            self._wake(head)
+        else:
+            self._arm(queue, now + wait)
+
+    def _arm(self, queue: _Queue, due: float) -> None:
+        ticket = queue.ticket = next(self._tickets)
+        heappush(self._due, (due, ticket, queue))
+        if self._keeper is None:
+            self._wake(queue.waiters[0])  # nobody keeps time: the head does
+        elif due < self._keeper_until and self._keeper_scope is not None:
+            self._keeper_scope.cancel()  # the keeper would sleep past it: it re-arms
+
+    def _wake(self, waiter: _Waiter) -> None:
+        if waiter is self._keeper:
+            if self._keeper_scope is not None:
+                self._keeper_scope.cancel()
+        else:
+            waiter.event.set()
+
+    def _leave(self, queue: _Queue, waiter: _Waiter) -> None:
+        """``waiter`` is done (admitted, or cancelled having taken nothing): the line moves up."""
+        waiter.gone = True
+        queue.users -= 1
+        queue.queued -= waiter.cost
+        waiters = queue.waiters
+        if not queue.users:
+            queue.ticket = -1
+            waiters.clear()
+            if self._waiting.get(queue.key) is queue:
+                del self._waiting[queue.key]
+        elif waiters[0] is waiter:
+            while waiters[0].gone:
+                waiters.popleft()
+            queue.ticket = -1
+            self._rouse(queue, self._clock.now())
+        if self._keeper is waiter:
+            # Hand the timer to the head due first (it would wake for it anyway).
+            self._keeper = None
+            if self._next_due() is not None:
+                self._wake(self._due[0][2].waiters[0])
+
+    def poke(self, queue: _Queue) -> None:
+        """The bucket of ``queue`` was reset: its head may fit now."""
+        if not queue.waiters[0].turn:
+            queue.ticket = -1
+            self._rouse(queue, self._clock.now())
+
+    def __repr__(self) -> str:
+        due = self._next_due()
+        timer = "idle" if due is None else f"next at {due!r}"
+        return f"<waiting engine keys={len(self._waiting)} timer={timer}>"
 
 
 class _RetryQueue:
-    """FIFO waiting for any backend: one waiter at a time asks, sleeping ``retry_after`` between tries."""
+    """FIFO waiting on a remote backend: one waiter at a time asks, sleeping ``retry_after`` between tries.
+
+    The bucket is only known by asking the store (a round trip), so the head
+    of each key sleeps until the retry time the store reported: a timer per
+    waiting key, where the in-process :class:`_Line` has one per limiter.
+    """
 
     __slots__ = ("_key", "_limiter", "_lock", "_sleep", "_wakes", "queued", "users")
 
@@ -294,22 +395,30 @@ class _RetryQueue:
 
     async def acquire(self, cost: float) -> None:
         limiter = self._limiter
-        async with self._lock:
-            while True:
-                wakes = self._wakes
-                delay = await limiter._try_take(self._key, cost)
-                if delay is None:
-                    return
-                if self._wakes != wakes:
-                    continue  # the bucket was reset while we asked: ask again now
-                # A scope of its own, so that wake() can cut the sleep short
-                # (on the limiter's clock, which may be a fake one).
-                sleep = self._sleep = anyio.CancelScope()
-                try:
-                    with sleep:
-                        await limiter.clock.sleep(delay)
-                finally:
-                    self._sleep = None
+        self.users += 1
+        self.queued += cost
+        try:
+            async with self._lock:
+                while True:
+                    wakes = self._wakes
+                    delay = await limiter._try_take(self._key, cost)
+                    if delay is None:
+                        return
+                    if self._wakes != wakes:
+                        continue  # the bucket was reset while we asked: ask again now
+                    # A scope of its own, so that wake() can cut the sleep short
+                    # (on the limiter's clock, which may be a fake one).
+                    sleep = self._sleep = anyio.CancelScope()
+                    try:
+                        with sleep:
+                            await limiter.clock.sleep(delay)
+                    finally:
+                        self._sleep = None
+        finally:
+            self.queued -= cost
+            self.users -= 1
+            if not self.users and limiter._waiting.get(self._key) is self:
+                del limiter._waiting[self._key]
 
     def wake(self) -> None:
         """Make the head waiter ask again now (its bucket was reset)."""
@@ -317,8 +426,37 @@ class _RetryQueue:
         if self._sleep is not None:
             self._sleep.cancel()
 
-    def close(self) -> None:
-        pass
+    def __repr__(self) -> str:
+        return f"<retry queue key={self._key!r} waiters={self.users} queued={self.queued!r}>"
+
+
+class LimiterLike(Protocol):
+    """What the coordinator needs of a rate limiter: a :class:`RateLimiter`, or an adapted third-party one.
+
+    ``resident_buckets`` is ``None`` for a limiter that only decides by
+    awaiting (a remote backend, an adapter): the coordinator then awaits
+    :meth:`hit` instead of calling a synchronous ``acquire_nowait``.
+    """
+
+    @property
+    def limit(self) -> float: ...
+
+    @property
+    def window(self) -> float: ...
+
+    @property
+    def name(self) -> str | None: ...
+
+    @property
+    def resident_buckets(self) -> int | None: ...
+
+    async def hit(self, key: str = ..., cost: float = ...) -> RateLimitStatus: ...
+
+    async def acquire(self, key: str = ..., cost: float = ...) -> None: ...
+
+    async def status(self, key: str = ...) -> RateLimitStatus: ...
+
+    async def reset(self, key: str = ...) -> None: ...
 
 
 class _Admission:
@@ -360,7 +498,9 @@ class RateLimiter:
         name: A name for logs and telemetry; also namespaces the buckets in a shared backend.
         clock: The clock for decisions and waiting (tests inject a
             :class:`~seawall.FakeClock`); by default the backend's clock, else
-            the monotonic clock of the event loop.
+            the running event loop's, looked up when the limiter is built
+            (``time.monotonic`` on asyncio and outside any loop, the run's own
+            clock under trio: see ``seawall._clock``).
 
     Raises:
         ConfigurationTypeError: ``limit`` or ``window`` is not a number, ``name`` not a str.
@@ -371,6 +511,7 @@ class RateLimiter:
 
     __slots__ = (
         "_hooks",
+        "_line",
         "_now",
         "_rule",
         "_table",
@@ -405,7 +546,8 @@ class RateLimiter:
         self.algorithm: Final = algorithm
         self.name: Final = name
         if clock is None:
-            clock = cast("Clock", getattr(backend, "clock", default_clock))
+            # The backend's clock, else the running loop's (asked once: see seawall._clock).
+            clock = cast("Clock", getattr(backend, "clock", None) or current_clock())
         elif not isinstance(clock, Clock):
             raise TypeError(f"clock must be a seawall Clock (now() and sleep()), got {clock!r}")
         self.clock: Final = clock
@@ -419,8 +561,10 @@ class RateLimiter:
         # The in-process fast path: a synchronous table, decided on our clock.
         self._table = backend.table(self._rule) if isinstance(backend, LocalRateLimitBackend) else None
         self._take = None if self._table is None else self._table.take
-        # Keys with tasks in acquire(): their waiting machinery, dropped with the last waiter.
-        self._waiting: dict[str, _GcraWaiters | _RetryQueue] = {}
+        # Keys with tasks in acquire(): their line, dropped with the last waiter.
+        self._waiting: dict[str, _Queue | _RetryQueue] = {}
+        # The waiting engine of in-process buckets (remote ones wait in a _RetryQueue per key).
+        self._line = None if self._table is None else _Line(self._table, clock, self._waiting)
         # What every bucket handle's fused acquire borrows (built once: a plan per call makes a handle).
         self._hooks = AcquireHooks(self._now, self._waiting, self._refuse, LIMITER_REQUEST_ALLOWED, self._emit_allowed)
 
@@ -581,25 +725,23 @@ class RateLimiter:
         )
 
     async def _try_take(self, key: str, cost: float) -> float | None:
-        """Take ``cost`` if it fits now; return ``None``, else the seconds to wait."""
-        table = self._table
-        if table is None:
-            decision = await self.backend.take(key, cost, self._rule)
-            # A remote store that denies with no retry time must not make us spin.
-            return None if decision.admitted else max(decision.retry_after, 1e-3)
-        now = self.clock.now()
-        if table.take(key, cost, now) is not None:
-            return None
-        return table.retry_after(key, cost, now)
+        """Ask the (remote) backend to take ``cost``; return ``None``, else the seconds to wait."""
+        decision = await self.backend.take(key, cost, self._rule)
+        # A remote store that denies with no retry time must not make us spin.
+        return None if decision.admitted else max(decision.retry_after, 1e-3)
 
     async def acquire(self, key: str = "default", cost: float = 1) -> None:
         """Wait until a hit of ``cost`` on bucket ``key`` is admitted, then take it.
 
-        Waiters on a key are served in arrival order (for GCRA buckets in
-        memory, aiolimiter's order: arrival order among equal costs, a
-        smaller cost that fits may pass a larger one). Cancelling a waiter
-        (anyio cancel scope, ``asyncio.timeout``, ``task.cancel()``) takes
-        nothing from the bucket and lets the waiters behind it move up.
+        Waiters on a key are served strictly in arrival order, whatever
+        their cost (a smaller cost never passes a larger one, so none
+        starves), and a waiter whose turn has come keeps it against
+        newcomers. Cancelling a waiter (anyio cancel scope,
+        ``asyncio.timeout``, ``task.cancel()``) takes nothing from the
+        bucket and lets the waiters behind it move up.
+
+        A checkpoint only when it waits: a hit that fits at once, with
+        nobody waiting on the key, is taken without suspending.
 
         Raises:
             TypeError: ``key`` is not a str or ``cost`` not a number.
@@ -617,19 +759,11 @@ class RateLimiter:
                 if LIMITER_REQUEST_ALLOWED.handlers:
                     self._emit_allowed(key, cost)
                 return
-            table = self._table
-            waiting = _GcraWaiters(table, key, self.clock) if isinstance(table, GcraTable) else _RetryQueue(self, key)
+            line = self._line
+            waiting = _RetryQueue(self, key) if line is None else _Queue(line, key)
             self._waiting[key] = waiting
-        waiting.users += 1
-        waiting.queued += cost
-        try:
-            await waiting.acquire(cost)
-        finally:
-            waiting.queued -= cost
-            waiting.users -= 1
-            if not waiting.users:
-                del self._waiting[key]
-                waiting.close()
+        # The line drops itself from _waiting when its last waiter leaves.
+        await waiting.acquire(cost)
         if LIMITER_REQUEST_ALLOWED.handlers:
             self._emit_allowed(key, cost)
 
@@ -673,8 +807,8 @@ class RateLimiter:
             key = _bad_key(key)
         await self.backend.reset(key, self._rule)
         waiting = self._waiting.get(key)
-        if isinstance(waiting, _GcraWaiters):
-            waiting._wake_next()
+        if isinstance(waiting, _Queue):
+            waiting.line.poke(waiting)
         elif waiting is not None:
             waiting.wake()
 

@@ -14,8 +14,21 @@ waiting for them (Poolboy's overflow). The decisions, in order:
   needs - it is closed.
 
 The uncontended path is plain bookkeeping: a ``list`` as the idle stack, a
-``set`` of lent workers, no task, future or lock. Waiting uses one asyncio
-future per waiter in a ``deque`` and one loop timer for its timeout.
+``set`` of lent workers, no task, event or lock. Everything else is on anyio,
+so the pool runs on asyncio and trio alike:
+
+* Waiting: one small waiter object per waiting task (what it was handed, and
+  a loop future on asyncio or an :class:`anyio.Event` on trio to wake it) in
+  a ``deque``; one timer for all their timeouts, a task sleeping on the
+  pool's clock until the earliest deadline.
+* Background work - closing a worker from a synchronous path
+  (``checkin_nowait``, a dead idle worker met by ``checkout_nowait``), the
+  timeout timer, the ``max_idle`` reaper - runs in tasks the pool owns
+  (:class:`_Background`) and :meth:`ConnectionPool.close` waits for: a pool
+  has no task of its own to host them, since it is started and closed by
+  whichever task calls :meth:`~ConnectionPool.start`/:meth:`~ConnectionPool.close`
+  (or never started at all), and an anyio task group belongs to the one task
+  that entered it and must be left by it, in order.
 
 Every path that gives a worker back survives cancellation: awaited cleanup runs
 in a shielded anyio cancel scope, and if a native asyncio cancellation cuts
@@ -29,7 +42,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
@@ -39,7 +52,7 @@ import anyio
 from anyio import WouldBlock
 
 from seawall._checks import count, seconds
-from seawall._clock import Clock, MonotonicClock, default_clock
+from seawall._clock import Clock, current_clock, in_trio_task
 from seawall._errors import ConfigurationError, ConfigurationTypeError, PoolClosed, PoolTimeout
 from seawall._logging import logger
 from seawall._telemetry import ANY_HANDLER, POOL_CHECKIN, POOL_CHECKOUT, POOL_TIMEOUT
@@ -192,15 +205,102 @@ class _CallableFactory:
         return bool(flag() if callable(flag) else flag)
 
 
-# What a waiter's future can be resolved with, besides a worker.
+# What a waiter can be handed, besides a worker.
 _SLOT: Final = object()  # "a slot is yours: create your own worker"
 _TIMEOUT: Final = object()
 _CLOSED: Final = object()
+_GONE: Final = object()  # it left (cancelled) before anything was handed to it
 
 
-def _expire(fut: asyncio.Future[Any]) -> None:
-    if not fut.done():
-        fut.set_result(_TIMEOUT)
+class _Waiter:
+    """A task waiting in :meth:`ConnectionPool.checkout`: what it was handed, and how it is woken.
+
+    On asyncio the wake-up is a bare future of the loop, awaited as it is: a
+    contended checkout costs a third less than through an :class:`anyio.Event`
+    (which looks up the running backend when made, and wraps an
+    ``asyncio.Event`` that makes a future of its own). Elsewhere (trio) it is
+    an :class:`anyio.Event`. Either way cancellation is the task's own: anyio's
+    scopes and asyncio's ``task.cancel()`` interrupt the wait alike.
+    """
+
+    __slots__ = ("_event", "_future", "got")
+
+    def __init__(self) -> None:
+        self.got: object = None  # a PoolLease, _SLOT, _TIMEOUT, _CLOSED or _GONE once done
+        self._future: asyncio.Future[None] | None = None
+        self._event: anyio.Event | None = None
+        if in_trio_task():
+            self._event = anyio.Event()
+        else:
+            self._future = asyncio.get_running_loop().create_future()
+
+    def wait(self) -> Awaitable[object]:
+        """What to await until :meth:`hand` is called (the future itself on asyncio: no frame of ours)."""
+        if self._future is not None:
+            return self._future
+        return cast("anyio.Event", self._event).wait()
+
+    def hand(self, got: object) -> None:
+        self.got = got
+        if self._future is not None:
+            if not self._future.done():  # (a future cancelled with its task is done)
+                self._future.set_result(None)
+        else:
+            cast("anyio.Event", self._event).set()
+
+
+class _Background:
+    """The tasks a pool runs on its own: started on the running event loop, awaited by ``close()``.
+
+    anyio has no way to start a task that no caller owns, so each backend's
+    own is used: an asyncio task (kept referenced here: the loop holds only
+    weak ones), or a trio system task, which no caller's cancel scope
+    reaches either. The pool owns them in the sense that matters: it counts
+    them, :meth:`wait` returns when the last one is done, and a job never
+    raises (its errors are logged) - an error escaping a trio system task
+    would crash the whole run.
+    """
+
+    __slots__ = ("_idle", "_name", "_running", "_tasks")
+
+    def __init__(self, name: str | None) -> None:
+        self._name = name
+        self._running = 0
+        self._idle: anyio.Event | None = None  # set when the last job ends, while someone waits
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, job: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
+        """Run ``await job(*args)`` in the background; needs a running event loop."""
+        self._running += 1
+        if in_trio_task():
+            import trio
+
+            trio.lowlevel.spawn_system_task(self._run, job, args)
+        else:
+            task = asyncio.get_running_loop().create_task(self._run(job, args))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, job: Callable[..., Coroutine[Any, Any, None]], args: tuple[Any, ...]) -> None:
+        try:
+            await job(*args)
+        except Exception as exc:  # a bug of ours: logged, never raised into the event loop
+            logger.error("pool_background_task_failed", pool=self._name, job=job.__name__, error=repr(exc))
+        finally:
+            self._running -= 1
+            if not self._running and self._idle is not None:
+                self._idle.set()
+                self._idle = None
+
+    async def wait(self) -> None:
+        """Return once no background task is running."""
+        while self._running:
+            if self._idle is None:
+                self._idle = anyio.Event()
+            await self._idle.wait()
+
+    def __len__(self) -> int:
+        return self._running
 
 
 def _seconds(name: str, value: float | timedelta | None) -> float | None:
@@ -238,6 +338,7 @@ class ConnectionPool(Generic[T]):
     """
 
     __slots__ = (
+        "_background",
         "_bulkhead",
         "_busy",
         "_check",
@@ -246,7 +347,7 @@ class ConnectionPool(Generic[T]):
         "_closed",
         "_closing",
         "_deadlines",
-        "_drained",
+        "_drain",
         "_factory",
         "_fast_return",
         "_fast_take",
@@ -259,15 +360,14 @@ class ConnectionPool(Generic[T]):
         "_overflow",
         "_plain_return",
         "_plain_take",
-        "_real_clock",
         "_reaper",
         "_reset",
         "_size",
         "_started",
-        "_tasks",
         "_timeout",
         "_timer",
         "_timer_at",
+        "_timer_scope",
         "_total",
         "_waiters",
     )
@@ -300,10 +400,8 @@ class ConnectionPool(Generic[T]):
             raise ConfigurationTypeError(
                 f"clock: must be a seawall Clock (now() and sleep()), got {clock!r}", path="clock"
             )
-        self._clock: Clock = clock or default_clock
-        # The default clock's time is the event loop's time, so a plain loop
-        # timer serves for timeouts; any other clock gets a sleeper task.
-        self._real_clock = isinstance(self._clock, MonotonicClock)
+        # By default the running loop's clock, asked once (see seawall._clock).
+        self._clock: Clock = clock or current_clock()
 
         resolved: Any
         # A bulkhead's slots are a count, not objects: it makes its (None)
@@ -336,32 +434,28 @@ class ConnectionPool(Generic[T]):
         self._limit = self._size + self._overflow
         self._idle: list[PoolLease[Any]] = []  # a stack: the top is the most recently returned
         self._busy: set[PoolLease[Any]] = set()
-        self._waiters: deque[asyncio.Future[Any]] = deque()
-        # Deadlines of the waiters that have one. One timer serves them all,
-        # armed for the earliest: a loop timer per waiter would cost a heap
-        # push and pop on every contended checkout.
-        self._deadlines: dict[asyncio.Future[Any], float] = {}
-        self._timer: asyncio.TimerHandle | asyncio.Task[None] | None = None
-        self._timer_at: float | None = None
+        self._waiters: deque[_Waiter] = deque()  # oldest first; done ones are skipped when met
+        # Deadlines of the waiters that have one. One timer serves them all
+        # (a background task sleeping until the earliest): a timer per waiter
+        # would cost a heap push and pop on every contended checkout.
+        self._deadlines: dict[_Waiter, float] = {}
+        self._timer = False  # whether the timer task runs
+        self._timer_at: float | None = None  # when it wakes next
+        self._timer_scope: anyio.CancelScope | None = None  # its sleep, cut short for an earlier deadline
         self._total = 0  # workers that exist or are being created or closed
         self._closing = 0  # of those, being closed right now
         self._started = False
         self._closed = False
         # The non-waiting forms' common cases, one flag each (cleared by close()):
         # lend the top idle worker untested; put a worker back untested, no reset, no idle clock.
-        # The coordinator's hot paths (seawall._protection, execute_protected) write
-        # both cases out instead of calling checkout_nowait/checkin_nowait, under
-        # the same conditions: while _fast_take holds and no telemetry handler is
-        # attached, lending is `_busy.add(_idle.pop())`; while _fast_return holds,
-        # giving back an unobserved lease (_lent_at None) with no waiter and no
-        # surplus (_total - _closing <= _size) is `_busy.remove(l); _idle.append(l)`.
-        # A change to either case here must be made there too.
+        # (The coordinator calls checkout_nowait/checkin_nowait: these cases live here only.)
         self._fast_take = self._plain_take
         self._fast_return = self._plain_take and self._reset is None and self._max_idle is None
-        self._drained: asyncio.Future[None] | None = None
-        self._close_done: asyncio.Event | None = None
-        self._reaper: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()  # background closes, kept alive here
+        # close()'s grace-period sleep, cut short when the last lent worker is back.
+        self._drain: anyio.CancelScope | None = None
+        self._close_done: anyio.Event | None = None
+        self._reaper: anyio.CancelScope | None = None  # the max_idle reaper's, while it runs
+        self._background = _Background(name)  # background closes, the timer, the reaper
 
     # -- public API --------------------------------------------------------
 
@@ -398,7 +492,7 @@ class ConnectionPool(Generic[T]):
             idle=stacked + unmade,
             in_use=live - stacked,
             overflow=max(0, live - self._size),
-            waiting=sum(1 for fut in self._waiters if not fut.done()),
+            waiting=sum(1 for waiter in self._waiters if waiter.got is None),
         )
 
     def checkout(self, timeout: float | timedelta | None = None) -> PoolCheckout[T]:
@@ -629,29 +723,30 @@ class ConnectionPool(Generic[T]):
         if self._close_done is not None:
             await self._close_done.wait()
             return
-        self._close_done = asyncio.Event()
+        self._close_done = anyio.Event()
         self._closed = True
         self._fast_take = self._fast_return = False
         try:
             if self._reaper is not None:
                 self._reaper.cancel()
-            if self._timer is not None:
-                self._timer.cancel()
+            if self._timer_scope is not None:
+                self._timer_scope.cancel()  # it sees the pool closed and ends
             waiters = self._waiters
             while waiters:
-                fut = waiters.popleft()
-                if not fut.done():
-                    fut.set_result(_CLOSED)
+                waiter = waiters.popleft()
+                if waiter.got is None:
+                    waiter.hand(_CLOSED)
             with anyio.CancelScope(shield=True):
                 while self._idle:
                     await self._dispose(self._idle.pop())
             if self._busy:
-                self._drained = asyncio.get_running_loop().create_future()
-                cancel_timer = self._arm(self._drained, grace_s)
+                # Wait up to ``grace`` on the pool's clock; the last return cancels the sleep.
+                self._drain = anyio.CancelScope()
                 try:
-                    await self._drained
+                    with self._drain:
+                        await self._clock.sleep(grace_s)
                 finally:
-                    cancel_timer()
+                    self._drain = None
                 if self._busy:
                     logger.warning("pool_close_grace_expired", pool=self._name, in_use=len(self._busy))
                     with anyio.CancelScope(shield=True):
@@ -659,9 +754,9 @@ class ConnectionPool(Generic[T]):
                             worker._orphaned = True
                             self._busy.discard(worker)
                             await self._dispose(worker)
-            if self._tasks:
+            if self._background:
                 with anyio.CancelScope(shield=True):
-                    await asyncio.gather(*self._tasks, return_exceptions=True)
+                    await self._background.wait()
         finally:
             self._close_done.set()
 
@@ -711,23 +806,24 @@ class ConnectionPool(Generic[T]):
 
     async def _wait(self, max_wait: float | None) -> object:
         """Queue up (FIFO) for a worker or a free slot."""
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
+        waiter = _Waiter()
+        self._waiters.append(waiter)
         if max_wait is not None:
             deadline = self._clock.now() + max_wait
-            self._deadlines[fut] = deadline
+            self._deadlines[waiter] = deadline
             if self._timer_at is None or deadline < self._timer_at:
                 self._arm_timer(deadline)
         try:
-            got = await fut
+            await waiter.wait()
         except BaseException:
-            self._abandon(fut)
+            self._abandon(waiter)
             raise
         finally:
             if max_wait is not None:
-                del self._deadlines[fut]
+                del self._deadlines[waiter]
+        got = waiter.got
         if got is _TIMEOUT:
-            self._forget(fut)
+            self._forget(waiter)
             if POOL_TIMEOUT.handlers:
                 POOL_TIMEOUT.emit({"duration": max_wait}, {"pool": self._name, "timeout": max_wait})
             logger.warning("pool_checkout_timeout", pool=self._name, timeout=max_wait)
@@ -737,63 +833,57 @@ class ConnectionPool(Generic[T]):
         return got
 
     def _arm_timer(self, deadline: float) -> None:
-        """(Re)arm the one waiter timer for ``deadline``."""
-        if self._timer is not None:
-            self._timer.cancel()
+        """Make the one waiter timer wake at ``deadline`` (earlier than it would)."""
         self._timer_at = deadline
-        if self._real_clock:
-            delay = max(0.0, deadline - self._clock.now())
-            self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
-        else:
-            self._timer = asyncio.get_running_loop().create_task(self._fake_timer(deadline))
+        if not self._timer:
+            self._timer = True
+            self._background.spawn(self._run_timer)
+        elif self._timer_scope is not None:
+            self._timer_scope.cancel()  # it sleeps past the new deadline: it goes back to sleep for it
 
-    async def _fake_timer(self, deadline: float) -> None:
-        await self._clock.sleep(deadline - self._clock.now())
-        self._on_timer()
+    async def _run_timer(self) -> None:
+        """The timer task: sleep until ``_timer_at``, time out the waiters due, until none has a deadline."""
+        clock = self._clock
+        try:
+            while self._timer_at is not None and not self._closed:
+                delay = self._timer_at - clock.now()
+                if delay > 0.0:
+                    self._timer_scope = anyio.CancelScope()
+                    with self._timer_scope:
+                        await clock.sleep(delay)
+                    self._timer_scope = None
+                else:
+                    self._timer_at = self._expire(clock.now())
+        finally:
+            self._timer = False
+            self._timer_at = None
+            self._timer_scope = None
 
-    def _on_timer(self) -> None:
-        """Time out every waiter that is due; re-arm for the next deadline."""
-        self._timer = self._timer_at = None
-        now = self._clock.now()
+    def _expire(self, now: float) -> float | None:
+        """Time out every waiter due by ``now``; return the next deadline, if any."""
         upcoming: float | None = None
-        for fut, deadline in self._deadlines.items():
-            if fut.done():
+        for waiter, deadline in self._deadlines.items():
+            if waiter.got is not None:
                 continue
             if deadline <= now:
-                fut.set_result(_TIMEOUT)
+                waiter.hand(_TIMEOUT)
             elif upcoming is None or deadline < upcoming:
                 upcoming = deadline
-        if upcoming is not None and not self._closed:
-            self._arm_timer(upcoming)
+        return upcoming
 
-    def _arm(self, fut: asyncio.Future[Any], timeout: float) -> Callable[[], object]:
-        """Resolve ``fut`` with the timeout marker after ``timeout``; return a canceller."""
-        loop = fut.get_loop()
-        if self._real_clock:
-            return loop.call_later(timeout, _expire, fut).cancel
-
-        async def timer() -> None:
-            await self._clock.sleep(timeout)
-            _expire(fut)
-
-        return loop.create_task(timer()).cancel
-
-    def _forget(self, fut: asyncio.Future[Any]) -> None:
+    def _forget(self, waiter: _Waiter) -> None:
         try:
-            self._waiters.remove(fut)
+            self._waiters.remove(waiter)
         except ValueError:
             pass  # already popped by a hand-off that skipped it
 
-    def _abandon(self, fut: asyncio.Future[Any]) -> None:
+    def _abandon(self, waiter: _Waiter) -> None:
         """A waiter left (cancelled): pass on whatever it was handed meanwhile."""
-        self._forget(fut)
-        if not fut.done():
-            fut.cancel()
-            return
-        if fut.cancelled():
-            return
-        got = fut.result()
-        if isinstance(got, PoolLease):
+        self._forget(waiter)
+        got = waiter.got
+        if got is None:
+            waiter.got = _GONE
+        elif isinstance(got, PoolLease):
             # Handed a worker just as it was cancelled: it goes to the next
             # waiter or back to the stack, untouched (it was reset already).
             self._busy.discard(got)
@@ -821,10 +911,10 @@ class ConnectionPool(Generic[T]):
         """Hand a healthy, not-lent worker to the oldest waiter, the stack, or close it."""
         waiters = self._waiters
         while waiters:
-            fut = waiters.popleft()
-            if not fut.done():
+            waiter = waiters.popleft()
+            if waiter.got is None:  # not handed anything yet, nor gone
                 self._busy.add(worker)
-                fut.set_result(worker)
+                waiter.hand(worker)
                 return
         if self._closed or (self._total - self._closing > self._size and self._max_idle is None):
             self._spawn_dispose(worker)
@@ -832,20 +922,22 @@ class ConnectionPool(Generic[T]):
         if self._max_idle is not None:
             worker._idle_since = self._clock.now()
             if self._reaper is None and self._total - self._closing > self._size:
-                self._reaper = asyncio.get_running_loop().create_task(self._reap(self._max_idle))
+                # The scope is made here, so a second return before the reaper runs starts no second one.
+                self._reaper = anyio.CancelScope()
+                self._background.spawn(self._reap, self._reaper, self._max_idle)
         self._idle.append(worker)
 
     def _slot_freed(self) -> None:
         """``_total`` went down: let the oldest waiter create a worker in the slot."""
         waiters = self._waiters
         while waiters:
-            fut = waiters.popleft()
-            if not fut.done():
+            waiter = waiters.popleft()
+            if waiter.got is None:
                 self._total += 1
-                fut.set_result(_SLOT)
+                waiter.hand(_SLOT)
                 return
-        if self._drained is not None and not self._busy and not self._drained.done():
-            self._drained.set_result(None)
+        if self._drain is not None and not self._busy:
+            self._drain.cancel()  # close() waits no longer: every lent worker is back
 
     def _retire(self, worker: PoolLease[Any]) -> None:
         """Close a dead or expired worker in the background; its slot frees when done."""
@@ -854,12 +946,7 @@ class ConnectionPool(Generic[T]):
     def _spawn_dispose(self, worker: PoolLease[Any]) -> None:
         # Counted as closing from now, so status() never shows it as in use.
         self._closing += 1
-        self._spawn(self._closed_counted(worker))
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._background.spawn(self._closed_counted, worker)
 
     async def _dispose(self, worker: PoolLease[Any]) -> None:
         """Close a worker that is in neither the stack nor the lent set; free its slot."""
@@ -876,7 +963,7 @@ class ConnectionPool(Generic[T]):
         except BaseException:
             # Cancelled mid-close by a native asyncio cancellation: finish the
             # close in the background so the connection cannot leak.
-            self._spawn(self._close_quietly(worker.conn))
+            self._background.spawn(self._close_quietly, worker.conn)
             raise
         finally:
             self._closing -= 1
@@ -919,19 +1006,22 @@ class ConnectionPool(Generic[T]):
             else:
                 self._give_back(worker)
 
-    async def _reap(self, max_idle: float) -> None:
-        """Close idle workers beyond ``size`` once they have idled ``max_idle``."""
+    async def _reap(self, scope: anyio.CancelScope, max_idle: float) -> None:
+        """Close idle workers beyond ``size`` once they have idled ``max_idle``; end when none is left."""
         clock = self._clock
         idle = self._idle
-        while True:
-            now = clock.now()
-            # The stack is ordered by idle_since, oldest at the bottom.
-            while idle and self._total - self._closing > self._size and idle[0]._idle_since + max_idle <= now:
-                self._spawn_dispose(idle.pop(0))
-            wake = max_idle
-            if idle and self._total - self._closing > self._size:
-                wake = idle[0]._idle_since + max_idle - now
-            await clock.sleep(wake)
+        try:
+            with scope:
+                while not self._closed:
+                    now = clock.now()
+                    # The stack is ordered by idle_since, oldest at the bottom.
+                    while idle and self._total - self._closing > self._size and idle[0]._idle_since + max_idle <= now:
+                        self._spawn_dispose(idle.pop(0))
+                    if not (idle and self._total - self._closing > self._size):
+                        return  # no surplus idles: the next one to come back starts a reaper again
+                    await clock.sleep(idle[0]._idle_since + max_idle - now)
+        finally:
+            self._reaper = None
 
 
 class PoolCheckout(Generic[T_co]):

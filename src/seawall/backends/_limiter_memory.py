@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from seawall._clock import Clock, default_clock
+from seawall._clock import Clock, current_clock
 from seawall.backends._limiter_protocol import (
     AcquireHooks,
     BucketTable,
@@ -294,13 +294,14 @@ class MemoryRateLimitBackend:
         clock: The clock the coroutine methods read; a :class:`~seawall.RateLimiter`
             using this backend reads its own clock and uses the synchronous
             :meth:`table` fast path, so pass the same clock to both (or only
-            to this backend: the limiter adopts it).
+            to this backend: the limiter adopts it). By default the running
+            event loop's, looked up when the backend is built (see ``seawall._clock``).
     """
 
     __slots__ = ("_tables", "clock")
 
     def __init__(self, *, clock: Clock | None = None) -> None:
-        self.clock: Clock = default_clock if clock is None else clock
+        self.clock: Clock = current_clock() if clock is None else clock
         self._tables: dict[RateLimitRule, GcraTable | FixedWindowTable] = {}
 
     def table(self, rule: RateLimitRule) -> BucketTable:
