@@ -1,4 +1,16 @@
-"""Shared fixtures: the anyio backend and access to the real services.
+"""Shared fixtures: the anyio backends and access to the real services.
+
+Every async test (``pytest.mark.anyio``) runs twice, on asyncio in debug mode
+and on trio, as anyio's own suite does: the ``anyio_backend`` fixture below is
+parametrized over both (ids ``asyncio`` and ``trio``). A test of something
+only asyncio has (redis-py, asyncpg, a native ``Task.cancel()``,
+``asyncio.timeout``, the loop's internals) is marked
+``@pytest.mark.asyncio_only("why")``, on the test or as a module's
+``pytestmark``; its trio run is deselected, and the reason is required. A test
+that needs a particular backend parametrizes ``anyio_backend`` itself (e.g.
+trio with ``MockClock(autojump_threshold=0)``) and runs as it says, also in
+an ``asyncio_only`` module (that is how such a module tests that its code
+fails at once under trio).
 
 Tests that need PostgreSQL or Redis use the ``postgres_dsn`` / ``redis_url``
 fixtures. When the service does not answer, the test is skipped with the
@@ -10,6 +22,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Any
 
 import pytest
 
@@ -23,10 +36,59 @@ REDIS_PORT = int(os.environ.get("SEAWALL_TEST_REDIS_PORT", "6379"))
 REDIS_URL = os.environ.get("SEAWALL_TEST_REDIS_URL", f"redis://{REDIS_HOST}:{REDIS_PORT}/0")
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    """Run async tests on asyncio (seawall's supported backend)."""
-    return "asyncio"
+#: The backends of the ``anyio_backend`` fixture: asyncio in debug mode (slow callbacks, unawaited coroutines
+#: and leaked tasks reported), and trio.
+BACKENDS = [
+    pytest.param(("asyncio", {"debug": True}), id="asyncio"),
+    pytest.param("trio", id="trio"),
+]
+
+
+@pytest.fixture(params=BACKENDS)
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    """Both anyio backends, asyncio in debug mode (as anyio's own suite does)."""
+    return request.param
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Declare the ``asyncio_only`` marker."""
+    config.addinivalue_line(
+        "markers",
+        "asyncio_only(reason): the test needs asyncio itself (the reason says what); its trio run is deselected "
+        "(a test that parametrizes anyio_backend itself runs as it says)",
+    )
+
+
+def _default_backend_name(item: pytest.Item) -> str | None:
+    """The backend of the ``anyio_backend`` fixture's run, ``None`` if the test names its backend itself."""
+    callspec = getattr(item, "callspec", None)
+    if callspec is None or "anyio_backend" not in callspec.params:
+        return None
+    for marker in item.iter_markers("parametrize"):
+        names = marker.args[0] if marker.args else marker.kwargs.get("argnames", ())
+        if "anyio_backend" in ([n.strip() for n in names.split(",")] if isinstance(names, str) else names):
+            return None  # explicitly parametrized: it runs where it says
+    backend = callspec.params["anyio_backend"]
+    return str(backend[0] if isinstance(backend, tuple) else backend)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the trio runs of tests marked ``asyncio_only`` (which must give a reason)."""
+    kept: list[pytest.Item] = []
+    deselected: list[pytest.Item] = []
+    for item in items:
+        marker = item.get_closest_marker("asyncio_only")
+        if marker is not None:
+            reason = marker.args[0] if marker.args else marker.kwargs.get("reason")
+            if not reason:
+                raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.asyncio_only needs a reason (what asyncio has)")
+            if _default_backend_name(item) == "trio":
+                deselected.append(item)
+                continue
+        kept.append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = kept
 
 
 def _answers(host: str, port: int) -> bool:

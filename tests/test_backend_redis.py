@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
@@ -54,7 +55,7 @@ from seawall.backends import (
 from seawall.backends._redis_scripts import FIXED_WINDOW, GCRA
 from seawall.testing import capture_events
 
-pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.asyncio_only("redis-py's client runs on asyncio only")]
 
 ALGORITHMS = ("gcra", "fixed_window")
 
@@ -780,3 +781,35 @@ async def test_keys_never_share_buckets_on_redis(backend: RedisBackend) -> None:
         assert await infra.execute_protected("api:admin", work, rate_limiter="alice") == "done"
         with pytest.raises(RateLimitExceeded):
             await infra.execute_protected("api:admin", work, rate_limiter="alice")
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_under_trio_building_a_backend_fails_at_once_saying_so() -> None:
+    """Under trio, RedisBackend() and from_url() raise a ConfigurationError saying it is asyncio-only (no server)."""
+    with pytest.raises(ConfigurationError, match="RedisBackend runs on asyncio only") as info:
+        RedisBackend.from_url("redis://127.0.0.1:1/0")
+    assert info.value.path == "backend"
+    client = aioredis.Redis.from_url("redis://127.0.0.1:1/0")  # (makes no connection)
+    with pytest.raises(ConfigurationError, match=r"RedisBackend\(\) was called under trio"):
+        RedisBackend(client)
+
+
+def test_a_backend_built_outside_any_loop_fails_at_its_first_decision_under_trio() -> None:
+    """Built outside any loop, a RedisBackend's first decision under trio (limiter, breaker, coordinator) raises it."""
+    backend = RedisBackend.from_url("redis://127.0.0.1:1/0")
+    limiter = RateLimiter(5, 1.0, backend=backend)
+    breaker = CircuitBreaker("b", backend=backend)
+
+    async def main() -> None:
+        with pytest.raises(ConfigurationError, match="a decision was called under trio"):
+            await limiter.hit("k")
+        with pytest.raises(ConfigurationError, match="RedisBackend runs on asyncio only"):
+            async with breaker:
+                pass
+        async with AsyncInfrastructure(backend=backend) as infra:
+            await infra.configure_protection("k", {"rate_limiter": {"limit": 5, "window": 1}})
+            with pytest.raises(ConfigurationError, match="RedisBackend runs on asyncio only"):
+                await infra.execute_protected("k", anyio.lowlevel.checkpoint)
+
+    anyio.run(main, backend="trio")
+    asyncio.run(backend.aclose())  # (it made no connection; closed where redis-py runs)

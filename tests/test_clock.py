@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import anyio
 import pytest
@@ -14,17 +13,6 @@ from seawall import Clock, FakeClock, MonotonicClock
 from seawall._clock import current_clock, default_clock, in_trio_task
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(
-    params=[
-        pytest.param(("asyncio", {"debug": True}), id="asyncio"),
-        pytest.param("trio", id="trio"),
-    ]
-)
-def anyio_backend(request: pytest.FixtureRequest) -> Any:
-    """Both anyio backends, asyncio in debug mode (as anyio's own suite does)."""
-    return request.param
 
 
 #: trio with a clock that jumps to the next deadline as soon as every task is blocked.

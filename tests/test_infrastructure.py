@@ -4,12 +4,15 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 import pytest
+from trio.testing import MockClock
 
 from seawall import (
     AsyncInfrastructure,
@@ -122,6 +125,7 @@ async def test_seed_fallback_chain() -> None:
         assert primary_calls == 2  # then the open breaker kept the primary from being called
 
 
+@pytest.mark.asyncio_only("asyncpg runs on asyncio only")
 async def test_seed_asyncpg_full_chain(postgres_dsn: str) -> None:
     """Seed: named breaker + named asyncpg pool; a failing upstream trips the breaker, then calls fail fast."""
     from seawall.integrations.asyncpg import AsyncpgFactory
@@ -182,6 +186,25 @@ async def test_timeout_fires_at_deadline_and_counts_as_breaker_failure() -> None
         with pytest.raises(CircuitOpenError):
             await infra.execute_protected("slow", hangs)
         assert started == 1
+
+
+@pytest.mark.parametrize(
+    "anyio_backend", [pytest.param(("trio", {"clock": MockClock(autojump_threshold=0)}), id="trio-mockclock")]
+)
+async def test_a_trio_mock_clock_jumps_through_a_protected_calls_timeout() -> None:
+    """Under trio's MockClock(autojump_threshold=0) a 10 s timeout passes in virtual time: ProtectionTimeout at once."""
+    real_start, start = time.monotonic(), anyio.current_time()
+    async with AsyncInfrastructure() as infra:  # (no clock injected: the running loop's)
+        await infra.configure_protection("k", {"circuit_breaker": {"failure_threshold": 1, "recovery_time": 30}})
+        with pytest.raises(ProtectionTimeout) as info:
+            await infra.execute_protected("k", anyio.sleep_forever, timeout=10)
+        assert info.value.timeout == 10
+        assert 10 <= anyio.current_time() - start < 10.5  # the deadline fired on the loop's clock, on time
+        with pytest.raises(CircuitOpenError):  # the timeout counted; the breaker's recovery is on the same clock
+            await infra.execute_protected("k", anyio.sleep_forever)
+        await anyio.sleep(30)
+        assert await infra.execute_protected("k", anyio.lowlevel.checkpoint) is None
+    assert time.monotonic() - real_start < 5.0  # 40 virtual seconds, a moment of real time
 
 
 async def test_timeout_without_breaker_and_per_call_override() -> None:
@@ -598,7 +621,9 @@ async def test_entity_plans_follow_the_key(use_protect: bool, monkeypatch: pytes
         assert infra.statistics().key("api").entity_plans <= 2  # bounded, however many entities call
 
         await infra.configure_protection("api", {"rate_limiter": {"limit": 3, "window": 60}})
-        assert [await call(entity) for entity in entities] == ["ok"] * 5
+        # The entities' buckets keep their level (full stays full); the new limit applies to every bucket.
+        assert [await call(entity) for entity in entities] == [f"denied api:{entity}" for entity in entities]
+        assert [await call("frank") for _ in range(4)] == ["ok"] * 3 + ["denied api:frank"]
 
 
 async def test_bad_call_options() -> None:
@@ -833,10 +858,8 @@ async def test_exit_closes_pools_and_stops_the_timer_even_on_error() -> None:
     assert factory.made == 3
     assert factory.closed == 3
     assert not infra.statistics().timer.running
-    import asyncio
-
     # Nothing of ours is left running (the test runner's own task is not ours).
-    leftovers = [task for task in asyncio.all_tasks() if task.get_name().startswith("seawall") and not task.done()]
+    leftovers = [task for task in anyio.get_running_tasks() if (task.name or "").startswith("seawall")]
     assert leftovers == []
     with pytest.raises(RuntimeError, match="only once"):
         async with infra:
@@ -1527,7 +1550,13 @@ async def test_a_call_timing_out_in_the_pool_queue_is_reported(use_protect: bool
 
 
 @pytest.mark.parametrize("use_protect", [False, True])
-@pytest.mark.parametrize("outer", ["anyio_scope", "task_cancel"])
+@pytest.mark.parametrize(
+    "outer",
+    [
+        "anyio_scope",
+        pytest.param("task_cancel", marks=pytest.mark.asyncio_only("a native asyncio Task.cancel() from outside")),
+    ],
+)
 async def test_a_cancellation_in_the_deadlines_own_iteration_stays_a_cancellation(
     use_protect: bool, outer: str
 ) -> None:
@@ -1589,23 +1618,25 @@ async def test_a_call_that_overruns_its_deadline_returns_and_counts_as_a_timeout
 ) -> None:
     """A call whose code could not be cancelled returns its result, counts as a timeout failure, and is logged."""
     clock = FakeClock()
+    # Overruns are logged once a second per key, process-wide: a key of its own (the other backend's run was just now).
+    key = f"overrun-{uuid.uuid4().hex}"
 
     async def blocks_the_loop() -> str:
         clock.advance(2.0)  # as if synchronous code ran past the deadline without a checkpoint
         return "done"
 
     async with AsyncInfrastructure(clock=clock) as infra:
-        await infra.configure_protection("k", {"circuit_breaker": {"failure_threshold": 2}, "timeout": 1.0})
+        await infra.configure_protection(key, {"circuit_breaker": {"failure_threshold": 2}, "timeout": 1.0})
         with capture_events() as events, caplog.at_level(logging.WARNING, logger="seawall"):
-            assert await infra.execute_protected("k", blocks_the_loop) == "done"
-            async with infra.protect("k"):
+            assert await infra.execute_protected(key, blocks_the_loop) == "done"
+            async with infra.protect(key):
                 clock.advance(2.0)
         triggered = [e.metadata["layer"] for e in events if e.name == "protection_triggered"]
         assert triggered == ["timeout", "timeout"]
-        assert (await infra.circuit_breaker.get_status("k")).state is BreakerState.OPEN
+        assert (await infra.circuit_breaker.get_status(key)).state is BreakerState.OPEN
     overruns = [record.getMessage() for record in caplog.records if "protection_overran" in record.getMessage()]
     assert len(overruns) == 1  # a burst of them is logged once a second per key (telemetry saw both)
-    assert "key='k'" in overruns[0]
+    assert f"key='{key}'" in overruns[0]
 
 
 async def test_a_function_guarded_by_the_keys_breaker_is_counted_once() -> None:
@@ -1638,3 +1669,26 @@ async def test_a_function_guarded_by_the_keys_breaker_is_counted_once() -> None:
             await advance(clock, 1.0)
         status = await breaker.status()
         assert (status.failure_count, status.state) == (3, BreakerState.OPEN)
+
+
+@pytest.mark.parametrize("algorithm", ["gcra", "fixed_window"])
+async def test_reconfiguring_a_rule_keeps_each_buckets_level_scaled(algorithm: str) -> None:
+    """A key whose limit changes keeps its buckets' levels as a share of the limit; other keys are untouched."""
+    clock = FakeClock(100.0)
+    async with AsyncInfrastructure(clock=clock) as infra:
+        rule = {"limit": 4, "window": 60, "algorithm": algorithm}
+        await infra.configure_protection("api", {"rate_limiter": rule})
+        await infra.configure_protection("other", {"rate_limiter": rule})
+        for _ in range(4):
+            await infra.execute_protected("api", ok, rate_limiter="alice")  # alice: full
+        for _ in range(2):
+            await infra.execute_protected("api", ok, rate_limiter="bob")  # bob: half full
+        await infra.execute_protected("other", ok, rate_limiter="alice")
+        await infra.configure_protection("api", {"rate_limiter": {**rule, "limit": 10}})
+        with pytest.raises(RateLimitExceeded):
+            await infra.execute_protected("api", ok, rate_limiter="alice")  # still full, under the new rule
+        for _ in range(5):
+            await infra.execute_protected("api", ok, rate_limiter="bob")  # half of 10 left
+        with pytest.raises(RateLimitExceeded):
+            await infra.execute_protected("api", ok, rate_limiter="bob")
+        assert (await infra.rate_limiter.get_status("alice", "other")).current_count == 1

@@ -33,19 +33,6 @@ from seawall.testing import capture_events
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(
-    params=[
-        pytest.param(("asyncio", {"debug": True}), id="asyncio"),
-        pytest.param("trio", id="trio"),
-    ]
-)
-def anyio_backend(request: pytest.FixtureRequest) -> Any:
-    """Both anyio backends, asyncio in debug mode (as anyio's own suite does)."""
-    return request.param
-
-
-#: For the tests of something only asyncio has (each says what); they override the fixture above.
-asyncio_only = pytest.mark.parametrize("anyio_backend", [pytest.param(("asyncio", {"debug": True}), id="asyncio")])
 #: trio with a clock that jumps to the next deadline as soon as every task is blocked.
 trio_autojump = pytest.mark.parametrize(
     "anyio_backend", [pytest.param(("trio", {"clock": MockClock(autojump_threshold=0)}), id="trio-mockclock")]
@@ -500,7 +487,7 @@ async def test_a_cancelled_waiter_consumes_nothing_and_blocks_nobody(algorithm: 
     assert "waiting_keys=0" in repr(limiter)
 
 
-@asyncio_only  # asyncio.timeout() is asyncio's own; anyio's scopes are tested on both backends
+@pytest.mark.asyncio_only("asyncio.timeout() is asyncio's own; anyio's scopes are tested on both backends")
 async def test_asyncio_timeout_cancels_a_waiter_cleanly() -> None:
     """asyncio.timeout around acquire() on the real clock: TimeoutError, nothing taken, nothing left."""
     limiter = RateLimiter(1, 3600.0)
@@ -676,7 +663,7 @@ async def test_a_waiter_woken_then_cancelled_by_a_scope_completes_first() -> Non
     assert (await limiter.status("k")).current_count == pytest.approx(2.0)
 
 
-@asyncio_only  # task.cancel() of a task whose wake-up is already scheduled: only asyncio can cut it
+@pytest.mark.asyncio_only("task.cancel() of a task whose wake-up is already scheduled: only asyncio can cut it")
 async def test_a_waiter_natively_cancelled_as_its_turn_comes_takes_nothing() -> None:
     """The head is cancelled (task.cancel()) in the instant its turn came: it takes nothing, the next gets the turn."""
     clock = FakeClock()

@@ -23,19 +23,6 @@ from seawall.testing import FakeClock, capture_events
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(
-    params=[
-        pytest.param(("asyncio", {"debug": True}), id="asyncio"),
-        pytest.param("trio", id="trio"),
-    ]
-)
-def anyio_backend(request: pytest.FixtureRequest) -> Any:
-    """Both anyio backends, asyncio in debug mode (as anyio's own suite does)."""
-    return request.param
-
-
-#: For the tests of something only asyncio has (each says what); they override the fixture above.
-asyncio_only = pytest.mark.parametrize("anyio_backend", [pytest.param(("asyncio", {"debug": True}), id="asyncio")])
 #: trio with a clock that jumps to the next deadline as soon as every task is blocked.
 trio_autojump = pytest.mark.parametrize(
     "anyio_backend", [pytest.param(("trio", {"clock": MockClock(autojump_threshold=0)}), id="trio-mockclock")]
@@ -288,7 +275,7 @@ async def test_cancelled_waiter_leaves_no_trace_and_others_proceed() -> None:
         assert counts(pool) == (1, 0, 0, 0)
 
 
-@asyncio_only  # a native task.cancel() after the hand-off; anyio's scopes let a woken task finish (next test)
+@pytest.mark.asyncio_only("a native task.cancel() after the hand-off; a scope lets a woken task finish (next test)")
 async def test_waiter_cancelled_after_handoff_passes_worker_on() -> None:
     """A waiter cancelled just after being handed a worker gives it to the next waiter."""
     factory = Factory()
@@ -506,7 +493,7 @@ async def test_cancel_during_create_frees_the_slot() -> None:
             assert not conn.closed
 
 
-@asyncio_only  # a native task.cancel() cuts through anyio's shield; nothing can on trio
+@pytest.mark.asyncio_only("a native task.cancel() cuts through anyio's shield; nothing can on trio")
 async def test_native_cancel_during_reset_settles_counts_and_closes_worker() -> None:
     """An asyncio task.cancel() that cuts into the return path still leaks nothing."""
     factory = ResettingFactory()
@@ -895,7 +882,7 @@ def test_factory_protocol_is_runtime_checkable() -> None:
     assert not isinstance(object(), PoolFactory)
 
 
-@asyncio_only  # a native task.cancel() after the hand-off of a slot
+@pytest.mark.asyncio_only("a native task.cancel() after the hand-off of a slot")
 async def test_waiter_cancelled_after_being_handed_a_slot_passes_it_on() -> None:
     """A waiter cancelled just after being promised a free slot hands the slot to the next waiter."""
     factory = Factory()
@@ -922,7 +909,7 @@ async def test_waiter_cancelled_after_being_handed_a_slot_passes_it_on() -> None
         assert counts(pool) == (1, 0, 0, 0)
 
 
-@asyncio_only  # a native task.cancel() cuts through anyio's shield; nothing can on trio
+@pytest.mark.asyncio_only("a native task.cancel() cuts through anyio's shield; nothing can on trio")
 async def test_native_cancel_during_close_finishes_close_in_background() -> None:
     """A close() of a worker interrupted by task.cancel() still completes and frees the slot."""
 
@@ -976,7 +963,7 @@ async def test_concurrent_starts_fill_the_pool_once() -> None:
     await pool.close()
 
 
-@asyncio_only  # native cancellations at random points; the scoped variant below runs on both backends
+@pytest.mark.asyncio_only("native cancellations at random points; the scoped variant below runs on both backends")
 @pytest.mark.parametrize("seed", range(6))
 async def test_random_mix_of_use_failure_death_and_cancellation_keeps_counts_exact(seed: int) -> None:
     """Under a random mix of holds, errors, dead workers, timeouts and cancellations, nothing leaks."""

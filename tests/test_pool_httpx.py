@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import anyio
+import anyio.abc
 import httpx
 import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
 
 from seawall import ConnectionPool
 from seawall.integrations.httpx import HttpxFactory
@@ -15,33 +16,30 @@ from seawall.integrations.httpx import HttpxFactory
 pytestmark = pytest.mark.anyio
 
 
-async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _serve(stream: anyio.abc.SocketStream) -> None:
     """A minimal HTTP/1.1 server: answers every request with its path, keeps the connection alive."""
-    try:
-        while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            path = head.split(b" ", 2)[1]
-            body = b"hello " + path
-            writer.write(
-                b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nContent-Type: text/plain\r\n\r\n%s" % (len(body), body)
-            )
-            await writer.drain()
-    except (asyncio.IncompleteReadError, ConnectionError):
-        pass
-    finally:
-        writer.close()
+    reader = BufferedByteReceiveStream(stream)
+    async with stream:
+        try:
+            while True:
+                head = await reader.receive_until(b"\r\n\r\n", 65536)
+                path = head.split(b" ", 2)[1]
+                body = b"hello " + path
+                await stream.send(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nContent-Type: text/plain\r\n\r\n%s" % (len(body), body)
+                )
+        except (anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceError, ConnectionError):
+            pass
 
 
 @pytest.fixture
 async def server_url() -> AsyncIterator[str]:
-    """Start the server on a free port and yield its base URL."""
-    server = await asyncio.start_server(_serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.close()
-        await server.wait_closed()
+    """Start the server on a free port (on anyio: both backends) and yield its base URL."""
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    async with listener, anyio.create_task_group() as handlers:
+        handlers.start_soon(listener.serve, _serve)
+        yield f"http://127.0.0.1:{listener.extra(anyio.abc.SocketAttribute.local_port)}"
+        handlers.cancel_scope.cancel()
 
 
 async def test_httpx_clients_serve_concurrent_requests(server_url: str) -> None:

@@ -16,11 +16,11 @@ import anyio
 import asyncpg
 import pytest
 
-from seawall import ConnectionPool, PoolTimeout
+from seawall import ConfigurationError, ConnectionPool, PoolTimeout
 from seawall.integrations.asyncpg import AsyncpgFactory
 from seawall.testing import capture_events
 
-pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
+pytestmark = [pytest.mark.anyio, pytest.mark.postgres, pytest.mark.asyncio_only("asyncpg runs on asyncio only")]
 
 
 @pytest.fixture
@@ -253,3 +253,26 @@ async def test_factory_check_and_repr(postgres_dsn: str, app_name: str) -> None:
     assert made.is_closed(conn) is True
     assert await made.check(conn) is False
     await made.close(conn)  # closing twice is harmless
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_under_trio_building_a_factory_fails_at_once_saying_so() -> None:
+    """Under trio, AsyncpgFactory() raises a ConfigurationError saying asyncpg is asyncio-only (no server needed)."""
+    with pytest.raises(ConfigurationError, match="asyncpg runs on asyncio only") as info:
+        AsyncpgFactory("postgresql://nobody@127.0.0.1:1/none")
+    assert info.value.path == "factory"
+
+
+def test_a_factory_built_outside_any_loop_fails_at_its_first_create_under_trio() -> None:
+    """Built outside any loop, the factory's first create() under trio (a pool's start) raises the same error."""
+    made = AsyncpgFactory("postgresql://nobody@127.0.0.1:1/none")
+
+    async def main() -> None:
+        with pytest.raises(ConfigurationError, match="asyncpg runs on asyncio only"):
+            await made.create()
+        pool = ConnectionPool(made, size=1)
+        with pytest.raises(ConfigurationError, match=r"AsyncpgFactory\.create\(\) was called under trio"):
+            await pool.start()
+        await pool.close()
+
+    anyio.run(main, backend="trio")

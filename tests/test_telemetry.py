@@ -191,4 +191,5 @@ def test_every_contract_event_is_known() -> None:
         for name in ("call_executed", "call_rejected", "fuse_installed", "state_changed")
     }
     expected |= {("seawall", "connection_pool", name) for name in ("checkout", "checkin", "timeout")}
+    expected |= {("seawall", "chaos", "injected")}
     assert set(telemetry.ALL_EVENTS) == expected

@@ -9,7 +9,7 @@ from seawall import errors as errors
 from seawall import telemetry as telemetry
 from seawall._breaker import BreakerPermit, BreakerState, BreakerStatus, CircuitBreaker
 from seawall._clock import Clock, FakeClock, MonotonicClock
-from seawall._config import BreakerConfig, PoolConfig, ProtectionConfig, RateLimitConfig
+from seawall._config import BreakerConfig, ChaosConfig, PoolConfig, ProtectionConfig, RateLimitConfig
 from seawall._errors import (
     CircuitBreakerNotFound,
     CircuitOpenError,
@@ -37,6 +37,7 @@ __all__ = [
     "BreakerPermit",
     "BreakerState",
     "BreakerStatus",
+    "ChaosConfig",
     "CircuitBreaker",
     "CircuitBreakerNotFound",
     "CircuitOpenError",

@@ -56,7 +56,7 @@ from anyio import WouldBlock
 
 from seawall._awaitables import DONE
 from seawall._checks import count, seconds
-from seawall._clock import Clock, default_clock
+from seawall._clock import Clock, current_clock
 from seawall._errors import CircuitOpenError, ConfigurationTypeError
 from seawall._logging import logger
 from seawall._telemetry import (
@@ -312,7 +312,8 @@ class CircuitBreaker:
             they propagate and count as a success.
         backend: Where the state lives; a private in-memory store by default.
             Breakers sharing a backend and a name share one state.
-        clock: The monotonic clock (``seawall.FakeClock`` in tests).
+        clock: The monotonic clock (``seawall.FakeClock`` in tests); by default
+            the running loop's, found when the breaker is built (``seawall._clock``).
 
     Raises:
         TypeError: a parameter has the wrong type.
@@ -367,7 +368,7 @@ class CircuitBreaker:
         self._recovery_time = self._policy.recovery_time
         self._exclude = _exclusions(exclude)
         if clock is None:
-            clock = default_clock
+            clock = current_clock()
         elif not isinstance(clock, Clock):
             raise ConfigurationTypeError(f"clock must provide now() and sleep(), got {clock!r}", path="clock")
         self._clock = clock

@@ -30,13 +30,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
-from seawall._checks import count, describe, seconds
-from seawall._errors import ConfigurationError
+from seawall._checks import MAX_COUNT, MAX_SECONDS, count, describe, number, seconds
+from seawall._errors import ConfigurationError, ConfigurationTypeError
 from seawall.backends._limiter_protocol import MAX_LIMIT, MAX_WINDOW, MIN_WINDOW
 
 __all__ = [
     "DEFAULT_TIMEOUT",
     "BreakerConfig",
+    "ChaosConfig",
     "PoolConfig",
     "ProtectionConfig",
     "RateLimitConfig",
@@ -283,7 +284,60 @@ class PoolConfig:
         return _build(cls, options, path)
 
 
-_Section = TypeVar("_Section", RateLimitConfig, BreakerConfig, PoolConfig)
+@dataclass(frozen=True, slots=True)
+class ChaosConfig:
+    """Fault injection for a protection (game days): latency and faults inside its calls.
+
+    Attributes:
+        enabled: Whether calls are injected from the start (``infra.set_chaos`` switches it).
+        latency: Seconds an injected delay lasts.
+        latency_rate: The share of calls delayed (0 to 1).
+        fault_rate: The share of calls that fail with ``fault`` (0 to 1).
+        fault: The exception class raised (import strings such as
+            ``"builtins:ConnectionError"`` are accepted).
+        seed: Seeds the draws, so a run replays exactly (``None``: a fresh seed).
+    """
+
+    enabled: bool = True
+    latency: float = 0.0
+    latency_rate: float = 0.0
+    fault_rate: float = 0.0
+    fault: type[Exception] = ConnectionError
+    seed: int | None = None
+
+    section: ClassVar[str] = "chaos"
+
+    def __post_init__(self) -> None:
+        self._validate(self.section)
+
+    def _validate(self, path: str) -> None:
+        set_ = object.__setattr__
+        if not isinstance(self.enabled, bool):
+            raise ConfigurationTypeError(
+                f"{path}.enabled: expected true or false, got {describe(self.enabled)}", path=f"{path}.enabled"
+            )
+        latency = number(
+            self.latency, f"{path}.latency", what="a number of seconds", inclusive=True, maximum=MAX_SECONDS
+        )
+        set_(self, "latency", latency)
+        for rate in ("latency_rate", "fault_rate"):
+            set_(self, rate, number(getattr(self, rate), f"{path}.{rate}", what="a share", inclusive=True, maximum=1.0))
+        fault = _exception_types(self.fault, f"{path}.fault")
+        if len(fault) != 1:
+            raise _fail(f"{path}.fault", f"expected one exception class, got {describe(self.fault)}")
+        set_(self, "fault", fault[0])
+        if self.seed is not None:
+            set_(self, "seed", count(self.seed, f"{path}.seed", minimum=-MAX_COUNT, maximum=MAX_COUNT))
+
+    @classmethod
+    def from_mapping(cls, data: object, path: str = "chaos") -> ChaosConfig:
+        """Validate a mapping of options; errors name ``path`` and the option."""
+        options = _section(data, path)
+        _check_names(options, tuple(f.name for f in fields(cls)), path)
+        return _build(cls, options, path)
+
+
+_Section = TypeVar("_Section", RateLimitConfig, BreakerConfig, PoolConfig, ChaosConfig)
 
 
 def _build(cls: type[_Section], options: Mapping[str, Any], path: str) -> _Section:
@@ -300,6 +354,7 @@ _SECTIONS: dict[str, Any] = {
     "rate_limiter": RateLimitConfig,
     "circuit_breaker": BreakerConfig,
     "connection_pool": PoolConfig,
+    "chaos": ChaosConfig,
 }
 
 
@@ -313,12 +368,14 @@ class ProtectionConfig:
         connection_pool: The key's pool or bulkhead, or ``None``.
         timeout: Seconds a protected call may take after its rate-limit check,
             or ``None`` for the default (5 s).
+        chaos: Fault injection inside the key's calls (game days), or ``None``.
     """
 
     rate_limiter: RateLimitConfig | None = None
     circuit_breaker: BreakerConfig | None = None
     connection_pool: PoolConfig | None = None
     timeout: float | None = None
+    chaos: ChaosConfig | None = None
 
     def __post_init__(self) -> None:
         for name, kind in _SECTIONS.items():

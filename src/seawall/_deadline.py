@@ -75,7 +75,7 @@ class DeadlineTimer:
 
     A call registers and unregisters in one dict::
 
-        group = timer.register(scope, deadline, timeout)   # None: not running, use scope.deadline
+        group = timer.register(scope, deadline, timeout)   # None: not running (scope.deadline was set)
         ...
         group.pop(scope, None)                             # gone already if the timer expired it
     """
@@ -97,10 +97,11 @@ class DeadlineTimer:
     def register(self, scope: Any, deadline: float, timeout: float) -> dict[Any, float] | None:
         """File ``scope`` to be cancelled at ``deadline``; return the dict to remove it from when done.
 
-        Returns ``None`` when the timer is not running: the caller then gives
-        the scope a deadline of its own.
+        When the timer is not running (outside ``async with infra``) the scope
+        gets ``timeout`` as an anyio deadline of its own, and ``None`` is returned.
         """
         if not self.running:
+            scope.deadline = anyio.current_time() + timeout
             return None
         group = self._groups.get(timeout)
         if group is None:

@@ -34,8 +34,9 @@ import anyio
 import anyio.abc
 
 from seawall._breaker import GUARDED_BY, BreakerLike, BreakerState, CircuitBreaker, unguarded
+from seawall._chaos import Chaos
 from seawall._checks import seconds as check_seconds
-from seawall._clock import Clock, MonotonicClock, default_clock
+from seawall._clock import Clock, MonotonicClock, current_clock
 from seawall._config import DEFAULT_TIMEOUT, BreakerConfig, PoolConfig, ProtectionConfig, RateLimitConfig, load_toml
 from seawall._deadline import DeadlineTimer, TimerStatistics
 from seawall._errors import ConfigurationError, ConfigurationTypeError, ProtectionKeyNotFound, ProtectionTimeout
@@ -247,7 +248,9 @@ class AsyncInfrastructure:
         backend: Where rate-limit buckets and breaker state live; in memory
             when ``None`` (``seawall.backends.RedisBackend`` shares them).
         clock: The monotonic clock of the timeouts and of every primitive
-            created here (``seawall.testing.FakeClock`` in tests).
+            created here (``seawall.testing.FakeClock`` in tests); by default
+            the running loop's, found when the infrastructure is built
+            (``seawall._clock.current_clock``: ``time.monotonic`` on asyncio).
 
     Use it as ``async with AsyncInfrastructure() as infra:``; on exit every
     pool it started is closed (also when the body raised or was cancelled)
@@ -266,7 +269,7 @@ class AsyncInfrastructure:
     )
 
     def __init__(self, *, backend: Any = None, clock: Clock | None = None) -> None:
-        self._host = _Host(backend, clock if clock is not None else default_clock)
+        self._host = _Host(backend, clock if clock is not None else current_clock())
         self._plans: dict[str, Plan] = {}
         # Plans of unconfigured keys (the timeout alone), kept so such calls allocate nothing.
         self._adhoc: dict[str, Plan] = {}
@@ -370,8 +373,13 @@ class AsyncInfrastructure:
         pool = await self._pool_for(key, validated.connection_pool, old)
         # Nothing can fail from here on: swap everything in at once.
         timeout = validated.timeout if validated.timeout is not None else DEFAULT_TIMEOUT
-        self._plans[key] = Plan(host, key, validated, limiter, bucket_key(key, DEFAULT_ENTITY), breaker, pool, timeout)
+        chaos = Chaos(validated.chaos, host.clock) if validated.chaos is not None else None
+        bucket = bucket_key(key, DEFAULT_ENTITY)
+        self._plans[key] = Plan(host, key, validated, limiter, bucket, breaker, pool, timeout, chaos=chaos)
         self.rate_limiter.bind(key, limiter)
+        if old is not None and old.limiter is not None and limiter is not None and old.limiter is not limiter:
+            # A changed rule: the key's buckets keep their level, scaled to the new rule.
+            limiter.carry_over(old.limiter, bucket_key(key, ""))
         if old is not None and old.breaker is not None and old.breaker is not breaker:
             self.circuit_breaker.unbind(key, old.breaker)
         if breaker is not None:
@@ -430,6 +438,29 @@ class AsyncInfrastructure:
         if plan.pool is not None:
             self.connection_manager.unbind(key, plan.pool)
             await self._host.retire_pool(plan.pool, plan)
+
+    async def set_chaos(self, key: str, *, enabled: bool) -> None:
+        """Switch the fault injection of ``key`` on or off at run time (its ``"chaos"`` section).
+
+        Calls already past their injection point are not affected; the next
+        calls are. The draws go on from where they were (the seed's sequence
+        is not restarted).
+
+        Raises:
+            ProtectionKeyNotFound: ``key`` is not configured.
+            ConfigurationError: ``key`` has no ``"chaos"`` section, or
+                ``enabled`` is not a bool.
+        """
+        plan = self._plans.get(key)
+        if plan is None:
+            raise ProtectionKeyNotFound(name=key)
+        if not isinstance(enabled, bool):
+            raise ConfigurationTypeError(f"enabled: expected true or false, got {enabled!r}", path="enabled")
+        if plan.chaos is None:
+            raise ConfigurationError(
+                f"{key}.chaos: the key has no chaos section to switch; configure one first", path=f"{key}.chaos"
+            )
+        plan.chaos.enabled = enabled
 
     def list_protection_keys(self) -> list[str]:
         """The configured keys, sorted."""
@@ -541,7 +572,10 @@ class AsyncInfrastructure:
             seconds = base.timeout if base is not None else DEFAULT_TIMEOUT
         if base is not None and base.same_layers(limiter, bucket, breaker, pool, seconds):
             return base
-        plan = Plan(self._host, key, None, limiter, bucket, breaker, pool, seconds, one_call=kept_entity is None)
+        chaos = base.chaos if base is not None else None
+        plan = Plan(
+            self._host, key, None, limiter, bucket, breaker, pool, seconds, one_call=kept_entity is None, chaos=chaos
+        )
         if base is not None:
             plan.owner = base  # the call counts against the key's plan, whose pool it may use
             if kept_entity is not None:

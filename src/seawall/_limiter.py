@@ -65,7 +65,7 @@ from seawall.backends._limiter_protocol import (
     tolerance,
 )
 
-__all__ = ["LimiterLike", "RateLimitBucket", "RateLimitStatus", "RateLimiter"]
+__all__ = ["Admission", "LimiterLike", "RateLimitBucket", "RateLimitStatus", "RateLimiter"]
 
 
 class _Lazy:
@@ -459,12 +459,12 @@ class LimiterLike(Protocol):
     async def reset(self, key: str = ...) -> None: ...
 
 
-class _Admission:
-    """What ``async with limiter(key, cost=..., wait=...)`` enters."""
+class Admission:
+    """What ``async with limiter(key, cost=..., wait=...)`` enters: ``acquire()`` or ``hit()`` of any limiter."""
 
     __slots__ = ("_cost", "_key", "_limiter", "_wait")
 
-    def __init__(self, limiter: RateLimiter, key: str, cost: float, wait: bool) -> None:
+    def __init__(self, limiter: LimiterLike, key: str, cost: float, wait: bool) -> None:
         self._limiter = limiter
         self._key = key
         self._cost = cost
@@ -767,9 +767,9 @@ class RateLimiter:
         if LIMITER_REQUEST_ALLOWED.handlers:
             self._emit_allowed(key, cost)
 
-    def __call__(self, key: str = "default", *, cost: float = 1, wait: bool = True) -> _Admission:
+    def __call__(self, key: str = "default", *, cost: float = 1, wait: bool = True) -> Admission:
         """``async with limiter(key, cost=..., wait=...):`` waits (``acquire``) or denies (``hit``)."""
-        return _Admission(self, key, cost, wait)
+        return Admission(self, key, cost, wait)
 
     async def __aenter__(self) -> None:
         await self.acquire()
@@ -811,6 +811,24 @@ class RateLimiter:
             waiting.line.poke(waiting)
         elif waiting is not None:
             waiting.wake()
+
+    def carry_over(self, old: RateLimiter, prefix: str) -> int:
+        """Fill this limiter's buckets named ``prefix...`` from ``old``'s, scaled to this rule.
+
+        For a rule that changes (a reconfigured key): a bucket that was half
+        full under the old rule is half full under the new one, so a client
+        that spent its budget does not get a fresh one from a reconfiguration.
+        Only buckets in this process carry over (a remote store keeps the old
+        rule's buckets apart); returns how many did.
+        """
+        table, source = self._table, old._table
+        if table is None or source is None or old is self:
+            return 0
+        now = self._now()
+        carried = source.levels(prefix, old._now())
+        for key, share in carried:
+            table.fill(key, share, now)
+        return len(carried)
 
     @property
     def resident_buckets(self) -> int | None:

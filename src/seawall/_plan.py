@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import anyio
 
 from seawall._breaker import BreakerLike, CircuitBreaker
+from seawall._chaos import Chaos
 from seawall._config import ProtectionConfig
 from seawall._errors import ProtectionTimeout
 from seawall._limiter import RateLimiter
@@ -68,6 +69,7 @@ class Plan:
         pool: The pool or bulkhead.
         timeout: Seconds for everything after the rate limit.
         nowait: Whether the limiter and the breaker both decide without awaiting.
+        chaos: The key's fault injector (game days), or ``None``.
         owner: The key's plan, which counts the calls in flight (``inflight``)
             that awaited before their checkout: a replaced pool stays open for them.
         entities: A kept plan's plans for calls that name only their entity.
@@ -77,6 +79,7 @@ class Plan:
         "acquire",
         "breaker",
         "bucket",
+        "chaos",
         "config",
         "drained",
         "entities",
@@ -103,6 +106,7 @@ class Plan:
         timeout: float,
         *,
         one_call: bool = False,
+        chaos: Chaos | None = None,
     ) -> None:
         self.host = host
         self.key = key
@@ -112,6 +116,7 @@ class Plan:
         self.breaker = breaker
         self.pool = pool
         self.timeout = timeout
+        self.chaos = chaos
         self.owner: Plan = self
         self.inflight = 0
         self.drained: anyio.Event | None = None

@@ -88,7 +88,18 @@ class ProtectedCall:
     a remote breaker) or the block failed.
     """
 
-    __slots__ = ("_counted", "_group", "_held", "_observed", "_permit", "_plan", "_scope", "_stage", "_start")
+    __slots__ = (
+        "_counted",
+        "_general",
+        "_group",
+        "_held",
+        "_observed",
+        "_permit",
+        "_plan",
+        "_scope",
+        "_stage",
+        "_start",
+    )
 
     def __init__(self, plan: Plan) -> None:
         self._plan = plan
@@ -103,6 +114,9 @@ class ProtectedCall:
         self._start = 0.0
         # When an observed call (execute_* telemetry) started, else None.
         self._observed: float | None = None
+        # Whether leaving must take the general (awaiting) path even after a success:
+        # a layer is remote, the call counts in flight, or it is observed.
+        self._general = not plan.nowait
 
     # -- entering ------------------------------------------------------------
 
@@ -118,7 +132,7 @@ class ProtectedCall:
         plan = self._plan
         stage = self._stage
         if stage == _LIMIT:
-            if self._observed is None and ANY_HANDLER.attached and watched():
+            if ANY_HANDLER.attached:
                 self._observe_start()
         elif stage == _ENTERED:
             raise RuntimeError("a protected call can be entered only once; call infra.protect() again")
@@ -136,9 +150,8 @@ class ProtectedCall:
                 scope = self._scope = host.scope_class()
                 scope.__enter__()
                 start = self._start = host.now()
+                # (None: no timer runs, outside ``async with infra``; the scope got a deadline of its own)
                 self._group = host.register(scope, start + plan.timeout, plan.timeout)
-                if self._group is None:  # no timer runs (outside ``async with infra``): the scope's own deadline
-                    scope.deadline = anyio.current_time() + plan.timeout
                 stage = _BREAKER
             if stage == _BREAKER:
                 breaker = plan.local_breaker
@@ -149,18 +162,18 @@ class ProtectedCall:
                     return self._wait_and_resume()
             stage = _POOL
             pool = plan.pool
-            if pool is None:
-                self._stage = _ENTERED
-                return DONE
-            try:
-                held = self._held = pool.checkout_nowait()
-            except WouldBlock:
-                self._stage = _POOL
-                return self._wait_and_resume()
+            if pool is not None:
+                try:
+                    self._held = pool.checkout_nowait()
+                except WouldBlock:
+                    self._stage = _POOL
+                    return self._wait_and_resume()
         except BaseException as exc:
             return self._entry_failed(exc, stage)
         self._stage = _ENTERED
-        conn = held.conn
+        conn = None if self._held is None else self._held.conn
+        if plan.chaos is not None:  # a key with fault injection (switched on or off at run time)
+            return self._inject(conn)
         return DONE if conn is None else ready(conn)
 
     async def _wait_and_resume(self) -> Any:
@@ -198,11 +211,28 @@ class ProtectedCall:
                 conn = await checkout.__aenter__()
                 self._held = checkout
                 self._stage = _ENTERED
+                chaos = plan.chaos
+                if chaos is not None and chaos.enabled:
+                    await chaos.inject(plan.key)
                 return conn
         except SeawallError as exc:
             plan.host.triggered(plan.key, _LAYERS[stage], exc)
             raise
         return None
+
+    async def _inject(self, conn: Any) -> Any:
+        """Fault injection (the key's ``"chaos"``): after every layer is taken, where a real fault would show."""
+        plan = self._plan
+        chaos = plan.chaos
+        assert chaos is not None
+        if not chaos.enabled:
+            return conn
+        try:
+            await chaos.inject(plan.key)
+        except BaseException as exc:
+            await self._exit(type(exc), exc, exc.__traceback__)
+            raise  # pragma: no cover - _exit raises the outcome of a failed entry
+        return conn
 
     def _entry_failed(self, exc: BaseException, stage: int) -> Awaitable[Any]:
         """A layer refused (reported) or failed at ``stage``: raise, or unwind what was taken and raise."""
@@ -227,7 +257,7 @@ class ProtectedCall:
     ) -> Awaitable[None]:
         """Give every layer back; synchronously after a success where each can, else in a coroutine."""
         plan = self._plan
-        if exc_type is not None or self._observed is not None or self._counted or not plan.nowait:
+        if exc_type is not None or self._general:
             return self._exit(exc_type, exc, tb)
         held = self._held
         if held is not None:
@@ -365,7 +395,7 @@ class ProtectedCall:
 
     def _count(self) -> None:
         if self._plan.pool is not None and not self._counted:
-            self._counted = True
+            self._counted = self._general = True
             self._plan.owner.inflight += 1
 
     def _uncount(self) -> None:
@@ -374,8 +404,12 @@ class ProtectedCall:
             uncount(self._plan)
 
     def _observe_start(self) -> None:
+        """Start the ``execute_*`` telemetry of the call, if anyone listens (once)."""
+        if self._observed is not None or not watched():
+            return
         plan = self._plan
         started = self._observed = plan.host.now()
+        self._general = True
         if INFRA_EXECUTE_START.handlers:
             INFRA_EXECUTE_START.emit({"monotonic_time": started, "system_time": time.time()}, {"key": plan.key})
 

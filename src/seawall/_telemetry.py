@@ -198,6 +198,7 @@ BREAKER_STATE_CHANGED: Final = topic(("seawall", "circuit_breaker", "state_chang
 POOL_CHECKOUT: Final = topic(("seawall", "connection_pool", "checkout"))
 POOL_CHECKIN: Final = topic(("seawall", "connection_pool", "checkin"))
 POOL_TIMEOUT: Final = topic(("seawall", "connection_pool", "timeout"))
+CHAOS_INJECTED: Final = topic(("seawall", "chaos", "injected"))
 
 #: Every event seawall itself emits, for attaching one handler to all of them.
 ALL_EVENTS: Final[tuple[Event, ...]] = tuple(_topics)

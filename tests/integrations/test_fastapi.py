@@ -730,6 +730,7 @@ def _free_port() -> int:
         return port
 
 
+@pytest.mark.asyncio_only("uvicorn serves on asyncio only (the ASGI tests above run the app on both)")
 async def test_real_uvicorn_server_with_lifespan() -> None:
     """Through uvicorn on 127.0.0.1: the lifespan enters infra, limits apply per client, and shutdown closes it."""
     import uvicorn

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import socket
 from collections.abc import AsyncIterator
@@ -12,8 +11,10 @@ from email.utils import format_datetime
 from typing import Any
 
 import anyio
+import anyio.abc
 import httpx
 import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
 
 from seawall import AsyncInfrastructure, CircuitOpenError, FakeClock, ProtectionTimeout, RateLimitExceeded
 from seawall.integrations.httpx import ProtectedTransport, parse_retry_after
@@ -23,53 +24,56 @@ pytestmark = pytest.mark.anyio
 
 @dataclass
 class Server:
-    """A tiny HTTP/1.1 upstream whose answer depends on the path."""
+    """A tiny HTTP/1.1 upstream whose answer depends on the path (on anyio: it serves on both backends)."""
 
     url: str = ""
     hits: list[str] = field(default_factory=list)
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    arrived: anyio.Event = field(default_factory=anyio.Event)
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                path = head.split(b" ", 2)[1].decode()
-                self.hits.append(path)
-                headers = ""
-                body = f"hello {path}".encode()
-                status = 200
-                if path.startswith("/status/"):
-                    status = int(path.rsplit("/", 1)[1])
-                elif path.startswith("/retry/"):
-                    status, headers = 429, f"Retry-After: {path.split('/', 2)[2]}\r\n"
-                elif path == "/gzip":
-                    body, headers = gzip.compress(b"squeezed" * 100), "Content-Encoding: gzip\r\n"
-                elif path == "/slow":
-                    self.arrived.set()
-                    await asyncio.sleep(3600)
-                elif path == "/hang-up":
-                    return
-                writer.write(
-                    f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\n{headers}\r\n".encode("latin-1") + body
-                )
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+    async def handle(self, stream: anyio.abc.SocketStream) -> None:
+        reader = BufferedByteReceiveStream(stream)
+        async with stream:
+            try:
+                while True:
+                    head = await reader.receive_until(b"\r\n\r\n", 65536)
+                    if not await self.answer(stream, head.split(b" ", 2)[1].decode()):
+                        return
+            except (anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceError, ConnectionError):
+                pass
+
+    async def answer(self, stream: anyio.abc.SocketStream, path: str) -> bool:
+        """Answer one request; ``False``: hang up instead."""
+        self.hits.append(path)
+        headers = ""
+        body = f"hello {path}".encode()
+        status = 200
+        if path.startswith("/status/"):
+            status = int(path.rsplit("/", 1)[1])
+        elif path.startswith("/retry/"):
+            status, headers = 429, f"Retry-After: {path.split('/', 2)[2]}\r\n"
+        elif path == "/gzip":
+            body, headers = gzip.compress(b"squeezed" * 100), "Content-Encoding: gzip\r\n"
+        elif path == "/slow":
+            self.arrived.set()
+            await anyio.sleep_forever()  # (cancelled when the server stops)
+        elif path == "/hang-up":
+            return False
+        await stream.send(
+            f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\n{headers}\r\n".encode("latin-1") + body
+        )
+        return True
 
 
 @pytest.fixture
 async def server() -> AsyncIterator[Server]:
-    """The upstream on a free port of 127.0.0.1."""
+    """The upstream on a free port of 127.0.0.1; stopping it cancels the handlers still running (a /slow one)."""
     upstream = Server()
-    listener = await asyncio.start_server(upstream.handle, "127.0.0.1", 0)
-    upstream.url = f"http://127.0.0.1:{listener.sockets[0].getsockname()[1]}"
-    try:
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    upstream.url = f"http://127.0.0.1:{listener.extra(anyio.abc.SocketAttribute.local_port)}"
+    async with listener, anyio.create_task_group() as handlers:
+        handlers.start_soon(listener.serve, upstream.handle)
         yield upstream
-    finally:
-        listener.close()
-        await listener.wait_closed()
+        handlers.cancel_scope.cancel()
 
 
 async def _infra(config: dict[str, Any], clock: FakeClock | None = None) -> AsyncInfrastructure:

@@ -195,6 +195,18 @@ class GcraTable:
             level = whole
         return (level, remaining if remaining > 0 else 0, next_after if next_after > 0.0 else 0.0, state)
 
+    def levels(self, prefix: str, now: float) -> list[tuple[str, float]]:
+        keys = {key for key in (*self._buckets, *self._previous) if key.startswith(prefix)}
+        shares = ((key, self._backlog(key, now) / self._window) for key in keys)
+        return [(key, share) for key, share in shares if share > 0.0]
+
+    def fill(self, key: str, share: float, now: float) -> None:
+        if now >= self._rotate_at:
+            self._rotate(now)
+        # A share of the window's backlog is the same share of the limit (level = backlog / interval).
+        self._buckets[key] = now - self._epoch + min(share, 1.0) * self._window
+        self._last = now
+
     def reset(self, key: str) -> None:
         self._buckets.pop(key, None)
         self._previous.pop(key, None)
@@ -276,6 +288,18 @@ class FixedWindowTable:
             0.0 if remaining >= 1 else until_end,
             until_end if state > 0 else 0.0,
         )
+
+    def levels(self, prefix: str, now: float) -> list[tuple[str, float]]:
+        if now >= self._window_end:
+            return []
+        limit = self.rule.limit
+        return [(key, count / limit) for key, count in self._counts.items() if key.startswith(prefix)]
+
+    def fill(self, key: str, share: float, now: float) -> None:
+        if now >= self._window_end:
+            self._counts = {}
+            self._window_end = self.window_end(now)
+        self._counts[key] = min(share, 1.0) * self.rule.limit
 
     def reset(self, key: str) -> None:
         self._counts.pop(key, None)

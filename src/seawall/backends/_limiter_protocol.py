@@ -177,6 +177,14 @@ class BucketTable(Protocol):
         """Forget ``key``."""
         ...
 
+    def levels(self, prefix: str, now: float) -> list[tuple[str, float]]:
+        """The non-empty buckets whose key starts with ``prefix``: ``(key, level / limit)`` at ``now``."""
+        ...
+
+    def fill(self, key: str, share: float, now: float) -> None:
+        """Set bucket ``key`` to ``share`` of the rule's limit at ``now`` (a rule change carrying a level over)."""
+        ...
+
     def __len__(self) -> int:
         """How many buckets are resident."""
         ...

@@ -26,6 +26,11 @@ event and log a warning (at most one a second). No decision waits longer
 than the client's socket timeout: the replies of a batch share one deadline
 of that length, and :meth:`RedisBackend.from_url` builds its client without
 retries.
+
+redis-py's asyncio client runs on asyncio only: under trio, building a
+backend (the constructor, :meth:`RedisBackend.from_url`) and its first
+decision fail at once with a :class:`~seawall.ConfigurationError` that says
+so, never deep inside redis-py.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
+from seawall._clock import in_trio_task
 from seawall._errors import CircuitOpenError, ConfigurationError, RateLimiterError
 from seawall._logging import logger
 from seawall._telemetry import LIMITER_EXCEPTION
@@ -143,6 +149,8 @@ class RedisBackend:
         TypeError: ``client`` is not a ``redis.asyncio.Redis`` or ``prefix`` not a str.
         ValueError: ``on_error`` is neither ``"allow"`` nor ``"deny"``
             (a :class:`~seawall.ConfigurationError`).
+        ConfigurationError: Built under trio (redis-py runs on asyncio only);
+            a backend built outside any loop raises it at its first decision under trio.
     """
 
     __slots__ = (
@@ -163,6 +171,7 @@ class RedisBackend:
     )
 
     def __init__(self, client: aioredis.Redis, *, prefix: str = "seawall", on_error: OnError = "allow") -> None:
+        _require_asyncio("RedisBackend()")
         if not isinstance(client, aioredis.Redis):
             raise TypeError(f"client must be a redis.asyncio.Redis, got {client!r}")
         _check_options(prefix, on_error)
@@ -205,7 +214,9 @@ class RedisBackend:
 
         Raises:
             ValueError: ``socket_timeout`` is not finite and positive, or ``on_error`` is unknown.
+            ConfigurationError: Called under trio (redis-py runs on asyncio only).
         """
+        _require_asyncio("RedisBackend.from_url()")
         if isinstance(socket_timeout, bool) or not isinstance(socket_timeout, int | float):
             raise TypeError(f"socket_timeout must be a finite positive number, got {socket_timeout!r}")
         if not (math.isfinite(socket_timeout) and socket_timeout > 0):
@@ -360,7 +371,11 @@ class RedisBackend:
         """Queue ``command`` for the next batch and wait for its reply."""
         if self._closed:
             raise RuntimeError("RedisBackend is closed")
-        loop = asyncio.get_running_loop()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # (only the first decision of a backend built outside any loop gets here)
+            _require_asyncio("a decision")
+            raise
         future: asyncio.Future[Any] = loop.create_future()
         item = (command, future)
         if self._sending:
@@ -475,6 +490,16 @@ class RedisBackend:
             )
             self._warned_at = now
             self._failures = 0
+
+
+def _require_asyncio(operation: str) -> None:
+    """Fail at once under trio: redis-py's asyncio client would fail deep inside, on asyncio's missing loop."""
+    if in_trio_task():
+        raise ConfigurationError(
+            f"backend: RedisBackend runs on asyncio only (redis-py's asyncio client), and {operation} was "
+            "called under trio; under trio use the in-memory backend (backend=None)",
+            path="backend",
+        ) from None
 
 
 def _check_options(prefix: object, on_error: object) -> None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from seawall._clock import Clock, default_clock
+from seawall._clock import Clock, current_clock
 from seawall._errors import RateLimitExceeded
 from seawall._logging import logger
 
@@ -101,7 +101,8 @@ class ProtectedTransport(httpx.AsyncBaseTransport):
         entity: The rate-limit bucket: a ``str``, or a function of the
             ``httpx.Request`` returning one; ``None`` uses the key's shared bucket.
         max_retry_after: Cap on an upstream ``Retry-After``, in seconds.
-        clock: Time source for the ``Retry-After`` holds (tests inject a fake).
+        clock: Time source for the ``Retry-After`` holds (tests inject a fake);
+            by default the running loop's, found when the transport is built.
         **protect_options: Passed to ``infra.protect()`` (``circuit_breaker``,
             ``connection_pool``, ``timeout``).
     """
@@ -144,7 +145,7 @@ class ProtectedTransport(httpx.AsyncBaseTransport):
         self._failure_statuses = failure_statuses
         self._entity = entity
         self._max_retry_after = float(max_retry_after)
-        self._clock = clock if clock is not None else default_clock
+        self._clock = clock if clock is not None else current_clock()
         self._options: Mapping[str, Any] = protect_options
         # bucket -> monotonic time until which the upstream asked us to stop.
         self._holds: dict[str, float] = {}

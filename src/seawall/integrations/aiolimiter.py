@@ -49,7 +49,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess witho
 from seawall._checks import number
 from seawall._clock import in_trio_task
 from seawall._errors import ConfigurationError, ConfigurationTypeError, RateLimitExceeded
-from seawall._limiter import RateLimitStatus
+from seawall._limiter import Admission, RateLimitStatus
 from seawall._logging import logger
 from seawall._telemetry import LIMITER_REQUEST_ALLOWED, LIMITER_REQUEST_DENIED
 
@@ -71,29 +71,6 @@ def _asyncio_only(operation: str) -> None:
             "under trio; use seawall.RateLimiter, which runs on both",
             path="rate_limiter",
         )
-
-
-class _Admission:
-    """What ``async with adapter(key, cost=..., wait=...)`` enters."""
-
-    __slots__ = ("_adapter", "_cost", "_key", "_wait")
-
-    def __init__(self, adapter: AiolimiterAdapter, key: str, cost: float, wait: bool) -> None:
-        self._adapter = adapter
-        self._key = key
-        self._cost = cost
-        self._wait = wait
-
-    async def __aenter__(self) -> None:
-        if self._wait:
-            await self._adapter.acquire(self._key, self._cost)
-        else:
-            await self._adapter.hit(self._key, self._cost)
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        return None
 
 
 class AiolimiterAdapter:
@@ -168,9 +145,9 @@ class AiolimiterAdapter:
         if LIMITER_REQUEST_ALLOWED.handlers:
             LIMITER_REQUEST_ALLOWED.emit({"cost": cost}, self._metadata(key, cost))
 
-    def __call__(self, key: str = "default", *, cost: float = 1, wait: bool = True) -> _Admission:
+    def __call__(self, key: str = "default", *, cost: float = 1, wait: bool = True) -> Admission:
         """``async with adapter(key, cost=..., wait=...):`` waits (``acquire``) or denies (``hit``)."""
-        return _Admission(self, key, cost, wait)
+        return Admission(self, key, cost, wait)
 
     async def __aenter__(self) -> None:
         await self.acquire()

@@ -11,6 +11,10 @@ Example::
     pool = ConnectionPool(AsyncpgFactory("postgresql://app@db/app"), size=5, max_overflow=5)
     async with pool, pool.checkout() as conn:
         await conn.fetchval("SELECT 1")
+
+asyncpg runs on asyncio only: under trio, building a factory and its first
+``create()`` fail at once with a :class:`~seawall.ConfigurationError` that
+says so, never deep inside asyncpg.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
+
+from seawall._clock import in_trio_task
+from seawall._errors import ConfigurationError
 
 __all__ = ["AsyncpgFactory"]
 
@@ -41,6 +48,10 @@ class AsyncpgFactory:
             is terminated.
         **connect_kwargs: Anything else ``asyncpg.connect`` takes (``user``,
             ``server_settings``, ``ssl``...).
+
+    Raises:
+        ConfigurationError: Built under trio (asyncpg runs on asyncio only); a
+            factory built outside any loop raises it at its first ``create()`` under trio.
     """
 
     __slots__ = ("_connect_kwargs", "check_timeout", "close_timeout", "dsn", "reset", "reset_timeout")
@@ -55,6 +66,7 @@ class AsyncpgFactory:
         close_timeout: float = 5.0,
         **connect_kwargs: Any,
     ) -> None:
+        _require_asyncio("AsyncpgFactory()")
         self.dsn = dsn
         self.reset_timeout = reset_timeout
         self.check_timeout = check_timeout
@@ -66,6 +78,7 @@ class AsyncpgFactory:
 
     async def create(self) -> Any:
         """Open a new connection."""
+        _require_asyncio("AsyncpgFactory.create()")
         return await asyncpg.connect(self.dsn, **self._connect_kwargs)
 
     async def close(self, worker: Any) -> None:
@@ -93,3 +106,13 @@ class AsyncpgFactory:
 
     def __repr__(self) -> str:
         return f"AsyncpgFactory(dsn={self.dsn!r}, reset={self.reset is not None})"
+
+
+def _require_asyncio(operation: str) -> None:
+    """Fail at once under trio: asyncpg would fail deep inside, on asyncio's missing loop."""
+    if in_trio_task():
+        raise ConfigurationError(
+            f"factory: asyncpg runs on asyncio only, and {operation} was called under trio; "
+            "AsyncpgFactory cannot serve a pool under trio",
+            path="factory",
+        )
