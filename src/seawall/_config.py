@@ -363,7 +363,8 @@ class ProtectionConfig:
     """Everything that protects one key; every section is optional.
 
     Attributes:
-        rate_limiter: The key's rate limit, or ``None``.
+        rate_limiter: The key's rate limit, the name of a limiter registered with
+            ``infra.rate_limiter.register`` (an adapted ``aiolimiter.AsyncLimiter``, say), or ``None``.
         circuit_breaker: The key's breaker, or ``None``.
         connection_pool: The key's pool or bulkhead, or ``None``.
         timeout: Seconds a protected call may take after its rate-limit check,
@@ -371,7 +372,7 @@ class ProtectionConfig:
         chaos: Fault injection inside the key's calls (game days), or ``None``.
     """
 
-    rate_limiter: RateLimitConfig | None = None
+    rate_limiter: RateLimitConfig | str | None = None
     circuit_breaker: BreakerConfig | None = None
     connection_pool: PoolConfig | None = None
     timeout: float | None = None
@@ -380,6 +381,8 @@ class ProtectionConfig:
     def __post_init__(self) -> None:
         for name, kind in _SECTIONS.items():
             value = getattr(self, name)
+            if name == "rate_limiter" and isinstance(value, str) and value:
+                continue  # a limiter registered by name (infra.rate_limiter.register)
             if value is not None and not isinstance(value, kind):
                 raise _fail(name, f"expected a {kind.__name__} or None, got {describe(value)}")
         if self.timeout is not None:
@@ -405,8 +408,10 @@ class ProtectionConfig:
         for name, kind in _SECTIONS.items():
             value = options.get(name)
             full = f"{path}.{name}" if path else name
-            if value is None or isinstance(value, kind):
-                sections[name] = value
+            if value is None or isinstance(value, kind) or (name == "rate_limiter" and isinstance(value, str)):
+                if isinstance(value, str) and not value:
+                    raise _fail(full, "a registered limiter's name must be a non-empty str")
+                sections[name] = value  # (a str names a limiter registered on infra.rate_limiter)
             else:
                 sections[name] = kind.from_mapping(value, full)
         timeout = options.get("timeout")

@@ -40,7 +40,7 @@ from seawall._clock import Clock, MonotonicClock, current_clock
 from seawall._config import DEFAULT_TIMEOUT, BreakerConfig, PoolConfig, ProtectionConfig, RateLimitConfig, load_toml
 from seawall._deadline import DeadlineTimer, TimerStatistics
 from seawall._errors import ConfigurationError, ConfigurationTypeError, ProtectionKeyNotFound, ProtectionTimeout
-from seawall._limiter import RateLimiter
+from seawall._limiter import LimiterLike, RateLimiter
 from seawall._logging import Throttle
 from seawall._plan import Plan
 from seawall._pool import ConnectionPool, PoolStatus
@@ -368,7 +368,7 @@ class AsyncInfrastructure:
         validated = ProtectionConfig.from_mapping(config, key)
         old = self._plans.get(key)
         host = self._host
-        limiter = self.rate_limiter.limiter(validated.rate_limiter) if validated.rate_limiter else None
+        limiter = self._limiter_for(key, validated.rate_limiter)
         breaker = self._breaker_for(key, validated.circuit_breaker, old)
         pool = await self._pool_for(key, validated.connection_pool, old)
         # Nothing can fail from here on: swap everything in at once.
@@ -377,9 +377,10 @@ class AsyncInfrastructure:
         bucket = bucket_key(key, DEFAULT_ENTITY)
         self._plans[key] = Plan(host, key, validated, limiter, bucket, breaker, pool, timeout, chaos=chaos)
         self.rate_limiter.bind(key, limiter)
-        if old is not None and old.limiter is not None and limiter is not None and old.limiter is not limiter:
+        old_limiter = old.limiter if old is not None else None
+        if isinstance(old_limiter, RateLimiter) and isinstance(limiter, RateLimiter):
             # A changed rule: the key's buckets keep their level, scaled to the new rule.
-            limiter.carry_over(old.limiter, bucket_key(key, ""))
+            limiter.carry_over(old_limiter, bucket_key(key, ""))
         if old is not None and old.breaker is not None and old.breaker is not breaker:
             self.circuit_breaker.unbind(key, old.breaker)
         if breaker is not None:
@@ -390,6 +391,12 @@ class AsyncInfrastructure:
         if pool is not None:
             self.connection_manager.bind(key, pool)
         return validated
+
+    def _limiter_for(self, key: str, config: RateLimitConfig | str | None) -> LimiterLike | None:
+        """The key's limiter: the shared one of its rule, or one registered by name."""
+        if isinstance(config, str):
+            return self.rate_limiter.named(config, f"{key}.rate_limiter")
+        return self.rate_limiter.limiter(config) if config is not None else None
 
     def _breaker_for(self, key: str, config: BreakerConfig | None, old: Plan | None) -> CircuitBreaker | None:
         """The key's breaker: the old one if its options are unchanged, else a new one on the same store."""
@@ -595,7 +602,7 @@ class AsyncInfrastructure:
 
     def _bucket_for(
         self, key: str, base: Plan | None, rate_limiter: str | tuple[str, str] | None
-    ) -> tuple[RateLimiter | None, str]:
+    ) -> tuple[LimiterLike | None, str]:
         """The limiter and bucket a call's ``rate_limiter=`` option names."""
         limiter = base.limiter if base is not None else None
         if rate_limiter is None:

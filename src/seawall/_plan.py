@@ -21,7 +21,7 @@ from seawall._breaker import BreakerLike, CircuitBreaker
 from seawall._chaos import Chaos
 from seawall._config import ProtectionConfig
 from seawall._errors import ProtectionTimeout
-from seawall._limiter import RateLimiter
+from seawall._limiter import LimiterLike, RateLimiter
 from seawall._pool import ConnectionPool
 
 __all__ = ["CallHost", "Plan", "uncount"]
@@ -99,7 +99,7 @@ class Plan:
         host: CallHost,
         key: str,
         config: ProtectionConfig | None,
-        limiter: RateLimiter | None,
+        limiter: LimiterLike | None,
         bucket: str,
         breaker: BreakerLike | None,
         pool: ConnectionPool[Any] | None,
@@ -124,7 +124,7 @@ class Plan:
         # Each primitive owns its non-waiting decision; the plan only learns, once,
         # whether that decision is available (the state is in this process).
         self.acquire: Callable[[], None] | None = None
-        if limiter is not None and limiter.resident_buckets is not None:
+        if isinstance(limiter, RateLimiter) and limiter.resident_buckets is not None:
             # A kept plan builds the bucket's handle once; a plan for one call's
             # options only binds acquire_nowait, a fifth of the cost to build.
             self.acquire = (
@@ -137,7 +137,7 @@ class Plan:
 
     def same_layers(
         self,
-        limiter: RateLimiter | None,
+        limiter: LimiterLike | None,
         bucket: str,
         breaker: BreakerLike | None,
         pool: ConnectionPool[Any] | None,

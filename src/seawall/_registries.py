@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import functools
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from seawall._breaker import BreakerLike, BreakerStatus, CircuitBreaker
 from seawall._config import BreakerConfig, PoolConfig, RateLimitConfig
@@ -25,13 +25,12 @@ from seawall._errors import (
     PoolNotFound,
     ProtectionKeyNotFound,
 )
+from seawall._limiter import LimiterLike, RateLimiter, RateLimitStatus
 from seawall._pool import ConnectionPool, PoolStatus
-
-if TYPE_CHECKING:
-    from seawall._limiter import RateLimiter, RateLimitStatus
 
 __all__ = [
     "BREAKER_ADAPTERS",
+    "LIMITER_ADAPTERS",
     "CircuitBreakerRegistry",
     "ConnectionManager",
     "RateLimiterRegistry",
@@ -74,6 +73,8 @@ class RegistryHost(Protocol):
 #: Adapters of third-party breakers, registered by their integration modules on import:
 #: each takes ``(breaker, name)`` and returns a seawall breaker, or ``None`` if it is not its kind.
 BREAKER_ADAPTERS: list[Callable[[Any, str], BreakerLike | None]] = []
+#: Adapters of third-party rate limiters (``seawall.integrations.aiolimiter`` registers one).
+LIMITER_ADAPTERS: list[Callable[[Any, str], LimiterLike | None]] = []
 
 
 def bucket_key(operation: str, entity_id: str) -> str:
@@ -110,12 +111,14 @@ class RateLimiterRegistry:
     ``window``); the bucket of an entity is ``"<operation>:<entity_id>"``.
     """
 
-    __slots__ = ("_by_operation", "_configured", "_host", "_rules")
+    __slots__ = ("_by_operation", "_configured", "_host", "_named", "_rules")
 
     def __init__(self, host: RegistryHost) -> None:
         self._host = host
         self._rules: dict[tuple[float, float, str], RateLimiter] = {}
-        self._by_operation: dict[str, RateLimiter] = {}
+        self._by_operation: dict[str, LimiterLike] = {}
+        # Limiters registered by name (``register``), for keys configured with ``"rate_limiter": name``.
+        self._named: dict[str, LimiterLike] = {}
         # Operations whose limiter a protection key's configuration bound:
         # ``check_rate`` must never swap their rule behind the key's back.
         self._configured: set[str] = set()
@@ -128,7 +131,45 @@ class RateLimiterRegistry:
             found = self._rules[rule] = self._host.make_limiter(config)
         return found
 
-    def bind(self, operation: str, limiter: RateLimiter | None) -> None:
+    def register(self, name: str, limiter: Any) -> LimiterLike:
+        """Register an existing limiter under ``name``; a key's config then uses it as ``"rate_limiter": name``.
+
+        Args:
+            name: The name a key's configuration refers to.
+            limiter: A :class:`~seawall.RateLimiter`, or a third-party limiter an
+                imported integration adapts (``import seawall.integrations.aiolimiter``
+                for an ``aiolimiter.AsyncLimiter``).
+
+        Returns:
+            The registered limiter (the adapter, for an adapted one).
+
+        Raises:
+            ConfigurationError: ``name`` is empty or not a str, or ``limiter`` is none the registry knows.
+        """
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(f"name: a limiter name must be a non-empty str, got {name!r}", path="name")
+        registered: LimiterLike | None = limiter if isinstance(limiter, RateLimiter) else None
+        for adapt in LIMITER_ADAPTERS:
+            if registered is not None:
+                break
+            registered = adapt(limiter, name)
+        if registered is None:
+            hint = ""
+            if type(limiter).__module__.split(".")[0] == "aiolimiter":
+                hint = "; import seawall.integrations.aiolimiter first, which registers its adapter"
+            raise ConfigurationTypeError(f"limiter: expected a rate limiter, got {limiter!r}{hint}", path="limiter")
+        self._named[name] = registered
+        return registered
+
+    def named(self, name: str, path: str) -> LimiterLike:
+        """The limiter registered as ``name``; a ConfigurationError at ``path`` if there is none."""
+        found = self._named.get(name)
+        if found is None:
+            known = ", ".join(sorted(self._named)) or "none"
+            raise ConfigurationError(f"{path}: no limiter is registered as {name!r} (registered: {known})", path=path)
+        return found
+
+    def bind(self, operation: str, limiter: LimiterLike | None) -> None:
         """Make ``limiter`` the one counting ``operation``'s buckets (``None`` forgets it)."""
         if limiter is None:
             self._by_operation.pop(operation, None)
@@ -137,11 +178,11 @@ class RateLimiterRegistry:
             self._by_operation[operation] = limiter
             self._configured.add(operation)
 
-    def for_operation(self, operation: str) -> RateLimiter | None:
+    def for_operation(self, operation: str) -> LimiterLike | None:
         """The limiter counting ``operation``'s buckets, if there is one."""
         return self._by_operation.get(operation)
 
-    def _require(self, operation: str) -> RateLimiter:
+    def _require(self, operation: str) -> LimiterLike:
         found = self._by_operation.get(operation)
         if found is None:
             raise ProtectionKeyNotFound(f"no rate limit is known for operation {operation!r}", name=operation)
@@ -196,7 +237,7 @@ class RateLimiterRegistry:
         """Empty ``entity_id``'s bucket for ``operation``."""
         await self._require(operation).reset(bucket_key(operation, entity_id))
 
-    def _limiter_for(self, operation: str, limit: int, window: float) -> RateLimiter:
+    def _limiter_for(self, operation: str, limit: int, window: float) -> LimiterLike:
         current = self._by_operation.get(operation)
         if current is not None and current.limit == limit and current.window == window:
             return current  # the common case: the same rule as last time, no validation

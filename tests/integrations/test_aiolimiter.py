@@ -252,3 +252,31 @@ else:
 """
     result = subprocess.run([sys.executable, "-W", "error", "-c", script], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
+
+
+async def test_a_registered_async_limiter_serves_as_a_keys_rate_limiter() -> None:
+    """infra.rate_limiter.register(name, AsyncLimiter) and ``"rate_limiter": name`` put it in front of the key."""
+    from seawall import AsyncInfrastructure, ConfigurationError, RateLimitExceeded
+
+    async def work() -> str:
+        return "done"
+
+    shared = aiolimiter.AsyncLimiter(2, 60)
+    async with AsyncInfrastructure() as infra:
+        adapter = infra.rate_limiter.register("partner-api", shared)
+        assert isinstance(adapter, AiolimiterAdapter)
+        await infra.configure_protection("partner", {"rate_limiter": "partner-api", "circuit_breaker": {}})
+        assert await infra.execute_protected("partner", work) == "done"
+        async with infra.protect("partner"):
+            pass
+        with pytest.raises(RateLimitExceeded):
+            await infra.execute_protected("partner", work)
+        assert not shared.has_capacity()  # the AsyncLimiter's own level: it decided
+        status = await infra.get_protection_status("partner")
+        assert status["rate_limiter"]["remaining"] == 0
+        with pytest.raises(ConfigurationError) as info:
+            await infra.configure_protection("other", {"rate_limiter": "no-such-limiter"})
+        assert info.value.path == "other.rate_limiter"
+        assert "partner-api" in info.value.message
+        with pytest.raises(ConfigurationError):
+            infra.rate_limiter.register("bad", object())

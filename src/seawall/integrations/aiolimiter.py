@@ -51,6 +51,7 @@ from seawall._clock import in_trio_task
 from seawall._errors import ConfigurationError, ConfigurationTypeError, RateLimitExceeded
 from seawall._limiter import Admission, RateLimitStatus
 from seawall._logging import logger
+from seawall._registries import LIMITER_ADAPTERS
 from seawall._telemetry import LIMITER_REQUEST_ALLOWED, LIMITER_REQUEST_DENIED
 
 if TYPE_CHECKING:
@@ -245,3 +246,15 @@ if TYPE_CHECKING:
 
     def _limiter_like(adapter: AiolimiterAdapter) -> LimiterLike:
         return adapter  # the type checker holds the adapter to the coordinator's seam
+
+
+def _adapter_for(limiter: object, name: str) -> AiolimiterAdapter | None:
+    """``infra.rate_limiter.register(name, limiter)``'s adapter for aiolimiter limiters."""
+    if isinstance(limiter, aiolimiter.AsyncLimiter):
+        return AiolimiterAdapter(limiter, name=name)
+    return None
+
+
+# Registered from this side (the registry imports no integration): importing this
+# module lets infra.rate_limiter.register() accept aiolimiter limiters.
+LIMITER_ADAPTERS.append(_adapter_for)
