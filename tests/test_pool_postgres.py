@@ -73,11 +73,12 @@ async def test_200_concurrent_selects_never_exceed_size_plus_overflow(
             await anyio.sleep(0.005)
 
     results: list[int] = []
+    full = anyio.Event()  # set once the pool has been seen full: until then holders keep their worker
 
     async def job() -> None:
         async with pool.checkout() as conn:
             results.append(await conn.fetchval("SELECT 1"))
-            await anyio.sleep(0.01)  # hold it a moment so the pool really fills up
+            await full.wait()  # hold it until the test has seen the pool full (no timing race)
 
     async with pool:
         assert await server_sessions(observer, app_name) == 5
@@ -86,9 +87,13 @@ async def test_200_concurrent_selects_never_exceed_size_plus_overflow(
             async with anyio.create_task_group() as tg:
                 for _ in range(200):
                     tg.start_soon(job)
-                await anyio.wait_all_tasks_blocked()
+                with anyio.fail_after(30):
+                    while pool.status().in_use < 10:  # noqa: ASYNC110 - the pool's counts have no event
+                        await anyio.sleep(0.005)
                 assert pool.status().overflow == 5
                 assert pool.status().in_use == 10
+                assert pool.status().waiting == 190
+                full.set()
             stop.set()
         assert results == [1] * 200
         assert 5 < peak <= 10
