@@ -79,6 +79,9 @@ BENCH_PEERS = [
     "pyrate-limiter",
     "throttled-py",
     "asyncpg",
+    "stamina",  # bench_retry: the peers' chain retried by stamina...
+    "tenacity",  # ...and by tenacity
+    "opentelemetry-sdk",  # bench_observability: the instrumented chain, with the real SDK
 ]
 
 

@@ -47,6 +47,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             "## Ratios to peers",
             "",
             "Peer's overhead divided by seawall's, same run (above 1: seawall is that many times faster).",
+            "Where a case measures several layers, each peer is divided by seawall's variant of the same layer.",
             "",
             "| case | seawall variant | peer | ratio |",
             "|---|---|---|---:|",
@@ -106,22 +107,47 @@ def write_chart(report: dict[str, Any], path: Path) -> None:
 
 
 #: Variants that are yardsticks, not peers: no library to compare with.
-_REFERENCES = ("cheapest anyio scope", "empty yield dependency")
+_REFERENCES = ("cheapest anyio scope", "empty yield dependency", "anyio.CancelScope() (no deadline)")
+
+#: Cases that measure more than one layer: each peer's seawall counterpart, by label.
+#: A case not listed here compares every peer with its first seawall variant; a peer
+#: of a listed case that is not in its map is left out of the ratios (never paired
+#: with whatever seawall variant happens to come first).
+PAIRS: dict[str, dict[str, str]] = {
+    "infrastructure: full chain (limiter + breaker + bulkhead + timeout)": {
+        "peers: aiolimiter+aiobreaker+Semaphore+asyncio.timeout": "seawall execute_protected",
+        "anyio.fail_after(5)": "seawall execute_protected, timeout only",
+        "asyncio.timeout(5)": "seawall execute_protected, timeout only",
+    },
+    "infrastructure: each layer alone": {
+        "aiolimiter AsyncLimiter": "seawall RateLimiter.hit",
+        "aiobreaker call_async": "seawall CircuitBreaker (async with)",
+        "asyncio.Semaphore": "seawall bulkhead checkout",
+        "anyio.fail_after(5)": "seawall timeout (deadline timer)",
+    },
+}
 
 
 def ratios(report: dict[str, Any]) -> list[tuple[str, str, str, float]]:
     """``(case, seawall variant, peer, peer overhead / seawall overhead)`` for every per-call case.
 
-    Each peer is compared with the case's first seawall variant (the one the
-    issue's target names); above 1 means seawall is that many times faster.
+    Each peer is compared with its counterpart in ``PAIRS`` or, in a case not
+    listed there, with the case's first seawall variant (the one the issue's
+    target names); above 1 means seawall is that many times faster.
     """
     rows = []
     for case, results in _cases(report).items():
-        measured = [r for r in results if r["overhead_ns"] is not None and r["overhead_ns"] > 0]
-        ours = [r for r in measured if r["label"].startswith("seawall")]
-        peers = [r for r in measured if not r["label"].startswith(("seawall", "bare", *_REFERENCES))]
-        if ours and peers:
-            rows += [(case, ours[0]["label"], p["label"], p["overhead_ns"] / ours[0]["overhead_ns"]) for p in peers]
+        measured = {r["label"]: r for r in results if r["overhead_ns"] is not None and r["overhead_ns"] > 0}
+        ours = [label for label in measured if label.startswith("seawall")]
+        peers = [label for label in measured if not label.startswith(("seawall", "bare", *_REFERENCES))]
+        if not ours:
+            continue
+        pairs = PAIRS.get(case, dict.fromkeys(peers, ours[0]))
+        for peer in peers:
+            counterpart = pairs.get(peer)
+            if counterpart in measured:
+                ratio = measured[peer]["overhead_ns"] / measured[counterpart]["overhead_ns"]
+                rows.append((case, counterpart, peer, ratio))
     return rows
 
 
@@ -133,14 +159,15 @@ def write_ratio_chart(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = ratios(report)
-    fig, ax = plt.subplots(figsize=(13, max(2.0, 0.28 * len(rows) + 1.2)))
+    fig, ax = plt.subplots(figsize=(15, max(2.0, 0.28 * len(rows) + 1.2)))
     if rows:
-        labels = [f"{case}: {peer}" for case, _, peer, _ in rows]
+        labels = [f"{case}: {peer} / {ours}" for case, ours, peer, _ in rows]
         values = [value for *_, value in rows]
         colors = ["tab:green" if value >= 1 else "tab:red" for value in values]
         ax.barh(labels, values, color=colors)
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log")
+        ax.invert_yaxis()  # top to bottom in the order of the markdown table
         ax.tick_params(axis="y", labelsize=7)
         for y, value in enumerate(values):
             ax.text(value, y, f" {value:.2f}x", va="center", fontsize=7)

@@ -43,6 +43,8 @@ PACKAGES = [
     "asyncpg",
     "redis",
     "structlog",
+    "stamina",
+    "tenacity",
 ]
 
 

@@ -13,15 +13,21 @@ an ``asyncio_only`` module (that is how such a module tests that its code
 fails at once under trio).
 
 Tests that need PostgreSQL or Redis use the ``postgres_dsn`` / ``redis_url``
-fixtures. When the service does not answer, the test is skipped with the
-reason - unless ``SEAWALL_REQUIRE_SERVICES=1`` (set by ``.ci/run``), where a
-missing service is a failure, never a silent skip.
+fixtures. When the service does not answer - or PostgreSQL answers but refuses
+the test database (no database ``test``, no user ``postgres``, a password it
+wants) - the test is skipped with the reason, unless
+``SEAWALL_REQUIRE_SERVICES=1`` (set by ``.ci/run``), where a missing service
+is a failure, never a silent skip. CONTRIBUTING.md says how to provide them
+and which ``SEAWALL_TEST_*`` variables point the suite elsewhere.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import socket
+import threading
 from typing import Any
 
 import pytest
@@ -99,20 +105,71 @@ def _answers(host: str, port: int) -> bool:
         return False
 
 
-def _require(service: str, host: str, port: int) -> None:
-    if _answers(host, port):
-        return
-    reason = f"{service} is not answering on {host}:{port}"
+def _missing(reason: str) -> None:
+    """Skip with ``reason`` on a laptop; fail under ``SEAWALL_REQUIRE_SERVICES=1``."""
     if os.environ.get("SEAWALL_REQUIRE_SERVICES") == "1":
         pytest.fail(f"{reason}, and SEAWALL_REQUIRE_SERVICES=1 forbids skipping", pytrace=False)
     pytest.skip(f"{reason} (set SEAWALL_REQUIRE_SERVICES=1 to make this a failure)")
+
+
+def _require(service: str, host: str, port: int) -> None:
+    if not _answers(host, port):
+        _missing(f"{service} is not answering on {host}:{port}")
+
+
+@functools.cache
+def postgres_refusal(dsn: str) -> str | None:
+    """Why the PostgreSQL server behind ``dsn`` refuses a connection to it, or ``None`` when it accepts one.
+
+    Asked once per DSN and session, in a thread of its own (so never inside a
+    test's event loop); the reason names the error, never the DSN (which may
+    hold a password).
+    """
+    try:
+        import asyncpg
+    except ModuleNotFoundError:
+        return "asyncpg is not installed (the 'postgres' extra)"
+
+    async def connect() -> None:
+        connection = await asyncpg.connect(dsn, timeout=5)
+        await connection.close()
+
+    refusals: list[str] = []
+
+    def attempt() -> None:
+        try:
+            asyncio.run(connect())
+        except Exception as exc:  # any refusal is the reason to report
+            refusals.append(f"{type(exc).__name__}: {exc}")
+
+    thread = threading.Thread(target=attempt, name="seawall-test-postgres-probe")
+    thread.start()
+    thread.join()
+    return refusals[0] if refusals else None
 
 
 @pytest.fixture
 def postgres_dsn() -> str:
     """DSN of the real PostgreSQL test database; skips (or fails in CI) without it."""
     _require("PostgreSQL", POSTGRES_HOST, POSTGRES_PORT)
+    refusal = postgres_refusal(POSTGRES_DSN)
+    if refusal is not None:
+        _missing(
+            f"PostgreSQL answers on {POSTGRES_HOST}:{POSTGRES_PORT} but refuses the test database ({refusal}); "
+            "create it (createdb -U postgres test) or point SEAWALL_TEST_POSTGRES_DSN at one"
+        )
     return POSTGRES_DSN
+
+
+@pytest.fixture
+def postgres_probe() -> Any:
+    """:func:`postgres_refusal` itself, for tests of the probe.
+
+    A fixture rather than ``from conftest import ...``: ``tests/reliability``
+    has a ``conftest.py`` of its own, and once pytest has collected it the
+    module named ``conftest`` is that one, so the import fails in a full run.
+    """
+    return postgres_refusal
 
 
 @pytest.fixture

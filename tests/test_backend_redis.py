@@ -12,16 +12,11 @@ import asyncio
 import json
 import logging
 import math
-import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +26,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from redis_servers import Server, running, until
 from seawall import (
     AsyncInfrastructure,
     BreakerState,
@@ -89,61 +85,11 @@ async def admin(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
-@dataclass
-class Server:
-    """A throwaway redis-server owned by one test."""
-
-    process: subprocess.Popen[bytes]
-    url: str
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.wait(timeout=10)
-
-    def freeze(self) -> None:
-        os.kill(self.process.pid, signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        os.kill(self.process.pid, signal.SIGCONT)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def server(redis_url: str, tmp_path: Path) -> Iterator[Server]:
     """Start a private redis-server on a free port (no persistence); stop only that one afterwards."""
-    binary = shutil.which("redis-server")
-    if binary is None:  # pragma: no cover - the CI image has it next to the service
-        pytest.skip("no redis-server binary to start a throwaway server")
-    port = _free_port()
-    arguments = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
-    process = subprocess.Popen(
-        [binary, *arguments],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.1):
-                break
-        except OSError:  # pragma: no cover - depends on how fast the server starts
-            if time.monotonic() > deadline:
-                process.kill()
-                raise
-            time.sleep(0.02)
-    started = Server(process, f"redis://127.0.0.1:{port}/0")
-    try:
+    with running(tmp_path) as started:
         yield started
-    finally:
-        if process.poll() is None:
-            started.thaw()
-            process.terminate()
-            process.wait(timeout=10)
 
 
 async def _admitted(limiter: RateLimiter, key: str) -> bool:
@@ -241,7 +187,7 @@ async def test_rules_and_names_never_share_buckets(backend: RedisBackend, admin:
         assert await _admitted(limiter, "k")
     keys = sorted([key async for key in admin.scan_iter(match=f"{prefix}:*")])
     assert len(keys) == len(limiters)
-    assert all(key.startswith(f"{prefix}:rl:") and key.endswith(":k") for key in keys)
+    assert all(key.startswith(f"{prefix}:v2:rl:") and key.endswith(":k") for key in keys)
     for key in keys:
         assert 0 < await admin.pttl(key) <= 60_001
     # The same rule written with an int or a float limit is the same rule.
@@ -359,13 +305,22 @@ async def test_status_and_acquire_go_through_the_server(backend: RedisBackend) -
         pass
 
 
-async def test_lost_scripts_are_loaded_again(backend: RedisBackend, admin: aioredis.Redis) -> None:
-    """After SCRIPT FLUSH (or a restart) the next decision loads the scripts and still decides."""
-    limiter = RateLimiter(1, 60.0, backend=backend)
-    await limiter.hit("k")
-    await admin.script_flush()
-    assert not await _admitted(limiter, "k")
-    assert await admin.script_exists(GCRA.sha, FIXED_WINDOW.sha) == [True, True]
+async def test_lost_scripts_are_loaded_again(server: Server) -> None:
+    """After SCRIPT FLUSH (or a restart) the next decision loads the scripts and still decides.
+
+    On a throwaway server: SCRIPT FLUSH on the shared one would drop every other client's scripts.
+    """
+    admin = aioredis.Redis.from_url(server.url)
+    try:
+        async with RedisBackend.from_url(server.url, prefix="flush") as backend:
+            limiter = RateLimiter(1, 60.0, backend=backend)
+            await limiter.hit("k")
+            await admin.script_flush()
+            assert await admin.script_exists(GCRA.sha) == [False]
+            assert not await _admitted(limiter, "k")
+            assert await admin.script_exists(GCRA.sha, FIXED_WINDOW.sha) == [True, True]
+    finally:
+        await admin.aclose()
 
 
 # -- one command per decision --------------------------------------------------------
@@ -552,6 +507,18 @@ async def _fail(breaker: CircuitBreaker) -> None:
             raise RuntimeError("down")
 
 
+async def _admits(breaker: CircuitBreaker) -> bool:
+    try:
+        async with breaker:
+            return True
+    except CircuitOpenError:
+        return False
+
+
+async def _rejects(breaker: CircuitBreaker) -> bool:
+    return not await _admits(breaker)
+
+
 async def test_breakers_on_two_clients_share_one_state(redis_url: str, prefix: str) -> None:
     """Failures seen by two processes add up; the breaker one opens rejects in the other."""
     async with (
@@ -564,6 +531,8 @@ async def test_breakers_on_two_clients_share_one_state(redis_url: str, prefix: s
         await _fail(first)
         assert (await second.status()).failure_count == 1
         await _fail(second)
+        # The other process hears of the change by pub/sub (within 50 ms; a generous bound here).
+        await until(lambda: _rejects(first))
         with pytest.raises(CircuitOpenError) as rejected:
             async with first:
                 pass
@@ -571,8 +540,8 @@ async def test_breakers_on_two_clients_share_one_state(redis_url: str, prefix: s
         status = await second.status()
         assert (status.state, status.failure_count) == (BreakerState.OPEN, 2)
         await second.reset()
-        async with first:
-            pass
+        # The reset reaches the other process by pub/sub (within 50 ms; a generous bound here).
+        await until(lambda: _admits(first))
         await first.trip()
         assert (await second.status()).state is BreakerState.OPEN
 
@@ -631,7 +600,7 @@ async def test_breaker_failures_count_within_the_window(backend: RedisBackend, a
     for store_now in (0.0, 0.0):
         assert await backend.breaker_settle("svc", policy, store_now, None, "failure") is None
     assert (await backend.breaker_snapshot("svc", policy, 0.0)).failure_count == 2
-    assert 0 < await admin.pttl(f"{backend.prefix}:cb:svc") <= 201
+    assert 0 < await admin.pttl(f"{backend.prefix}:v2:cb:svc") <= 201
     await anyio.sleep(0.21)
     assert (await backend.breaker_snapshot("svc", policy, 0.0)).failure_count == 0
     assert await backend.breaker_settle("svc", policy, 0.0, None, "success") is None
@@ -640,7 +609,7 @@ async def test_breaker_failures_count_within_the_window(backend: RedisBackend, a
     assert await backend.breaker_settle("svc", policy, 0.0, ticket, "failure") is None
     opened = await backend.breaker_settle("svc", policy, 0.0, None, "failure")
     assert opened == Transition(BreakerState.CLOSED, BreakerState.OPEN)
-    assert await admin.pttl(f"{backend.prefix}:cb:svc") == -1  # an open breaker does not expire
+    assert await admin.pttl(f"{backend.prefix}:v2:cb:svc") == -1  # an open breaker does not expire
     assert await backend.breaker_force("svc", policy, 0.0, BreakerState.OPEN) is None
     assert await backend.breaker_force("svc", policy, 0.0, BreakerState.CLOSED) is not None
     assert await backend.breaker_force("svc", policy, 0.0, BreakerState.CLOSED) is None
@@ -795,7 +764,7 @@ async def test_under_trio_building_a_backend_fails_at_once_saying_so() -> None:
 
 
 def test_a_backend_built_outside_any_loop_fails_at_its_first_decision_under_trio() -> None:
-    """Built outside any loop, a RedisBackend's first decision under trio (limiter, breaker, coordinator) raises it."""
+    """Built outside any loop, a RedisBackend's first use under trio (limiter, breaker, coordinator entry) raises it."""
     backend = RedisBackend.from_url("redis://127.0.0.1:1/0")
     limiter = RateLimiter(5, 1.0, backend=backend)
     breaker = CircuitBreaker("b", backend=backend)
@@ -806,10 +775,9 @@ def test_a_backend_built_outside_any_loop_fails_at_its_first_decision_under_trio
         with pytest.raises(ConfigurationError, match="RedisBackend runs on asyncio only"):
             async with breaker:
                 pass
-        async with AsyncInfrastructure(backend=backend) as infra:
-            await infra.configure_protection("k", {"rate_limiter": {"limit": 5, "window": 1}})
-            with pytest.raises(ConfigurationError, match="RedisBackend runs on asyncio only"):
-                await infra.execute_protected("k", anyio.lowlevel.checkpoint)
+        with pytest.raises(ConfigurationError, match="RedisBackend runs on asyncio only"):
+            async with AsyncInfrastructure(backend=backend):  # its __aenter__ verifies the backend
+                pass
 
     anyio.run(main, backend="trio")
     asyncio.run(backend.aclose())  # (it made no connection; closed where redis-py runs)

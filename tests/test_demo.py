@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from seawall._demo import run_demo
 from seawall._demo._plan import Plan
 from seawall._demo._scenario import Recorder, classify
 from seawall._demo._upstream import Upstream
-from seawall._demo._view import PlainView, summary_rows
+from seawall._demo._view import LEGEND, LiveView, PlainView, summary_rows
 
 
 def test_short_plain_run_behaves_as_designed(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -55,12 +57,95 @@ def test_run_on_redis_shares_state_through_the_server(
     assert evalsha_calls() - before > 100
 
 
-def test_live_view_runs(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    """The rich live view renders the table and the summary."""
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def _visible_lines(text: str) -> list[str]:
+    return [line.rstrip() for line in ANSI.sub("", text).splitlines()]
+
+
+def test_live_view_runs_in_an_80x24_terminal(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """In an 80x24 terminal the live view and summary fit: no line wider than 80, no cell cut short."""
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setenv("LINES", "24")
     assert run_demo(duration=2, live=True, seed=2, chart=tmp_path / "c.png") == 0
     out = capsys.readouterr().out
-    assert "summary" in out
-    assert "breaker" in out
+    assert "\x1b[" in out  # the live view ran (it redraws in place)
+    lines = _visible_lines(out)
+    assert max(len(line) for line in lines) <= 80
+    assert "\u2026" not in out  # rich's ellipsis: a cell cut to fit
+    assert "summary" in lines
+    assert any(line.split()[:4] == ["t", "phase", "in", "429"] for line in lines)
+    assert LEGEND[0] in lines
+
+
+def _live_view_at(width: int, height: int) -> tuple[LiveView, io.StringIO, Recorder]:
+    from rich.console import Console
+
+    out = io.StringIO()
+    console = Console(file=out, width=width, height=height, force_terminal=True, color_system=None)
+    recorder = _recorder_with([(3.0, "closed", "open")], "half_open", rate_limited=130, successes=13)
+    tick = recorder.ticks[-1]
+    tick.breaker, tick.latencies[:] = "half_open", [0.002, 0.312]
+    view = LiveView(recorder.plan, lambda: "half_open", console=console)
+    with view:
+        for _ in range(30):
+            view.tick(tick)
+    view.summary(recorder, recorder.verdict())
+    return view, out, recorder
+
+
+def test_narrow_terminal_gets_the_compact_layout() -> None:
+    """Below the full table's width: statuses as columns, a legend, as many ticks as the height allows."""
+    _, out, _ = _live_view_at(80, 16)
+    lines = _visible_lines(out.getvalue())
+    assert max(len(line) for line in lines) <= 80
+    assert "\u2026" not in out.getvalue()
+    summary = lines.index("summary")
+    assert lines[summary + 1].split() == [
+        "phase",
+        "sent",
+        "in",
+        "429",
+        "503",
+        "504",
+        "502",
+        "ok",
+        "breaker",
+        "pool",
+        "p50",
+        "p99",
+    ]
+    assert ["recovered", "143", "13", "130", "0", "0", "0", "13", "half_open", "0/3", "2ms", "312ms"] in [
+        line.split() for line in lines
+    ]
+    # The last frame of the live view: its title, the header, the ticks the height leaves room for, the legend.
+    title = max(i for i, line in enumerate(lines[:summary]) if line.startswith("seawall demo: breaker"))
+    assert lines[title + 1].split()[:4] == ["t", "phase", "in", "429"]
+    assert lines[summary - len(LEGEND) : summary] == list(LEGEND)
+    assert summary - len(LEGEND) - (title + 2) == 16 - 6
+
+
+def test_wide_terminal_gets_the_full_layout() -> None:
+    """Where the full table fits, every outcome has its own column and no legend is needed."""
+    _, out, _ = _live_view_at(200, 40)
+    text = ANSI.sub("", out.getvalue())
+    assert "pool t/o" in text
+    assert "upstr 5xx" in text
+    assert LEGEND[0] not in text
+    assert "\u2026" not in text
+
+
+def test_piped_stdout_gets_plain_lines(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """With stdout not a terminal (a pipe, a file) the live view falls back to plain lines, no escape codes."""
+    assert run_demo(duration=1.5, live=True, seed=2, chart=tmp_path / "c.png") == 0
+    out = capsys.readouterr().out
+    assert "\x1b[" not in out
+    assert out.count("\nt=") >= 14
+    assert "scenario ran as designed" in out
 
 
 def test_degrades_without_rich_and_matplotlib(
@@ -69,6 +154,7 @@ def test_degrades_without_rich_and_matplotlib(
     """Without rich the view is plain lines; without matplotlib there is no chart, and the run still passes."""
     for module in ("rich", "rich.live", "rich.console", "matplotlib", "matplotlib.pyplot"):
         monkeypatch.setitem(sys.modules, module, None)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # a terminal, where the live view would run
     assert run_demo(duration=1.5, live=True, seed=3, chart=tmp_path / "c.png") == 0
     out = capsys.readouterr().out
     assert "'rich' is not installed" in out
@@ -80,7 +166,9 @@ def test_missing_web_dependencies_exit_2(capsys: pytest.CaptureFixture[str], mon
     """Without fastapi the demo says which extra to install and exits 2."""
     monkeypatch.setitem(sys.modules, "fastapi", None)
     assert run_demo(duration=2, live=False, seed=1) == 2
-    assert "seawall[demo]" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "pip install '.[demo]'" in err
+    assert "'fastapi'" in err
 
 
 def test_invalid_duration_exits_2(capsys: pytest.CaptureFixture[str]) -> None:

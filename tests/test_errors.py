@@ -18,6 +18,7 @@ ALL_ERRORS: list[tuple[type[seawall.SeawallError], str, tuple[type[BaseException
     (seawall.CircuitBreakerNotFound, "circuit_breaker_not_found", (LookupError, seawall.NotFound)),
     (seawall.PoolNotFound, "pool_not_found", (LookupError, seawall.NotFound)),
     (seawall.PoolTimeout, "checkout_timeout", (TimeoutError, seawall.Rejected)),
+    (seawall.ConcurrencyLimitExceeded, "concurrency_limit_exceeded", (seawall.Rejected,)),
     (seawall.PoolClosed, "pool_closed", ()),
     (seawall.ProtectionTimeout, "timeout", (TimeoutError,)),
     (seawall.ProtectionKeyNotFound, "protection_key_not_found", (LookupError, seawall.NotFound)),
@@ -97,7 +98,12 @@ def test_errors_module_exports_the_same_tree() -> None:
 def test_only_refusals_are_rejected() -> None:
     """Rejected groups the refusals made before the call ran; failures of seawall itself are not in it."""
     rejected = {cls for cls, _, _ in ALL_ERRORS if issubclass(cls, seawall.Rejected)}
-    assert rejected == {seawall.RateLimitExceeded, seawall.CircuitOpenError, seawall.PoolTimeout}
+    assert rejected == {
+        seawall.RateLimitExceeded,
+        seawall.CircuitOpenError,
+        seawall.PoolTimeout,
+        seawall.ConcurrencyLimitExceeded,
+    }
     not_found = {cls for cls, _, _ in ALL_ERRORS if issubclass(cls, seawall.NotFound)}
     assert not_found == {seawall.CircuitBreakerNotFound, seawall.PoolNotFound, seawall.ProtectionKeyNotFound}
 

@@ -9,10 +9,20 @@ from seawall import errors as errors
 from seawall import telemetry as telemetry
 from seawall._breaker import BreakerPermit, BreakerState, BreakerStatus, CircuitBreaker
 from seawall._clock import Clock, FakeClock, MonotonicClock
-from seawall._config import BreakerConfig, ChaosConfig, PoolConfig, ProtectionConfig, RateLimitConfig
+from seawall._concurrency import ConcurrencyLimiter, ConcurrencyLimiterStatistics, ConcurrencySlot
+from seawall._config import (
+    BreakerConfig,
+    ChaosConfig,
+    ConcurrencyConfig,
+    PoolConfig,
+    ProtectionConfig,
+    RateLimitConfig,
+    RetryConfig,
+)
 from seawall._errors import (
     CircuitBreakerNotFound,
     CircuitOpenError,
+    ConcurrencyLimitExceeded,
     ConfigurationError,
     ConfigurationTypeError,
     NotFound,
@@ -29,6 +39,7 @@ from seawall._errors import (
 from seawall._infrastructure import AsyncInfrastructure
 from seawall._limiter import RateLimitBucket, RateLimiter, RateLimitStatus
 from seawall._pool import ConnectionPool, PoolLease, PoolStatus
+from seawall._retry import Retry, RetryAttempt, RetryBudget, RetryBudgetStatistics
 from seawall._version import __version__
 
 __all__ = [
@@ -42,6 +53,11 @@ __all__ = [
     "CircuitBreakerNotFound",
     "CircuitOpenError",
     "Clock",
+    "ConcurrencyConfig",
+    "ConcurrencyLimitExceeded",
+    "ConcurrencyLimiter",
+    "ConcurrencyLimiterStatistics",
+    "ConcurrencySlot",
     "ConfigurationError",
     "ConfigurationTypeError",
     "ConnectionPool",
@@ -64,6 +80,11 @@ __all__ = [
     "RateLimiter",
     "RateLimiterError",
     "Rejected",
+    "Retry",
+    "RetryAttempt",
+    "RetryBudget",
+    "RetryBudgetStatistics",
+    "RetryConfig",
     "SeawallError",
     "__version__",
 ]

@@ -12,6 +12,15 @@ States and rules (the full contract is in ``docs/circuit-breaker.md``):
 
 Cancellation and other ``BaseException``s are neither success nor failure.
 
+Rate modes (``failure_rate``, ``slow_call_rate`` with ``slow_call_duration``,
+over at least ``minimum_calls`` calls in the ``window``) count every
+closed-state outcome, successes included, in time-bucketed counters (O(1) per
+call; the rules are in ``backends/_breaker_protocol.py``). A call is slow
+when it took ``slow_call_duration`` or longer, or ended in a
+:class:`~seawall.ProtectionTimeout` (the coordinator's deadline). A rated
+breaker takes the tracked path for every call: its closed path reads the
+clock and settles successes too.
+
 Two rules keep one call from deciding twice:
 
 * Generations. An outcome counts only in the period it started in: every
@@ -55,9 +64,9 @@ import anyio
 from anyio import WouldBlock
 
 from seawall._awaitables import DONE
-from seawall._checks import count, seconds
+from seawall._checks import MAX_COUNT, count, number, seconds
 from seawall._clock import Clock, current_clock
-from seawall._errors import CircuitOpenError, ConfigurationTypeError
+from seawall._errors import CircuitOpenError, ConfigurationError, ConfigurationTypeError, ProtectionTimeout
 from seawall._logging import logger
 from seawall._telemetry import (
     BREAKER_CALL_EXECUTED,
@@ -82,6 +91,7 @@ __all__ = [
     "BreakerState",
     "BreakerStatus",
     "CircuitBreaker",
+    "check_policy",
     "guarded_by",
     "unguarded",
 ]
@@ -102,7 +112,8 @@ class BreakerStatus:
     state: BreakerState
     failure_count: int
     """Failures within the rolling window."""
-    failure_threshold: int
+    failure_threshold: int | None
+    """Failures within the window that open the breaker (``None``: only the rates do)."""
     recovery_time: float
     retry_after: float
     """Seconds until a call would be admitted; ``0.0`` when one would be now."""
@@ -112,6 +123,12 @@ class BreakerStatus:
     """Trials allowed at once when half-open (``None``: an engine with no limit)."""
     trials_in_flight: int = 0
     """Half-open trial slots in use."""
+    calls: int = 0
+    """Calls counted in the window (rate modes; ``0`` in count mode)."""
+    failure_rate: float | None = None
+    """Failures / calls in the window (``None``: no rate mode, or fewer than ``minimum_calls`` calls)."""
+    slow_call_rate: float | None = None
+    """Slow calls / calls in the window (``None``: no slow-call mode, or fewer than ``minimum_calls`` calls)."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable view (the state as its string value)."""
@@ -125,6 +142,9 @@ class BreakerStatus:
             "window": self.window,
             "half_open_max_calls": self.half_open_max_calls,
             "trials_in_flight": self.trials_in_flight,
+            "calls": self.calls,
+            "failure_rate": self.failure_rate,
+            "slow_call_rate": self.slow_call_rate,
         }
 
 
@@ -297,12 +317,70 @@ class BreakerPermit:
         return f"<BreakerPermit trial={self.trial} {state}>"
 
 
+def _share(value: object, path: str) -> float | None:
+    """``None``, or a share above 0 and at most 1."""
+    return None if value is None else number(value, path, what="a share", maximum=1.0)
+
+
+def check_policy(
+    prefix: str = "",
+    *,
+    failure_threshold: object = 5,
+    window: object = 60.0,
+    recovery_time: object = 30.0,
+    half_open_max_calls: object = 1,
+    failure_rate: object = None,
+    slow_call_duration: object = None,
+    slow_call_rate: object = None,
+    minimum_calls: object = 10,
+) -> BreakerPolicy:
+    """Check a breaker's options and make its policy; each error's path is ``prefix`` plus the option's name.
+
+    Shared by :class:`CircuitBreaker` (``prefix=""``) and the coordinator's
+    ``"circuit_breaker"`` config section (``prefix="key.circuit_breaker."``),
+    so both hold the same rules. A disabled ``failure_threshold`` (``None``)
+    is :data:`~seawall._checks.MAX_COUNT` in the policy: never reached.
+    """
+    rate = _share(failure_rate, f"{prefix}failure_rate")
+    slow_rate = _share(slow_call_rate, f"{prefix}slow_call_rate")
+    slow_after = None if slow_call_duration is None else seconds(slow_call_duration, f"{prefix}slow_call_duration")
+    if slow_rate is not None and slow_after is None:
+        raise ConfigurationError(
+            f"{prefix}slow_call_rate: needs slow_call_duration (when is a call slow?)", path=f"{prefix}slow_call_rate"
+        )
+    if slow_after is not None and slow_rate is None:
+        raise ConfigurationError(
+            f"{prefix}slow_call_duration: needs slow_call_rate (the share of slow calls that opens the breaker)",
+            path=f"{prefix}slow_call_duration",
+        )
+    if failure_threshold is None:
+        if rate is None and slow_rate is None:
+            raise ConfigurationError(
+                f"{prefix}failure_threshold: None needs failure_rate or slow_call_rate, or the breaker never opens",
+                path=f"{prefix}failure_threshold",
+            )
+        threshold = MAX_COUNT  # never reached: only the rates open the breaker
+    else:
+        threshold = count(failure_threshold, f"{prefix}failure_threshold", minimum=1)
+    return BreakerPolicy(
+        threshold,
+        seconds(window, f"{prefix}window"),
+        seconds(recovery_time, f"{prefix}recovery_time"),
+        count(half_open_max_calls, f"{prefix}half_open_max_calls", minimum=1),
+        rate,
+        slow_after,
+        slow_rate,
+        count(minimum_calls, f"{prefix}minimum_calls", minimum=1),
+    )
+
+
 class CircuitBreaker:
     """A circuit breaker guarding calls to one dependency.
 
     Args:
         name: Identifies the breaker in errors, logs, telemetry and its backend.
-        failure_threshold: Failures within ``window`` that open the breaker.
+        failure_threshold: Failures within ``window`` that open the breaker;
+            ``None`` when only a rate should (``failure_rate`` or ``slow_call_rate``).
         window: The rolling window failures are counted in, in seconds.
         recovery_time: How long the breaker stays open before admitting
             trials; also how long a trial may hold its slot before it no
@@ -310,6 +388,13 @@ class CircuitBreaker:
         half_open_max_calls: Trials allowed to run at once when half-open.
         exclude: Exception classes that are not failures (business errors):
             they propagate and count as a success.
+        failure_rate: Open when failures / calls over the window reaches
+            this share (0 < rate <= 1), once the window holds ``minimum_calls``.
+        slow_call_duration: Seconds from which a call counts as slow (a
+            ``ProtectionTimeout`` is slow too); needs ``slow_call_rate``.
+        slow_call_rate: Open when slow calls / calls over the window reaches
+            this share, once the window holds ``minimum_calls``.
+        minimum_calls: Calls the window must hold before a rate decides.
         backend: Where the state lives; a private in-memory store by default.
             Breakers sharing a backend and a name share one state.
         clock: The monotonic clock (``seawall.FakeClock`` in tests); by default
@@ -340,31 +425,48 @@ class CircuitBreaker:
         "_now",
         "_plain",
         "_policy",
+        "_rated",
         "_record",
         "_recovery_time",
+        "_slow_after",
+        "_threshold",
+        "_unguarded_fn",
     )
 
     def __init__(
         self,
         name: str,
         *,
-        failure_threshold: int = 5,
+        failure_threshold: int | None = 5,
         window: float | timedelta = 60.0,
         recovery_time: float | timedelta = 30.0,
         half_open_max_calls: int = 1,
         exclude: type[Exception] | Iterable[type[Exception]] = (),
+        failure_rate: float | None = None,
+        slow_call_duration: float | timedelta | None = None,
+        slow_call_rate: float | None = None,
+        minimum_calls: int = 10,
         backend: BreakerBackend | None = None,
         clock: Clock | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigurationTypeError(f"name must be a non-empty str, got {name!r}", path="name")
         self._name = name
-        self._policy = BreakerPolicy(
-            count(failure_threshold, "failure_threshold", minimum=1),
-            seconds(window, "window"),
-            seconds(recovery_time, "recovery_time"),
-            count(half_open_max_calls, "half_open_max_calls", minimum=1),
+        self._policy = check_policy(
+            failure_threshold=failure_threshold,
+            window=window,
+            recovery_time=recovery_time,
+            half_open_max_calls=half_open_max_calls,
+            failure_rate=failure_rate,
+            slow_call_duration=slow_call_duration,
+            slow_call_rate=slow_call_rate,
+            minimum_calls=minimum_calls,
         )
+        self._threshold = None if failure_threshold is None else self._policy.failure_threshold
+        # The last function call() found unguarded, with no slow-call mode (see call()).
+        self._unguarded_fn: object = None
+        self._rated = self._policy.rated
+        self._slow_after = self._policy.slow_call_duration
         self._recovery_time = self._policy.recovery_time
         self._exclude = _exclusions(exclude)
         if clock is None:
@@ -377,6 +479,13 @@ class CircuitBreaker:
             backend = MemoryBreakerBackend()
         elif not isinstance(backend, BreakerBackend):
             raise ConfigurationTypeError(f"backend must implement BreakerBackend, got {backend!r}", path="backend")
+        if self._rated and not getattr(backend, "supports_rate_modes", False):
+            option = "failure_rate" if failure_rate is not None else "slow_call_rate"
+            raise ConfigurationError(
+                f"{option}: rate modes (failure_rate, slow_call_duration, slow_call_rate) are not yet supported "
+                f"on {type(backend).__name__}; use failure_threshold there, or the in-memory backend",
+                path=option,
+            )
         self._backend = backend
         # The in-memory store is read synchronously (the fast paths); any
         # other store is asked through its async protocol on every call.
@@ -413,9 +522,29 @@ class CircuitBreaker:
         return self._policy.half_open_max_calls
 
     @property
-    def failure_threshold(self) -> int:
-        """Failures within ``window`` that open the breaker."""
-        return self._policy.failure_threshold
+    def failure_threshold(self) -> int | None:
+        """Failures within ``window`` that open the breaker (``None``: only the rates do)."""
+        return self._threshold
+
+    @property
+    def failure_rate(self) -> float | None:
+        """The failure share over the window that opens the breaker, if that mode is on."""
+        return self._policy.failure_rate
+
+    @property
+    def slow_call_duration(self) -> float | None:
+        """Seconds from which a call counts as slow, if that mode is on."""
+        return self._policy.slow_call_duration
+
+    @property
+    def slow_call_rate(self) -> float | None:
+        """The slow-call share over the window that opens the breaker, if that mode is on."""
+        return self._policy.slow_call_rate
+
+    @property
+    def minimum_calls(self) -> int:
+        """Calls the window must hold before a rate decides."""
+        return self._policy.minimum_calls
 
     @property
     def window(self) -> float:
@@ -474,12 +603,15 @@ class CircuitBreaker:
             name=self._name,
             state=snapshot.state,
             failure_count=snapshot.failure_count,
-            failure_threshold=policy.failure_threshold,
+            failure_threshold=self._threshold,
             recovery_time=policy.recovery_time,
             retry_after=snapshot.retry_after,
             window=policy.window,
             half_open_max_calls=policy.half_open_max_calls,
             trials_in_flight=snapshot.trials,
+            calls=snapshot.calls,
+            failure_rate=snapshot.failure_rate,
+            slow_call_rate=snapshot.slow_call_rate,
         )
 
     async def reset(self) -> None:
@@ -531,7 +663,7 @@ class CircuitBreaker:
         if record is None:
             raise WouldBlock
         state = record.state
-        if state is _CLOSED and not BREAKER_CALL_EXECUTED.handlers:
+        if state is _CLOSED and not BREAKER_CALL_EXECUTED.handlers and not self._rated:
             permit = self._plain
             if permit._generation != record.generation:
                 # The first closed call of a new generation: the only allocation.
@@ -546,7 +678,7 @@ class CircuitBreaker:
         if self._covered(record, scoped=True):
             return BreakerPermit(None)
         ticket = self._admit(record)
-        start = self._now() if BREAKER_CALL_EXECUTED.handlers else None
+        start = self._now() if BREAKER_CALL_EXECUTED.handlers or self._rated else None
         if ticket.trial is None:
             return BreakerPermit(ticket, start)
         key = _task_key()
@@ -569,13 +701,15 @@ class CircuitBreaker:
                 can come from such a breaker).
         """
         shared = permit is None or permit._settled is None
-        if exc is None and shared:
+        if exc is None and shared and not self._rated:
             return  # a closed call's success changes nothing
         record = self._record
         if record is None:
             raise WouldBlock
         if permit is None or shared:
-            if self._outcome(exc) == "failure":
+            if self._rated:
+                self._settle(record, None, self._outcome(exc), None, exc)
+            elif self._outcome(exc) == "failure":
                 self._fail_plain(record, -1 if permit is None else permit._generation)
             return
         if permit._settled:
@@ -584,7 +718,7 @@ class CircuitBreaker:
         if permit._entry is not None:
             self._unregister(permit._key, permit._entry)
         if permit._ticket is not None:
-            self._settle(record, permit._ticket, self._outcome(exc), permit._start)
+            self._settle(record, permit._ticket, self._outcome(exc), permit._start, exc)
 
     # -- the guarded call ------------------------------------------------
 
@@ -599,7 +733,7 @@ class CircuitBreaker:
         if record is None:
             return self._aenter_remote()
         state = record.state
-        if state is _CLOSED and not BREAKER_CALL_EXECUTED.handlers and not self._inflight:
+        if state is _CLOSED and not BREAKER_CALL_EXECUTED.handlers and not self._inflight and self._slow_after is None:
             # The fast path: the block is counted, not tracked. Every counted
             # block was admitted in _blocks_generation, so its exit knows the
             # generation without finding its task.
@@ -629,7 +763,8 @@ class CircuitBreaker:
             inflight[key] = _Inflight(None, None, outer)
             return
         ticket = self._admit(record)
-        inflight[key] = _Inflight(ticket, self._now() if BREAKER_CALL_EXECUTED.handlers else None, outer)
+        timed = BREAKER_CALL_EXECUTED.handlers or self._rated
+        inflight[key] = _Inflight(ticket, self._now() if timed else None, outer)
 
     async def _aenter_remote(self) -> None:
         key = _task_key()
@@ -640,7 +775,8 @@ class CircuitBreaker:
             return
         ticket = await self._admit_remote()
         # The task's stack cannot have changed while this task awaited.
-        inflight[key] = _Inflight(ticket, self._now() if BREAKER_CALL_EXECUTED.handlers else None, outer)
+        timed = BREAKER_CALL_EXECUTED.handlers or self._rated
+        inflight[key] = _Inflight(ticket, self._now() if timed else None, outer)
 
     def _pop(self) -> _Inflight | None:
         """Take the current task's innermost tracked block off its stack (``None``: it has none).
@@ -669,10 +805,16 @@ class CircuitBreaker:
             entry = self._pop()
             if entry is not None:
                 if entry.ticket is not None:
-                    self._settle(record, entry.ticket, self._outcome(exc), entry.start)
+                    self._settle(record, entry.ticket, self._outcome(exc), entry.start, exc)
                 return DONE
         self._blocks -= 1
-        if exc_type is not None and self._outcome(exc) == "failure":
+        if exc_type is None:
+            if self._rated and self._blocks_generation == record.generation:
+                # A rate counts successes too (a counted block is never timed: no slow-call mode here).
+                transition = record.succeed(self._policy, self._now())
+                if transition is not None:
+                    self._changed(transition)
+        elif self._outcome(exc) == "failure":
             self._fail_plain(record, self._blocks_generation)
         return DONE
 
@@ -683,7 +825,7 @@ class CircuitBreaker:
         # The block may be ending because its scope was cancelled; the store
         # must still hear of it, or a trial slot stays taken.
         with anyio.CancelScope(shield=True):
-            await self._settle_remote(entry.ticket, self._outcome(exc), entry.start)
+            await self._settle_remote(entry.ticket, self._outcome(exc), entry.start, exc)
 
     async def call(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``await fn(*args, **kwargs)`` through the breaker and return its result.
@@ -700,6 +842,22 @@ class CircuitBreaker:
             state = record.state
             if state is _CLOSED and not BREAKER_CALL_EXECUTED.handlers:
                 generation = record.generation
+                if self._rated:
+                    if fn is not self._unguarded_fn:
+                        if self._slow_after is not None or getattr(fn, GUARDED_BY, None) is not None:
+                            # Timed, or guarded by a layer that counts it itself (successes too).
+                            return await self._call_rated(record, generation, fn, args, kwargs)
+                        self._unguarded_fn = fn  # (a one-entry cache: the check costs more than the call)
+                    try:
+                        result = await fn(*args, **kwargs)
+                    except Exception as exc:
+                        self._settle_rated(record, generation, exc)
+                        raise
+                    if generation == record.generation:
+                        transition = record.succeed(self._policy, self._now())
+                        if transition is not None:
+                            self._changed(transition)
+                    return result
                 try:
                     return await fn(*args, **kwargs)
                 except Exception as exc:
@@ -717,35 +875,67 @@ class CircuitBreaker:
             return await fn(*args, **kwargs)
         return await self._call_tracked(record, fn, args, kwargs)
 
+    def _settle_rated(self, record: BreakerRecord, generation: int, exc: Exception) -> None:
+        """A plain call of a rated breaker, admitted in ``generation``, raised ``exc`` (untimed)."""
+        if generation == record.generation:
+            self._settle(record, None, self._outcome(exc), None, exc)
+
+    async def _call_rated(
+        self, record: BreakerRecord, generation: int, fn: Callable[..., Awaitable[T]], args: Any, kwargs: Any
+    ) -> T:
+        """call()'s closed path under a rate mode, timed (slow calls count) or of a guarded ``fn``."""
+        if self.guards(fn):
+            return await fn(*args, **kwargs)  # its own layer counts it, successes too
+        now = self._now
+        slow_after = self._slow_after
+        start = now() if slow_after is not None else 0.0
+        try:
+            result = await fn(*args, **kwargs)
+        except Exception as exc:
+            if generation == record.generation:
+                self._settle(record, None, self._outcome(exc), start if slow_after is not None else None, exc)
+            raise
+        if generation == record.generation:
+            end = now()
+            if slow_after is not None and end - start >= slow_after:
+                self._settle(record, None, "success", start)
+            else:
+                transition = record.succeed(self._policy, end)
+                if transition is not None:
+                    self._changed(transition)
+        return result
+
     async def _call_tracked(
         self, record: BreakerRecord | None, fn: Callable[..., Awaitable[T]], args: Any, kwargs: Any
     ) -> T:
         """A call off the closed fast path: admitted with a ticket, and registered by task while it is a trial."""
         ticket = self._admit(record) if record is not None else await self._admit_remote()
-        start = self._now() if BREAKER_CALL_EXECUTED.handlers else None
+        start = self._now() if BREAKER_CALL_EXECUTED.handlers or self._rated else None
         key = entry = None
         if ticket.trial is not None:
             # Layers of this breaker inside the trial must see it (see _covered).
             key = _task_key()
             entry = self._register(key, ticket, start)
         outcome: Outcome = "cancelled"
+        error: BaseException | None = None
         try:
             result = await fn(*args, **kwargs)
             outcome = "success"
             return result
         except Exception as exc:
             outcome = "success" if isinstance(exc, self._exclude) else "failure"
+            error = exc
             raise
         finally:
             if entry is not None:
                 self._unregister(key, entry)
             if record is not None:
-                self._settle(record, ticket, outcome, start)
+                self._settle(record, ticket, outcome, start, error)
             else:
                 # Settling a shared store awaits; shield it so a cancelled
                 # call still frees its trial slot.
                 with anyio.CancelScope(shield=True):
-                    await self._settle_remote(ticket, outcome, start)
+                    await self._settle_remote(ticket, outcome, start, error)
 
     def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
         """Decorate an async function so every call goes through the breaker.
@@ -758,7 +948,7 @@ class CircuitBreaker:
         if self.guards(fn):
             return fn  # guarded already: one layer, not two
         call = self.call
-        record = self._record
+        record = None if self._rated else self._record  # (a rated breaker has no inline closed path)
         breaker = self
 
         @functools.wraps(fn)
@@ -842,7 +1032,10 @@ class CircuitBreaker:
         """A plain call admitted in ``generation`` failed (negative: its generation is unknown)."""
         if generation >= 0 and generation != record.generation:
             return  # admitted before the breaker last changed state: it decides nothing
-        transition = record.fail(self._policy, self._now())
+        if self._rated:
+            transition = record.count(self._policy, self._now(), True, False)
+        else:
+            transition = record.fail(self._policy, self._now())
         if transition is not None:
             self._changed(transition)
 
@@ -871,18 +1064,43 @@ class CircuitBreaker:
     def _emit_rejected(self, state: BreakerState, retry_after: float) -> None:
         BREAKER_CALL_REJECTED.emit({"retry_after": retry_after}, {"name": self._name, "state": state.value})
 
-    def _settle(self, record: BreakerRecord, ticket: Ticket | None, outcome: Outcome, start: float | None) -> None:
+    def _slow(self, start: float | None, now: float, exc: BaseException | None) -> bool:
+        """Whether a call of a rated breaker was slow: it took ``slow_call_duration``, or timed out."""
+        if isinstance(exc, ProtectionTimeout):
+            return True
+        limit = self._slow_after
+        return limit is not None and start is not None and now - start >= limit
+
+    def _settle(
+        self,
+        record: BreakerRecord,
+        ticket: Ticket | None,
+        outcome: Outcome,
+        start: float | None,
+        exc: BaseException | None = None,
+    ) -> None:
         now = self._now()
-        if ticket is not None or outcome == "failure":
+        if self._rated:
+            if ticket is not None or outcome != "cancelled":
+                transition = record.settle(self._policy, now, ticket, outcome, self._slow(start, now, exc))
+                if transition is not None:
+                    self._changed(transition)
+        elif ticket is not None or outcome == "failure":
             transition = record.settle(self._policy, now, ticket, outcome)
             if transition is not None:
                 self._changed(transition)
         if start is not None:
             self._executed(ticket, outcome, now - start)
 
-    async def _settle_remote(self, ticket: Ticket | None, outcome: Outcome, start: float | None) -> None:
+    async def _settle_remote(
+        self, ticket: Ticket | None, outcome: Outcome, start: float | None, exc: BaseException | None = None
+    ) -> None:
         now = self._now()
-        transition = await self._backend.breaker_settle(self._name, self._policy, now, ticket, outcome)
+        if self._rated:  # (only on a store that declares supports_rate_modes)
+            slow = self._slow(start, now, exc)
+            transition = await self._backend.breaker_settle(self._name, self._policy, now, ticket, outcome, slow=slow)
+        else:
+            transition = await self._backend.breaker_settle(self._name, self._policy, now, ticket, outcome)
         if transition is not None:
             self._last_state = transition.new
             self._changed(transition)
@@ -922,6 +1140,6 @@ class CircuitBreaker:
         policy = self._policy
         return (
             f"<CircuitBreaker {self._name!r} state={snapshot.state.value} "
-            f"failures={snapshot.failure_count}/{policy.failure_threshold} "
+            f"failures={snapshot.failure_count}/{self._threshold} "
             f"trials={snapshot.trials}/{policy.half_open_max_calls}>"
         )

@@ -30,17 +30,24 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
+from seawall._breaker import check_policy as check_breaker_policy
 from seawall._checks import MAX_COUNT, MAX_SECONDS, count, describe, number, seconds
+from seawall._clock import default_clock
+from seawall._concurrency import ConcurrencyLimiter
 from seawall._errors import ConfigurationError, ConfigurationTypeError
+from seawall._retry import check_policy
+from seawall.backends._breaker_protocol import BreakerPolicy
 from seawall.backends._limiter_protocol import MAX_LIMIT, MAX_WINDOW, MIN_WINDOW
 
 __all__ = [
     "DEFAULT_TIMEOUT",
     "BreakerConfig",
     "ChaosConfig",
+    "ConcurrencyConfig",
     "PoolConfig",
     "ProtectionConfig",
     "RateLimitConfig",
+    "RetryConfig",
     "load_toml",
     "resolve_factory",
 ]
@@ -193,13 +200,23 @@ class BreakerConfig:
         half_open_max_calls: Concurrent trial calls allowed while half-open.
         exclude: Exception classes that are not failures (business errors);
             import strings are accepted.
+        failure_rate: Open when failures / calls over ``window`` reaches this
+            share (0 < rate <= 1), with at least ``minimum_calls`` calls.
+        slow_call_duration: Seconds from which a call counts as slow (a
+            timeout always does); needs ``slow_call_rate``.
+        slow_call_rate: Open when slow calls / calls reaches this share.
+        minimum_calls: Calls the window must hold before a rate decides.
     """
 
-    failure_threshold: int = 5
+    failure_threshold: int | None = 5
     window: float = 60.0
     recovery_time: float = 30.0
     half_open_max_calls: int = 1
     exclude: tuple[type[BaseException], ...] = ()
+    failure_rate: float | None = None
+    slow_call_duration: float | None = None
+    slow_call_rate: float | None = None
+    minimum_calls: int = 10
 
     section: ClassVar[str] = "circuit_breaker"
 
@@ -208,10 +225,14 @@ class BreakerConfig:
 
     def _validate(self, path: str) -> None:
         set_ = object.__setattr__
-        set_(self, "failure_threshold", count(self.failure_threshold, f"{path}.failure_threshold", minimum=1))
-        set_(self, "window", seconds(self.window, f"{path}.window"))
-        set_(self, "recovery_time", seconds(self.recovery_time, f"{path}.recovery_time"))
-        set_(self, "half_open_max_calls", count(self.half_open_max_calls, f"{path}.half_open_max_calls", minimum=1))
+        # The breaker's own checks (one set of rules), with the section's path.
+        policy = check_breaker_policy(
+            f"{path}.",
+            **{name: getattr(self, name) for name in BreakerPolicy._fields},
+        )
+        for name in BreakerPolicy._fields:
+            if name != "failure_threshold":
+                set_(self, name, getattr(policy, name))
         set_(self, "exclude", _exception_types(self.exclude, f"{path}.exclude"))
 
     @classmethod
@@ -285,6 +306,52 @@ class PoolConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ConcurrencyConfig:
+    """The concurrency limiter of a protection (between its breaker and its pool).
+
+    Attributes: the keyword arguments of :class:`~seawall.ConcurrencyLimiter`
+    (``limit``, ``algorithm``, ``initial_limit``, ``min_limit``,
+    ``max_limit``, ``max_waiting``, ``timeout``, ``priorities``, ``window``),
+    held to the same rules.
+    """
+
+    limit: int | None = None
+    algorithm: Literal["fixed", "aimd", "vegas", "gradient2"] = "gradient2"
+    initial_limit: int = 20
+    min_limit: int = 1
+    max_limit: int = 1000
+    max_waiting: int | None = 0
+    timeout: float | None = 0.0
+    priorities: int = 1
+    window: float = 1.0
+
+    section: ClassVar[str] = "concurrency"
+
+    def __post_init__(self) -> None:
+        self._validate(self.section)
+
+    def _validate(self, path: str) -> None:
+        # The limiter's own checks (one set of rules), reported with the section's path.
+        try:
+            limiter = ConcurrencyLimiter(**self.options(), clock=default_clock)
+        except ConfigurationError as exc:
+            raise type(exc)(f"{path}.{exc.message}", path=f"{path}.{exc.path}") from None
+        object.__setattr__(self, "timeout", limiter.timeout)
+        object.__setattr__(self, "window", seconds(self.window, f"{path}.window"))
+
+    @classmethod
+    def from_mapping(cls, data: object, path: str = "concurrency") -> ConcurrencyConfig:
+        """Validate a mapping of options; errors name ``path`` and the option."""
+        options = _section(data, path)
+        _check_names(options, tuple(f.name for f in fields(cls)), path)
+        return _build(cls, options, path)
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments for ``ConcurrencyLimiter(**options)``."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True, slots=True)
 class ChaosConfig:
     """Fault injection for a protection (game days): latency and faults inside its calls.
 
@@ -337,7 +404,66 @@ class ChaosConfig:
         return _build(cls, options, path)
 
 
-_Section = TypeVar("_Section", RateLimitConfig, BreakerConfig, PoolConfig, ChaosConfig)
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    """The retries of a protection: each attempt runs the key's whole chain, all under its one timeout.
+
+    Attributes:
+        attempts: Attempts in all, the first included.
+        initial: Seconds of backoff before the first retry (before jitter).
+        maximum: The longest backoff in seconds (before jitter).
+        multiplier: Growth of the backoff from one retry to the next.
+        jitter: Share of the backoff drawn at random (1.0: full jitter).
+        retry_on: Exception classes to retry (import strings accepted);
+            ``None``: what the key's breaker counts as a failure, an attempt's
+            ``ProtectionTimeout``, and a rejection whose ``retry_after`` fits
+            before the deadline.
+        exclude: Exception classes never retried (wins over ``retry_on``).
+        budget_ratio: Retries allowed per first attempt over the last 10 s.
+        budget_min_per_second: Retries allowed per second whatever the traffic.
+        attempt_timeout: Seconds one attempt may take (``None``: the rest of the key's timeout).
+    """
+
+    attempts: int = 3
+    initial: float = 0.1
+    maximum: float = 5.0
+    multiplier: float = 2.0
+    jitter: float = 1.0
+    retry_on: tuple[type[Exception], ...] | None = None
+    exclude: tuple[type[Exception], ...] = ()
+    budget_ratio: float = 0.2
+    budget_min_per_second: float = 1.0
+    attempt_timeout: float | None = None
+
+    section: ClassVar[str] = "retry"
+
+    def __post_init__(self) -> None:
+        self._validate(self.section)
+
+    def _validate(self, path: str) -> None:
+        numbers = ("attempts", "initial", "maximum", "multiplier", "jitter", "budget_min_per_second", "attempt_timeout")
+        checked = check_policy(f"{path}.", **{name: getattr(self, name) for name in numbers})
+        # (a key's budget is always on: its point is that an outage never multiplies the load)
+        checked["budget_ratio"] = number(self.budget_ratio, f"{path}.budget_ratio", inclusive=True, maximum=1e9)
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+        if self.retry_on is not None:
+            object.__setattr__(self, "retry_on", _exception_types(self.retry_on, f"{path}.retry_on"))
+        object.__setattr__(self, "exclude", _exception_types(self.exclude, f"{path}.exclude"))
+
+    @classmethod
+    def from_mapping(cls, data: object, path: str = "retry") -> RetryConfig:
+        """Validate a mapping of options; errors name ``path`` and the option."""
+        options = _section(data, path)
+        _check_names(options, tuple(f.name for f in fields(cls)), path)
+        return _build(cls, options, path)
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments for ``Retry(**options)``."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+_Section = TypeVar("_Section", RateLimitConfig, BreakerConfig, ConcurrencyConfig, PoolConfig, ChaosConfig, RetryConfig)
 
 
 def _build(cls: type[_Section], options: Mapping[str, Any], path: str) -> _Section:
@@ -353,8 +479,10 @@ def _build(cls: type[_Section], options: Mapping[str, Any], path: str) -> _Secti
 _SECTIONS: dict[str, Any] = {
     "rate_limiter": RateLimitConfig,
     "circuit_breaker": BreakerConfig,
+    "concurrency": ConcurrencyConfig,
     "connection_pool": PoolConfig,
     "chaos": ChaosConfig,
+    "retry": RetryConfig,
 }
 
 
@@ -366,17 +494,21 @@ class ProtectionConfig:
         rate_limiter: The key's rate limit, the name of a limiter registered with
             ``infra.rate_limiter.register`` (an adapted ``aiolimiter.AsyncLimiter``, say), or ``None``.
         circuit_breaker: The key's breaker, or ``None``.
+        concurrency: The key's concurrency limiter (after the breaker, before the pool), or ``None``.
         connection_pool: The key's pool or bulkhead, or ``None``.
         timeout: Seconds a protected call may take after its rate-limit check,
             or ``None`` for the default (5 s).
         chaos: Fault injection inside the key's calls (game days), or ``None``.
+        retry: The key's retries (each attempt through every layer), or ``None``.
     """
 
     rate_limiter: RateLimitConfig | str | None = None
     circuit_breaker: BreakerConfig | None = None
     connection_pool: PoolConfig | None = None
+    concurrency: ConcurrencyConfig | None = None
     timeout: float | None = None
     chaos: ChaosConfig | None = None
+    retry: RetryConfig | None = None
 
     def __post_init__(self) -> None:
         for name, kind in _SECTIONS.items():
@@ -444,8 +576,16 @@ def load_toml(path: str | Path) -> dict[str, ProtectionConfig]:
         raise ConfigurationError(f"{file}: not valid TOML: {exc}", path=None) from exc
     tables = document.get("protection", document)
     prefix = "protection." if "protection" in document else ""
+    if not isinstance(tables, dict):
+        raise ConfigurationError(
+            f"{file}: protection must be a table of keys, got {describe(tables)}", path="protection"
+        )
     configs: dict[str, ProtectionConfig] = {}
     for key, table in tables.items():
+        if not key:  # refused here, as configure_protection would refuse it later
+            raise ConfigurationError(
+                f"{file}: {prefix}a protection key must be a non-empty str", path=prefix[:-1] or None
+            )
         try:
             configs[key] = ProtectionConfig.from_mapping(table, key)
         except ConfigurationError as exc:

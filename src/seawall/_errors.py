@@ -7,7 +7,8 @@ raised by the code it protects pass through unchanged, never wrapped::
     ├── Rejected .................. (a protection refused the call before it ran)
     │   ├── RateLimitExceeded ..... rate_limit_exceeded
     │   ├── CircuitOpenError ...... circuit_breaker_blown
-    │   └── PoolTimeout ........... checkout_timeout          (also TimeoutError)
+    │   ├── PoolTimeout ........... checkout_timeout          (also TimeoutError)
+    │   └── ConcurrencyLimitExceeded concurrency_limit_exceeded
     ├── NotFound .................. (a lookup by name failed; also LookupError)
     │   ├── CircuitBreakerNotFound  circuit_breaker_not_found
     │   ├── PoolNotFound .......... pool_not_found
@@ -38,6 +39,7 @@ from typing import Any, ClassVar
 __all__ = [
     "CircuitBreakerNotFound",
     "CircuitOpenError",
+    "ConcurrencyLimitExceeded",
     "ConfigurationError",
     "ConfigurationTypeError",
     "NotFound",
@@ -244,6 +246,41 @@ class PoolTimeout(Rejected, TimeoutError):
 
     def _default_message(self) -> str:
         return f"no worker of pool {self.name!r} became free within {_seconds(self.timeout)}"
+
+
+class ConcurrencyLimitExceeded(Rejected):
+    """A concurrency limiter had no slot for the call (at its limit, no room or no time to wait, or shed).
+
+    ``limit`` is the limit in force when the call was refused, ``priority``
+    the call's priority (0 is the most important), ``name`` the limiter's.
+    ``retry_after`` is the limiter's latency estimate (about when a slot
+    frees), or ``None`` before it has measured any call.
+    """
+
+    error_type = "concurrency_limit_exceeded"
+    _context_fields = ("name", "limit", "priority", "retry_after")
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        name: str | None = None,
+        limit: int | None = None,
+        priority: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        self._message = message
+        self.retry_after = retry_after
+        self.name = name
+        self.limit = limit
+        self.priority = priority
+
+    def _default_message(self) -> str:
+        subject = "concurrency limiter" if self.name is None else f"concurrency limiter {self.name!r}"
+        return (
+            f"{subject} is at its limit of {self.limit} (priority {self.priority}); "
+            f"retry after {_seconds(self.retry_after)}"
+        )
 
 
 class PoolClosed(SeawallError):

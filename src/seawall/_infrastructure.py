@@ -37,14 +37,29 @@ from seawall._breaker import GUARDED_BY, BreakerLike, BreakerState, CircuitBreak
 from seawall._chaos import Chaos
 from seawall._checks import seconds as check_seconds
 from seawall._clock import Clock, MonotonicClock, current_clock
-from seawall._config import DEFAULT_TIMEOUT, BreakerConfig, PoolConfig, ProtectionConfig, RateLimitConfig, load_toml
+from seawall._config import (
+    DEFAULT_TIMEOUT,
+    BreakerConfig,
+    PoolConfig,
+    ProtectionConfig,
+    RateLimitConfig,
+    RetryConfig,
+    load_toml,
+)
 from seawall._deadline import DeadlineTimer, TimerStatistics
-from seawall._errors import ConfigurationError, ConfigurationTypeError, ProtectionKeyNotFound, ProtectionTimeout
+from seawall._errors import (
+    ConfigurationError,
+    ConfigurationTypeError,
+    ProtectionKeyNotFound,
+    ProtectionTimeout,
+    Rejected,
+    SeawallError,
+)
 from seawall._limiter import LimiterLike, RateLimiter
 from seawall._logging import Throttle
-from seawall._plan import Plan
+from seawall._plan import Plan, concurrency_for
 from seawall._pool import ConnectionPool, PoolStatus
-from seawall._protected_call import ProtectedCall
+from seawall._protected_call import ProtectedCall, run_direct
 from seawall._registries import (
     CircuitBreakerRegistry,
     ConnectionManager,
@@ -52,7 +67,8 @@ from seawall._registries import (
     bucket_key,
     jsonable,
 )
-from seawall._telemetry import INFRA_PROTECTION_TRIGGERED
+from seawall._retry import Retry
+from seawall._telemetry import ANY_HANDLER, INFRA_PROTECTION_TRIGGERED
 from seawall.backends._breaker_memory import MemoryBreakerBackend
 
 __all__ = ["AsyncInfrastructure", "InfrastructureStatistics", "KeyStatistics"]
@@ -72,6 +88,9 @@ _MAX_ENTITY_PLANS = 1024
 
 #: Timeouts are logged once a second per key at most (each carries the count of those not logged).
 _LOG = Throttle(1.0)
+
+#: The values of ``infra.health()["status"]``, best first.
+HEALTH_STATUSES = ("healthy", "degraded", "unhealthy")
 
 #: The call options that pick layers other than the key's own.
 _Options = tuple[str | tuple[str, str] | None, str | None, str | None, float | timedelta | None]
@@ -241,6 +260,41 @@ class _Host:
             self.task_group.start_soon(close_when_drained)
 
 
+class _KeyRetry:
+    """A key's retry policy, with the plan of its first attempt when ``attempt_timeout`` is the shorter."""
+
+    __slots__ = ("attempt_timeout", "first", "plan", "record", "retry")
+
+    def __init__(self, retry: Retry, plan: Plan) -> None:
+        self.retry = retry
+        self.plan = plan  # the key's plan this entry was made for
+        self.first: Plan | None = None  # its attempt plan (the attempt timeout), when that is shorter
+        self.attempt_timeout = retry.attempt_timeout
+        # A call starts: count its first attempt, read the clock (one call: the budget's, bound once).
+        budget = retry.budget
+        self.record: Callable[[], float] = budget.record_first if budget is not None else retry.clock.now
+
+    def status(self) -> dict[str, Any]:
+        """The ``"retry"`` section of the key's status: the policy's attempts and its budget's window."""
+        policy = self.retry
+        status: dict[str, Any] = {"attempts": policy.attempts, "attempt_timeout": policy.attempt_timeout}
+        if policy.budget is not None:
+            status["budget"] = policy.budget.statistics().to_dict()
+        return status
+
+    def __repr__(self) -> str:
+        return f"<KeyRetry {self.retry!r}>"
+
+
+def _falls_back(exc: Exception, plan: Plan) -> bool:
+    """Whether a failed call runs its ``fallback``: a rejection, a timeout, or a failure of the key's breaker."""
+    if isinstance(exc, Rejected | ProtectionTimeout):
+        return True
+    if isinstance(exc, SeawallError):
+        return False  # a misconfiguration, a missing name, a closed pool: a fallback would hide it
+    return not isinstance(exc, getattr(plan.breaker, "exclude", ()))
+
+
 class AsyncInfrastructure:
     """Per-key protection: rate limiting, circuit breaking, pooling and a timeout.
 
@@ -263,6 +317,7 @@ class AsyncInfrastructure:
         "_host",
         "_pending",
         "_plans",
+        "_retries",
         "circuit_breaker",
         "connection_manager",
         "rate_limiter",
@@ -275,6 +330,8 @@ class AsyncInfrastructure:
         self._adhoc: dict[str, Plan] = {}
         self._entered = False
         self._pending: dict[str, ProtectionConfig] = {}
+        # The keys with a "retry" section (empty: a call pays one truth test for retries).
+        self._retries: dict[str, _KeyRetry] = {}
         self.rate_limiter = RateLimiterRegistry(self._host)
         self.circuit_breaker = CircuitBreakerRegistry(self._host)
         self.connection_manager = self._host.connections = ConnectionManager(self._host)
@@ -304,6 +361,11 @@ class AsyncInfrastructure:
         host.task_group = task_group
         try:
             await task_group.start(host.timer.run)
+            # A shared backend checks its server: a misconfiguration raises ConfigurationError here,
+            # a server that does not answer is an outage (start-up goes on; the check runs when it answers).
+            verify = getattr(host.backend, "verify", None)
+            if verify is not None:
+                await verify()
             pending, self._pending = self._pending, {}
             for key, config in pending.items():
                 await self.configure_protection(key, config)
@@ -375,7 +437,11 @@ class AsyncInfrastructure:
         timeout = validated.timeout if validated.timeout is not None else DEFAULT_TIMEOUT
         chaos = Chaos(validated.chaos, host.clock) if validated.chaos is not None else None
         bucket = bucket_key(key, DEFAULT_ENTITY)
-        self._plans[key] = Plan(host, key, validated, limiter, bucket, breaker, pool, timeout, chaos=chaos)
+        concurrency = concurrency_for(key, validated.concurrency, old, host.clock)
+        plan = self._plans[key] = Plan(
+            host, key, validated, limiter, bucket, breaker, pool, timeout, chaos=chaos, concurrency=concurrency
+        )
+        self._set_retry(key, validated.retry, old, plan)
         self.rate_limiter.bind(key, limiter)
         old_limiter = old.limiter if old is not None else None
         if isinstance(old_limiter, RateLimiter) and isinstance(limiter, RateLimiter):
@@ -392,6 +458,21 @@ class AsyncInfrastructure:
             self.connection_manager.bind(key, pool)
         return validated
 
+    def _set_retry(self, key: str, config: RetryConfig | None, old: Plan | None, plan: Plan) -> None:
+        """Install the key's retry policy (unchanged options keep the old one, and its budget)."""
+        if config is None:
+            self._retries.pop(key, None)
+            return
+        kept = self._retries.get(key)
+        unchanged = kept is not None and old is not None and old.config is not None and old.config.retry == config
+        if kept is not None and unchanged:
+            retry = kept.retry
+        else:
+            retry = Retry(**config.options(), name=key, clock=self._host.clock)
+        entry = self._retries[key] = _KeyRetry(retry, plan)
+        if retry.attempt_timeout is not None and retry.attempt_timeout < plan.timeout:
+            entry.first = self._call_plan(key, (None, None, None, retry.attempt_timeout))
+
     def _limiter_for(self, key: str, config: RateLimitConfig | str | None) -> LimiterLike | None:
         """The key's limiter: the shared one of its rule, or one registered by name."""
         if isinstance(config, str):
@@ -405,7 +486,10 @@ class AsyncInfrastructure:
         unchanged = old is not None and old.config is not None and old.config.circuit_breaker == config
         if unchanged and isinstance(old.breaker, CircuitBreaker):  # type: ignore[union-attr]  # (old is set)
             return old.breaker  # type: ignore[union-attr]
-        return self._host.make_breaker(key, config)
+        try:
+            return self._host.make_breaker(key, config)
+        except ConfigurationError as exc:  # valid options its store refuses (rate modes on a store without them)
+            raise type(exc)(f"{key}.circuit_breaker.{exc.message}", path=f"{key}.circuit_breaker.{exc.path}") from None
 
     async def _pool_for(self, key: str, config: PoolConfig | None, old: Plan | None) -> ConnectionPool[Any] | None:
         """The key's pool: the old one if its options are unchanged (and it is open), else a new one."""
@@ -438,6 +522,7 @@ class AsyncInfrastructure:
         plan = self._plans.pop(key, None)
         if plan is None:
             raise ProtectionKeyNotFound(name=key)
+        self._retries.pop(key, None)
         if self.rate_limiter.for_operation(key) is plan.limiter:
             self.rate_limiter.bind(key, None)
         if plan.breaker is not None:
@@ -484,11 +569,16 @@ class AsyncInfrastructure:
         circuit_breaker: str | None = None,
         connection_pool: str | None = None,
         timeout: float | timedelta | None = None,  # noqa: ASYNC109 - the contract's API; it is the scope's deadline
+        fallback: Callable[[Exception], Awaitable[T]] | None = None,
+        priority: int = 0,
     ) -> T:
         """Run ``await fn()`` through ``key``'s layers and return its result.
 
         It is ``async with infra.protect(key, ...): return await fn()``: one
-        call path for both.
+        call path for both. A key with a ``"retry"`` section makes more
+        attempts, each through every layer again (rate limiter, breaker,
+        pool), all of them and the waits between them within the one
+        ``timeout``; when it gives up the last attempt's own exception is raised.
 
         Args:
             key: The protection key; an unknown key with no options runs
@@ -501,7 +591,15 @@ class AsyncInfrastructure:
             connection_pool: A pool registered on ``infra.connection_manager``
                 to use instead of the key's own.
             timeout: Seconds for everything after the rate-limit check;
-                default the key's timeout, else 5 s.
+                default the key's timeout, else 5 s. With retries: for every
+                attempt and wait together.
+            fallback: An async callable taking the exception, awaited when the
+                call fails with a :class:`~seawall.Rejected` error, a
+                :class:`ProtectionTimeout` or an exception the key's breaker
+                counts as a failure (after the retries, if any); its result is
+                returned instead. Any other exception propagates.
+            priority: The call's priority at the key's ``"concurrency"``
+                limiter (``0``, the default, is the most important).
 
         Raises:
             RateLimitExceeded: The bucket is full.
@@ -519,10 +617,104 @@ class AsyncInfrastructure:
             or timeout is not None
         ):
             plan = self._call_plan(key, (rate_limiter, circuit_breaker, connection_pool, timeout))
+        if fallback is not None:
+            return await self._with_fallback(
+                plan, fn, (rate_limiter, circuit_breaker, connection_pool, timeout), fallback, priority
+            )
         if plan.breaker is not None and getattr(fn, GUARDED_BY, None) is not None:
             fn = unguarded(plan.breaker, fn)  # ``@breaker`` of the key's own breaker: one layer counts it
-        async with ProtectedCall(plan):
+        retry = self._retries.get(key) if self._retries else None
+        if retry is not None:
+            # The first attempt, taken here as a call without retries takes it; the others in _retry.
+            start = retry.record()
+            attempt = plan
+            if retry.attempt_timeout is not None:
+                attempt = self._first_attempt_plan(plan, retry, (rate_limiter, circuit_breaker, connection_pool))
+            try:
+                if attempt.direct and not priority and not ANY_HANDLER.attached:
+                    return await run_direct(attempt, fn)
+                async with ProtectedCall(attempt, priority):
+                    return await fn()
+            except Exception as exc:
+                failed = exc  # (retried outside this handler: a later attempt's error must not chain to it)
+            options = (rate_limiter, circuit_breaker, connection_pool, timeout)
+            return await self._retry(plan, fn, options, retry.retry, failed, start + plan.timeout, priority)
+        if plan.direct and not priority and not ANY_HANDLER.attached:
+            return await run_direct(plan, fn)  # the same call, its common case in one frame
+        async with ProtectedCall(plan, priority):
             return await fn()
+
+    async def _with_fallback(
+        self,
+        plan: Plan,
+        fn: Callable[[], Awaitable[T]],
+        options: _Options,
+        fallback: Callable[[Exception], Awaitable[T]],
+        priority: int = 0,
+    ) -> T:
+        """The call (with its retries) without ``fallback``; a failure the fallback answers returns its result."""
+        rate_limiter, circuit_breaker, connection_pool, timeout = options
+        try:
+            return await self.execute_protected(
+                plan.key,
+                fn,
+                rate_limiter=rate_limiter,
+                circuit_breaker=circuit_breaker,
+                connection_pool=connection_pool,
+                timeout=timeout,
+                priority=priority,
+            )
+        except Exception as exc:
+            if not _falls_back(exc, plan):
+                raise
+            return await fallback(exc)
+
+    def _first_attempt_plan(self, plan: Plan, retry: _KeyRetry, options: tuple[Any, Any, Any]) -> Plan:
+        """The plan of a first attempt under ``attempt_timeout`` (the key's kept one, or one for this call)."""
+        limit = retry.attempt_timeout
+        if limit is None or limit >= plan.timeout:
+            return plan
+        if plan is retry.plan and retry.first is not None:
+            return retry.first
+        return self._call_plan(plan.key, (*options, limit))
+
+    async def _retry(
+        self,
+        plan: Plan,
+        fn: Callable[[], Awaitable[T]],
+        options: _Options,
+        retry: Retry,
+        failed: Exception,
+        deadline: float,
+        priority: int = 0,
+    ) -> T:
+        """Attempts 2, 3, ... after the first failed with ``failed``, each through ``plan``'s layers.
+
+        Each attempt runs under the rest of the call's time (or
+        ``attempt_timeout``, when shorter), as a plan of its own, so that its
+        deadline is its scope's and becomes a ``ProtectionTimeout`` the breaker
+        counts; the waits never pass ``deadline`` (the clock's time).
+        """
+        now = self._host.now
+        not_failures = getattr(plan.breaker, "exclude", ())
+        attempt = 1
+        while True:
+            wait = retry.schedule(failed, attempt, deadline - now(), not_failures=not_failures, key=plan.key)
+            if wait is None:
+                raise failed
+            await retry.clock.sleep(wait)
+            attempt += 1
+            limit = deadline - now()
+            if limit <= 0.0:  # the wait overran into the deadline (a real clock): no time for an attempt
+                raise failed
+            if retry.attempt_timeout is not None and retry.attempt_timeout < limit:
+                limit = retry.attempt_timeout
+            attempt_plan = plan if limit >= plan.timeout else self._call_plan(plan.key, (*options[:3], limit))
+            try:
+                async with ProtectedCall(attempt_plan, priority):
+                    return await fn()
+            except Exception as exc:
+                failed = exc
 
     def protect(
         self,
@@ -532,11 +724,14 @@ class AsyncInfrastructure:
         circuit_breaker: str | None = None,
         connection_pool: str | None = None,
         timeout: float | timedelta | None = None,
+        priority: int = 0,
     ) -> ProtectedCall:
         """``async with infra.protect(key) as conn:`` protects a block like :meth:`execute_protected`.
 
         Yields the pool's connection (``None`` without a pool). The options are
-        those of :meth:`execute_protected`.
+        those of :meth:`execute_protected` (``priority`` included), without ``fallback``. A block
+        cannot be run again, so a key with a ``"retry"`` section makes one
+        attempt here (use :meth:`execute_protected` to retry).
         """
         plan = self._plans.get(key) or self._adhoc.get(key)  # (plans are truthy)
         if (
@@ -547,7 +742,7 @@ class AsyncInfrastructure:
             or timeout is not None
         ):
             plan = self._call_plan(key, (rate_limiter, circuit_breaker, connection_pool, timeout))
-        return ProtectedCall(plan)
+        return ProtectedCall(plan, priority)
 
     def _call_plan(self, key: str, options: _Options) -> Plan:
         """The plan of one call's options: the key's layers with them applied (kept where it pays)."""
@@ -581,7 +776,17 @@ class AsyncInfrastructure:
             return base
         chaos = base.chaos if base is not None else None
         plan = Plan(
-            self._host, key, None, limiter, bucket, breaker, pool, seconds, one_call=kept_entity is None, chaos=chaos
+            self._host,
+            key,
+            None,
+            limiter,
+            bucket,
+            breaker,
+            pool,
+            seconds,
+            one_call=kept_entity is None,
+            chaos=chaos,
+            concurrency=base.concurrency if base is not None else None,
         )
         if base is not None:
             plan.owner = base  # the call counts against the key's plan, whose pool it may use
@@ -645,6 +850,7 @@ class AsyncInfrastructure:
             for name, layer in (
                 ("rate_limiter", plan.limiter),
                 ("circuit_breaker", plan.breaker),
+                ("concurrency", plan.concurrency),
                 ("connection_pool", plan.pool),
             )
             if layer is not None
@@ -673,17 +879,26 @@ class AsyncInfrastructure:
             status["rate_limiter"] = jsonable((await plan.limiter.status(plan.bucket)).to_dict())
         if plan.breaker is not None:
             status["circuit_breaker"] = jsonable((await plan.breaker.status()).to_dict())
+        if plan.concurrency is not None:
+            status["concurrency"] = jsonable(plan.concurrency.statistics().to_dict())
         if plan.pool is not None:
             status["connection_pool"] = jsonable(plan.pool.status().to_dict())
+        retry = self._retries.get(key)
+        if retry is not None:
+            status["retry"] = retry.status()
         return status
 
     async def get_infrastructure_status(self) -> dict[str, Any]:
         """Health of everything: every pool and breaker, the keys, the timer; JSON-ready.
 
-        ``"status"`` is ``"healthy"`` when every pool is open and every
-        breaker closed, else ``"degraded"``. A breaker whose state cannot be
-        read (its shared store is down) is reported with ``"state": "unknown"``
-        and the error, and counts as unhealthy: a health check must answer.
+        ``"status"`` is one of :data:`HEALTH_STATUSES`: ``"healthy"`` when
+        every pool is open and every breaker closed; ``"degraded"`` when a
+        breaker is open, a pool is closed, or a breaker's state cannot be read
+        (its shared store is down) under ``on_error="allow"``/``"local"``;
+        ``"unhealthy"`` when the infrastructure cannot serve: not started or
+        closed, or a store that is down under ``on_error="deny"``. A breaker
+        whose state cannot be read is reported with ``"state": "unknown"`` and
+        the error: a health check must answer.
         """
         pools: dict[str, Any] = {}
         for name in self.connection_manager.list_pools():
@@ -698,7 +913,8 @@ class AsyncInfrastructure:
         healthy = all(p["healthy"] for p in pools.values()) and all(b["healthy"] for b in breakers.values())
         timer = self._host.timer.statistics()
         return {
-            "status": "healthy" if healthy else "degraded",
+            "status": self._health_status(healthy, breakers),
+            "running": self._host.task_group is not None,
             "keys": len(self._plans),
             "protection_keys": self.list_protection_keys(),
             "pools": pools,
@@ -707,6 +923,16 @@ class AsyncInfrastructure:
         }
 
     health = get_infrastructure_status
+
+    def _health_status(self, healthy: bool, breakers: Mapping[str, Any]) -> str:
+        if self._host.task_group is None:
+            return "unhealthy"  # not started, or closed: no call can be served
+        if healthy:
+            return "healthy"
+        store_down = any(b.get("state") == "unknown" for b in breakers.values())
+        if store_down and getattr(self._host.backend, "on_error", None) == "deny":
+            return "unhealthy"  # every call that needs the store is refused
+        return "degraded"
 
     def __repr__(self) -> str:
         host = self._host

@@ -9,7 +9,11 @@ application. So the logger decides per call:
 * Otherwise seawall renders ``key=value`` lines into the standard library
   logger named ``seawall``, so ordinary ``logging`` configuration (levels,
   handlers) governs it; with no configuration at all only warnings and errors
-  reach stderr, as for any library using ``logging``.
+  reach stderr, as for any library using ``logging``. The fields also go to
+  the record as ``extra=`` attributes (``record.key``, ``record.retry_after``),
+  so a JSON formatter sees them as fields, not only inside the message; a
+  field whose name a ``LogRecord`` uses already (``name``, ``msg``,
+  ``args``...) is set as ``seawall_<field>`` instead (``record.seawall_name``).
 
 Logging happens on state changes, denials and timeouts, never on the success
 path. ``debug`` is filtered by the stdlib level before any rendering.
@@ -36,6 +40,23 @@ def _drop_exc_info(_logger: Any, _method: str, event_dict: Any) -> Any:
     return event_dict
 
 
+#: Attributes every ``LogRecord`` has: an ``extra=`` key among them would make ``logging`` raise.
+_RESERVED: frozenset[str] = frozenset(
+    {*vars(logging.LogRecord("", 0, "", 0, "", (), None)), "message", "asctime", "taskName"}
+)
+_render_key_values = structlog.processors.KeyValueRenderer(key_order=["event"], sort_keys=True)
+
+
+def _render_with_extra(logger: Any, method: str, event_dict: Any) -> tuple[tuple[str], dict[str, Any]]:
+    """The ``key=value`` message, and every field as an ``extra=`` record attribute too."""
+    extra = {
+        f"seawall_{field}" if field in _RESERVED else field: value
+        for field, value in event_dict.items()
+        if field != "level"  # the record's own levelname says it
+    }
+    return (_render_key_values(logger, method, event_dict),), {"extra": extra}
+
+
 class _SeawallLogger:
     """Forward ``debug``/``info``/``warning``/``error``/``exception`` to the right backend."""
 
@@ -48,7 +69,7 @@ class _SeawallLogger:
                 structlog.stdlib.filter_by_level,
                 structlog.processors.add_log_level,
                 _drop_exc_info,
-                structlog.processors.KeyValueRenderer(key_order=["event"], sort_keys=True),
+                _render_with_extra,
             ],
             wrapper_class=structlog.stdlib.BoundLogger,
             cache_logger_on_first_use=True,

@@ -19,12 +19,14 @@ import anyio
 
 from seawall._breaker import BreakerLike, CircuitBreaker
 from seawall._chaos import Chaos
-from seawall._config import ProtectionConfig
+from seawall._clock import Clock
+from seawall._concurrency import ConcurrencyLimiter
+from seawall._config import ConcurrencyConfig, ProtectionConfig
 from seawall._errors import ProtectionTimeout
 from seawall._limiter import LimiterLike, RateLimiter
 from seawall._pool import ConnectionPool
 
-__all__ = ["CallHost", "Plan", "uncount"]
+__all__ = ["CallHost", "Plan", "concurrency_for", "uncount"]
 
 
 class CallHost(Protocol):
@@ -66,9 +68,13 @@ class Plan:
             this process, else ``None`` (its ``hit()`` is awaited).
         breaker: The breaker, and ``local_breaker``: the same when its
             ``admit_nowait``/``settle_nowait`` decide (state in this process).
+        concurrency: The concurrency limiter (between the breaker and the pool),
+            or ``None``. A plan with one is not ``direct``.
         pool: The pool or bulkhead.
         timeout: Seconds for everything after the rate limit.
         nowait: Whether the limiter and the breaker both decide without awaiting.
+        direct: Whether a call may take the written-out common case
+            (``_protected_call.run_direct``): ``nowait`` and no fault injection.
         chaos: The key's fault injector (game days), or ``None``.
         owner: The key's plan, which counts the calls in flight (``inflight``)
             that awaited before their checkout: a replaced pool stays open for them.
@@ -80,7 +86,9 @@ class Plan:
         "breaker",
         "bucket",
         "chaos",
+        "concurrency",
         "config",
+        "direct",
         "drained",
         "entities",
         "host",
@@ -107,6 +115,7 @@ class Plan:
         *,
         one_call: bool = False,
         chaos: Chaos | None = None,
+        concurrency: ConcurrencyLimiter | None = None,
     ) -> None:
         self.host = host
         self.key = key
@@ -117,6 +126,7 @@ class Plan:
         self.pool = pool
         self.timeout = timeout
         self.chaos = chaos
+        self.concurrency = concurrency
         self.owner: Plan = self
         self.inflight = 0
         self.drained: anyio.Event | None = None
@@ -134,6 +144,9 @@ class Plan:
         self.nowait = (limiter is None or self.acquire is not None) and (
             breaker is None or self.local_breaker is not None
         )
+        # Whether execute_protected may run the call as ``run_direct`` (while no handler listens).
+        # (run_direct has no concurrency stage: such plans take ProtectedCall.)
+        self.direct = self.nowait and chaos is None and concurrency is None
 
     def same_layers(
         self,
@@ -153,9 +166,26 @@ class Plan:
         )
 
     def __repr__(self) -> str:
-        pairs = (("rate_limiter", self.limiter), ("circuit_breaker", self.breaker), ("pool", self.pool))
+        pairs = (
+            ("rate_limiter", self.limiter),
+            ("circuit_breaker", self.breaker),
+            ("concurrency", self.concurrency),
+            ("pool", self.pool),
+        )
         layers = [name for name, layer in pairs if layer is not None]
         return f"<Plan key={self.key!r} layers={layers} timeout={self.timeout!r}>"
+
+
+def concurrency_for(
+    key: str, config: ConcurrencyConfig | None, old: Plan | None, clock: Clock
+) -> ConcurrencyLimiter | None:
+    """A key's concurrency limiter: the old one while its options are unchanged (its limit and queue kept), else new."""
+    if config is None:
+        return None
+    if old is not None and old.concurrency is not None and old.config is not None:  # noqa: SIM102
+        if old.config.concurrency == config:
+            return old.concurrency
+    return ConcurrencyLimiter(**config.options(), name=key, clock=clock)
 
 
 def uncount(plan: Plan) -> None:

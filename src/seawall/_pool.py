@@ -152,6 +152,10 @@ class PoolLease(Generic[T]):
         # When an observed checkout_nowait() lent it (for the checkin event's "held").
         self._lent_at: float | None = None
 
+    def closed_under_holder(self) -> bool:
+        """Whether close() gave up on the holder and closed the worker (a method: it can change at any await)."""
+        return self._orphaned
+
     def __repr__(self) -> str:
         return f"<PoolLease conn={self.conn!r}>"
 
@@ -329,6 +333,8 @@ class ConnectionPool(Generic[T]):
             with nobody waiting; workers within ``size`` are always kept.
         max_lifetime: Seconds after which a worker is closed (on return or on
             checkout) and replaced, so connections rotate. ``None``: no limit.
+        max_waiting: How many checkouts may wait at once; one beyond that
+            fails at once with :class:`PoolTimeout` (``None``: no bound).
         clock: The clock for timeouts and ages; tests inject a ``FakeClock``.
 
     Raises:
@@ -356,6 +362,7 @@ class ConnectionPool(Generic[T]):
         "_limit",
         "_max_idle",
         "_max_lifetime",
+        "_max_waiting",
         "_name",
         "_overflow",
         "_plain_return",
@@ -383,6 +390,7 @@ class ConnectionPool(Generic[T]):
         max_idle: float | timedelta | None = None,
         max_lifetime: float | timedelta | None = None,
         clock: Clock | None = None,
+        max_waiting: int | None = None,
     ) -> None:
         self._size = count(size, "size", minimum=0)
         self._overflow = count(max_overflow, "max_overflow", minimum=0)
@@ -393,6 +401,7 @@ class ConnectionPool(Generic[T]):
         self._timeout = _seconds("timeout", timeout)
         self._max_idle = _seconds("max_idle", max_idle)
         self._max_lifetime = _seconds("max_lifetime", max_lifetime)
+        self._max_waiting = None if max_waiting is None else count(max_waiting, "max_waiting", minimum=0)
         if name is not None and not isinstance(name, str):
             raise ConfigurationTypeError(f"name: must be a str or None, got {name!r}", path="name")
         self._name = name
@@ -805,7 +814,18 @@ class ConnectionPool(Generic[T]):
         return cast("PoolLease[Any]", got)
 
     async def _wait(self, max_wait: float | None) -> object:
-        """Queue up (FIFO) for a worker or a free slot."""
+        """Queue up (FIFO) for a worker or a free slot; beyond ``max_waiting`` waiters, fail at once."""
+        bound = self._max_waiting
+        if bound is not None:
+            waiting = sum(1 for queued in self._waiters if queued.got is None)
+            if waiting >= bound:
+                if POOL_TIMEOUT.handlers:
+                    POOL_TIMEOUT.emit({"duration": 0.0}, {"pool": self._name, "timeout": max_wait})
+                raise PoolTimeout(
+                    f"pool {self._name!r} is at capacity with {waiting} checkouts waiting (max_waiting={bound})",
+                    name=self._name,
+                    timeout=max_wait,
+                )
         waiter = _Waiter()
         self._waiters.append(waiter)
         if max_wait is not None:
@@ -997,11 +1017,15 @@ class ConnectionPool(Generic[T]):
                         logger.warning("pool_worker_reset_failed", pool=self._name, error=repr(exc))
                         dead = True
             except BaseException:
-                self._busy.discard(worker)
-                self._spawn_dispose(worker)
+                if not worker.closed_under_holder():
+                    self._busy.discard(worker)
+                    self._spawn_dispose(worker)
                 raise
+            if worker.closed_under_holder():
+                return  # close() gave up waiting during the check or reset and closed it already
             self._busy.discard(worker)
-            if dead:
+            # Tested again: the server may have closed it while the reset ran.
+            if dead or not self._usable(worker):
                 await self._dispose(worker)
             else:
                 self._give_back(worker)

@@ -199,6 +199,10 @@ POOL_CHECKOUT: Final = topic(("seawall", "connection_pool", "checkout"))
 POOL_CHECKIN: Final = topic(("seawall", "connection_pool", "checkin"))
 POOL_TIMEOUT: Final = topic(("seawall", "connection_pool", "timeout"))
 CHAOS_INJECTED: Final = topic(("seawall", "chaos", "injected"))
+BACKEND_ERROR: Final = topic(("seawall", "backend", "error"))
+RETRY_ATTEMPT: Final = topic(("seawall", "retry", "attempt"))
+RETRY_GAVE_UP: Final = topic(("seawall", "retry", "gave_up"))
+RETRY_BUDGET_EXHAUSTED: Final = topic(("seawall", "retry", "budget_exhausted"))
 
 #: Every event seawall itself emits, for attaching one handler to all of them.
 ALL_EVENTS: Final[tuple[Event, ...]] = tuple(_topics)

@@ -3,6 +3,7 @@
 from seawall._errors import (
     CircuitBreakerNotFound,
     CircuitOpenError,
+    ConcurrencyLimitExceeded,
     ConfigurationError,
     ConfigurationTypeError,
     NotFound,
@@ -20,6 +21,7 @@ from seawall._errors import (
 __all__ = [
     "CircuitBreakerNotFound",
     "CircuitOpenError",
+    "ConcurrencyLimitExceeded",
     "ConfigurationError",
     "ConfigurationTypeError",
     "NotFound",

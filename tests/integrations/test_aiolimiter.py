@@ -246,7 +246,7 @@ limiter = seawall.RateLimiter(1, 1.0)
 try:
     import seawall.integrations.aiolimiter
 except ImportError as exc:
-    assert "seawall[aiolimiter]" in str(exc), exc
+    assert "pip install '.[aiolimiter]'" in str(exc), exc
 else:
     raise AssertionError("the adapter imported without aiolimiter")
 """

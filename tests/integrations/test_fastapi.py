@@ -19,6 +19,7 @@ from starlette.requests import Request as StarletteRequest
 from seawall import AsyncInfrastructure, FakeClock
 from seawall._errors import (
     CircuitOpenError,
+    ConcurrencyLimitExceeded,
     ConfigurationError,
     ConfigurationTypeError,
     PoolTimeout,
@@ -101,6 +102,12 @@ async def _breaker_state(infra: AsyncInfrastructure, key: str) -> str:
             "the service is temporarily unavailable; retry after 3s",
         ),
         (PoolTimeout(name="p", timeout=1.0), 503, None, "the service is at capacity; try again later"),
+        (
+            ConcurrencyLimitExceeded(name="api", limit=10, priority=1, retry_after=0.2),
+            503,
+            "1",
+            "the service is at capacity; retry after 1s",
+        ),
         (
             ProtectionTimeout(key="k", timeout=1.0, retry_after=3.0),
             504,

@@ -89,3 +89,54 @@ async def infrastructure_is_typed() -> None:
 
         assert_type(await infra.execute_protected("api", work), int)
         assert_type(infra.list_protection_keys(), list[str])
+
+
+async def retry_is_typed() -> None:
+    retry = seawall.Retry(attempts=3, initial=0.1, retry_on=ConnectionError)
+
+    async def fetch(n: int) -> str:
+        return str(n)
+
+    assert_type(await retry.call(fetch, 1), str)
+    assert_type(await retry(fetch)(1), str)
+    async for attempt in retry:
+        with attempt:
+            assert_type(attempt.number, int)
+    budget = retry.budget
+    if budget is not None:
+        assert_type(budget.statistics().available, float)
+    async with seawall.AsyncInfrastructure() as infra:
+
+        async def fallback(exc: Exception) -> str:
+            return "cached"
+
+        assert_type(await infra.execute_protected("k", lambda: fetch(1), fallback=fallback), str)
+
+
+async def concurrency_is_typed() -> None:
+    limiter = seawall.ConcurrencyLimiter(algorithm="vegas", initial_limit=10, priorities=2, max_waiting=5, timeout=1.0)
+    ticket = limiter.acquire_nowait(1)
+    assert_type(ticket, float)
+    limiter.release(ticket, dropped=False)
+    assert_type(await limiter.acquire(0), float)
+    limiter.release(None)
+    async with limiter(priority=1):
+        pass
+    assert_type(limiter.limit, int)
+    stats = limiter.statistics()
+    assert_type(stats, seawall.ConcurrencyLimiterStatistics)
+    assert_type(stats.waiting, tuple[int, ...])
+    error = seawall.ConcurrencyLimitExceeded(limit=3, priority=1)
+    assert_type(error.limit, int | None)
+    breaker = seawall.CircuitBreaker("rated", failure_threshold=None, failure_rate=0.5, minimum_calls=20)
+    status = await breaker.status()
+    assert_type(status.failure_rate, float | None)
+    assert_type(status.calls, int)
+    async with seawall.AsyncInfrastructure() as infra:
+
+        async def fetch() -> str:
+            return "x"
+
+        assert_type(await infra.execute_protected("k", fetch, priority=1), str)
+        async with infra.protect("k", priority=0):
+            pass

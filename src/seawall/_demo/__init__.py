@@ -22,13 +22,15 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from seawall._extras import install_hint
+
 if TYPE_CHECKING:
     from seawall._demo._scenario import Recorder
     from seawall._demo._view import LiveView, PlainView
 
 __all__ = ["run_demo"]
 
-_MISSING = "the demo needs the 'demo' extra: pip install 'seawall[demo]' (missing: {name})"
+_MISSING = f"seawall demo: needs {{name!r}}, from seawall's 'demo' extra: {install_hint('demo')}"
 
 
 def _default_chart(seed: int) -> Path:
@@ -47,7 +49,8 @@ def run_demo(
 
     Args:
         duration: Seconds of load (at least 1); the phases scale with it.
-        live: Show a live ``rich`` view; ``False`` prints plain lines.
+        live: Show a live ``rich`` view when stdout is a terminal (it fits 80x24);
+            ``False``, or a stdout that is not a terminal, prints plain lines.
         seed: Seed of the clients' rates and jitter (random when ``None``).
         chart: Where to write the PNG timeline (default: the temp directory).
         redis: A Redis URL: keep rate-limit buckets and breaker state there
@@ -78,11 +81,13 @@ def run_demo(
         return 2
     recorder = Recorder(plan)
     view: LiveView | PlainView = PlainView(sys.stdout, plan.pool_size)
-    if live:
+    # A live view redraws in place: piped into a file or a pager it would leave escape codes, so
+    # a stdout that is not a terminal gets the plain lines whatever ``live`` says.
+    if live and sys.stdout.isatty():
         try:
             view = LiveView(plan, lambda: recorder.breaker_state)
         except ImportError:
-            view.print("seawall demo: 'rich' is not installed, showing plain lines (pip install 'seawall[demo]')")
+            view.print(f"seawall demo: 'rich' is not installed, showing plain lines ({install_hint('demo')})")
     view.print(
         f"seawall demo: {len(plan.clients)} clients for {plan.duration:g}s (seed {plan.seed}); "
         f"per-client limit {plan.per_client_limit}/{plan.per_client_window:g}s, breaker threshold 5, "
@@ -116,6 +121,6 @@ def _conclude(recorder: Recorder, view: LiveView | PlainView, chart: Path) -> in
 
         view.print(f"seawall demo: timeline chart written to {write_chart(recorder, chart)}")
     except ImportError:
-        view.print("seawall demo: no chart ('matplotlib' is not installed: pip install 'seawall[demo]')")
+        view.print(f"seawall demo: no chart ('matplotlib' is not installed: {install_hint('demo')})")
     view.print(f"seawall demo: {'scenario ran as designed' if verdict.ok else 'scenario did NOT run as designed'}")
     return 0 if verdict.ok else 1

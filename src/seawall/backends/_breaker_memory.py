@@ -8,6 +8,11 @@ callers that only know the protocol. :class:`~seawall.CircuitBreaker` holds
 its record directly and peeks at ``state``, ``generation`` and ``opened_at``
 so that its closed path reads no clock and its open rejection takes no
 backend call.
+
+Rate modes count in :class:`_Buckets`: the current bucket's counts as three
+integers and the 10 buckets before it in a ring, with running totals, so a
+call costs an index computation and a few additions (a bucket that falls out
+of the window is subtracted once, when time moves past it).
 """
 
 from __future__ import annotations
@@ -27,9 +32,100 @@ from seawall.backends._breaker_protocol import (
 
 __all__ = ["BreakerRecord", "MemoryBreakerBackend"]
 
+#: Buckets per window (each ``window / 10`` wide); the window is the current one and this many before it.
+BUCKETS = 10
+
 _CLOSED = BreakerState.CLOSED
 _OPEN = BreakerState.OPEN
 _HALF_OPEN = BreakerState.HALF_OPEN
+
+
+class _Buckets:
+    """Calls, failures and slow calls over the rolling window, in time buckets (see the protocol's rules)."""
+
+    __slots__ = (
+        "calls",
+        "failures",
+        "head",
+        "ring",
+        "since",
+        "slow",
+        "total_calls",
+        "total_failures",
+        "total_slow",
+        "until",
+        "width",
+    )
+
+    def __init__(self, window: float) -> None:
+        self.width = window / BUCKETS
+        self.head = -1  # the absolute index of the current bucket (floor(now / width))
+        # The current bucket's time span, [since, until): a reading inside it needs no division.
+        self.since = self.until = 0.0
+        self.calls = self.failures = self.slow = 0  # the current bucket
+        # The BUCKETS buckets before the current one, by absolute index modulo BUCKETS+1.
+        self.ring = [(0, 0, 0)] * (BUCKETS + 1)
+        self.total_calls = self.total_failures = self.total_slow = 0  # the ring's sums
+
+    def clear(self) -> None:
+        self.head = -1
+        self.since = self.until = 0.0
+        self.calls = self.failures = self.slow = 0
+        self.ring = [(0, 0, 0)] * (BUCKETS + 1)
+        self.total_calls = self.total_failures = self.total_slow = 0
+
+    def move(self, index: int) -> None:
+        """Make ``index`` the current bucket: the old current one joins the ring, expired ones leave it."""
+        head = self.head
+        if head < 0 or index - head > BUCKETS:
+            self.clear()  # nothing counted so far is in the window any more
+        else:
+            ring = self.ring
+            size = BUCKETS + 1
+            ring[head % size] = (self.calls, self.failures, self.slow)
+            self.total_calls += self.calls
+            self.total_failures += self.failures
+            self.total_slow += self.slow
+            # The window at ``index`` starts at bucket index - BUCKETS: older ones leave (each once).
+            for old in range(head - BUCKETS, index - BUCKETS):
+                calls, failures, slow = ring[old % size]
+                if calls:
+                    ring[old % size] = (0, 0, 0)
+                    self.total_calls -= calls
+                    self.total_failures -= failures
+                    self.total_slow -= slow
+            self.calls = self.failures = self.slow = 0
+        self.head = index
+        self.since = index * self.width
+        self.until = (index + 1) * self.width
+
+    def count(self, now: float, failed: bool, slow: bool) -> None:
+        index = int(now // self.width)
+        if index != self.head:
+            if index < self.head:
+                index = self.head  # a reading from before the current bucket counts in it
+            else:
+                self.move(index)
+        self.calls += 1
+        if failed:
+            self.failures += 1
+        if slow:
+            self.slow += 1
+
+    def totals(self, now: float) -> tuple[int, int, int]:
+        """Calls, failures and slow calls in the window at ``now`` (without moving the buckets)."""
+        index = int(now // self.width)
+        head = self.head
+        if head < 0 or index - head > BUCKETS:
+            return 0, 0, 0
+        calls = self.total_calls + self.calls
+        failures = self.total_failures + self.failures
+        slow = self.total_slow + self.slow
+        size = BUCKETS + 1
+        for old in range(head - BUCKETS, index - BUCKETS):
+            c, f, s = self.ring[old % size]
+            calls, failures, slow = calls - c, failures - f, slow - s
+        return calls, failures, slow
 
 
 class BreakerRecord:
@@ -46,7 +142,7 @@ class BreakerRecord:
             hands it back with its failure needs no ticket object.
     """
 
-    __slots__ = ("_slot_ids", "failures", "generation", "opened_at", "state", "trials")
+    __slots__ = ("_slot_ids", "buckets", "failures", "generation", "opened_at", "state", "trials")
 
     def __init__(self) -> None:
         self.state = _CLOSED
@@ -58,6 +154,8 @@ class BreakerRecord:
         # Trial slot id -> the time the trial was admitted.
         self.trials: dict[int, float] = {}
         self._slot_ids = itertools.count(1)
+        # The rate modes' counters, made by the first rated call (see count()).
+        self.buckets: _Buckets | None = None
 
     def _renew(self) -> None:
         # A new period: every call admitted before it is stale, and the trial
@@ -77,6 +175,8 @@ class BreakerRecord:
 
     def _close(self) -> Transition:
         self.failures.clear()
+        if self.buckets is not None:
+            self.buckets.clear()
         return self._move(_CLOSED)
 
     @staticmethod
@@ -129,13 +229,17 @@ class BreakerRecord:
         generation = ticket.generation
         return generation == self.generation or generation < 0
 
-    def settle(self, policy: BreakerPolicy, now: float, ticket: Ticket | None, outcome: Outcome) -> Transition | None:
+    def settle(
+        self, policy: BreakerPolicy, now: float, ticket: Ticket | None, outcome: Outcome, slow: bool = False
+    ) -> Transition | None:
         """Record how an admitted call ended (rules in :mod:`seawall.backends._breaker_protocol`)."""
         if ticket is not None:
             if ticket.trial is not None:
                 if ticket.generation != self.generation:
                     return None  # a trial of an earlier period: its slot went with it
                 self.trials.pop(ticket.trial, None)
+                if outcome == "success" and slow and policy.slow_call_rate is not None:
+                    outcome = "failure"  # a slow trial says the dependency is still slow
                 if outcome == "success":
                     return self._close()
                 if outcome == "failure":
@@ -147,7 +251,51 @@ class BreakerRecord:
                 return None
             if not self._current(ticket):
                 return None  # admitted before the breaker last changed state
+        if policy.rated:
+            return None if outcome == "cancelled" else self.count(policy, now, outcome == "failure", slow)
         return self.fail(policy, now) if outcome == "failure" else None
+
+    def succeed(self, policy: BreakerPolicy, now: float) -> Transition | None:
+        """Count a plain call's fast success under a rated policy: :meth:`count`'s common case, inline.
+
+        In the current bucket a success only lowers the rates, so nothing
+        can open unless this call brings the window to ``minimum_calls``.
+        """
+        buckets = self.buckets
+        if buckets is not None and buckets.since <= now < buckets.until and self.state is _CLOSED:
+            buckets.calls += 1
+            if buckets.total_calls + buckets.calls != policy.minimum_calls:
+                return None
+            return self.count_checked(policy, now, buckets)
+        return self.count(policy, now, False, False)
+
+    def count(self, policy: BreakerPolicy, now: float, failed: bool, slow: bool) -> Transition | None:
+        """Count a plain call's outcome under a rated policy (the caller checked the generation)."""
+        if self.state is not _CLOSED:
+            return None
+        buckets = self.buckets
+        if buckets is None or buckets.width != policy.window / 10:
+            buckets = self.buckets = _Buckets(policy.window)
+        buckets.count(now, failed, slow)
+        if failed:
+            transition = self.fail(policy, now)  # failure_threshold applies as well
+            if transition is not None:
+                return transition
+        return self.count_checked(policy, now, buckets)
+
+    def count_checked(self, policy: BreakerPolicy, now: float, buckets: _Buckets) -> Transition | None:
+        """Open if a rate is reached over the window (a call was just counted in ``buckets``)."""
+        calls = buckets.total_calls + buckets.calls
+        if calls < policy.minimum_calls:
+            return None
+        # (Checked after every call: reaching minimum_calls, or old calls leaving, can cross a rate too.)
+        rate = policy.failure_rate
+        if rate is not None and buckets.total_failures + buckets.failures >= rate * calls:
+            return self._open(now)
+        rate = policy.slow_call_rate
+        if rate is not None and buckets.total_slow + buckets.slow >= rate * calls:
+            return self._open(now)
+        return None
 
     def fail(self, policy: BreakerPolicy, now: float) -> Transition | None:
         """Count a plain call's failure in the current period (the caller checked the generation)."""
@@ -165,6 +313,8 @@ class BreakerRecord:
         if state is _CLOSED:
             if self.state is _CLOSED:
                 self.failures.clear()
+                if self.buckets is not None:
+                    self.buckets.clear()
                 self._renew()
                 return None
             return self._close()
@@ -176,20 +326,30 @@ class BreakerRecord:
             return self._open(now)
         raise ValueError(f"a breaker can be forced to closed or open, not {state!r}")
 
+    def rates(self, policy: BreakerPolicy, now: float) -> tuple[int, float | None, float | None]:
+        """Calls in the window and the failure and slow-call rates (``None`` below ``minimum_calls``)."""
+        if not policy.rated or self.buckets is None:
+            return 0, None, None
+        calls, failures, slow = self.buckets.totals(now)
+        if calls < policy.minimum_calls or calls == 0:
+            return calls, None, None
+        return calls, failures / calls, None if policy.slow_call_rate is None else slow / calls
+
     def snapshot(self, policy: BreakerPolicy, now: float) -> BreakerSnapshot:
         """Report the state at ``now`` without changing it."""
         cutoff = now - policy.window
         failure_count = sum(1 for at in self.failures if at > cutoff)
+        rates = self.rates(policy, now)
         state = self.effective_state(policy, now)
         if state is _OPEN:
-            return BreakerSnapshot(state, failure_count, self.opened_at + policy.recovery_time - now, 0)
+            return BreakerSnapshot(state, failure_count, self.opened_at + policy.recovery_time - now, 0, *rates)
         if state is _HALF_OPEN and self.state is _HALF_OPEN:
             live = self._live_trials(policy, now)
             retry_after = 0.0
             if len(live) >= policy.half_open_max_calls:
                 retry_after = min(live) + policy.recovery_time - now
-            return BreakerSnapshot(state, failure_count, retry_after, len(live))
-        return BreakerSnapshot(state, failure_count, 0.0, 0)
+            return BreakerSnapshot(state, failure_count, retry_after, len(live), *rates)
+        return BreakerSnapshot(state, failure_count, 0.0, 0, *rates)
 
     def __repr__(self) -> str:
         return (
@@ -206,6 +366,9 @@ class MemoryBreakerBackend:
 
     __slots__ = ("_records",)
 
+    #: This store implements the rate modes (see the protocol's rules).
+    supports_rate_modes = True
+
     def __init__(self) -> None:
         self._records: dict[str, BreakerRecord] = {}
 
@@ -220,9 +383,16 @@ class MemoryBreakerBackend:
         return self.record(name).admit(policy, now)
 
     async def breaker_settle(
-        self, name: str, policy: BreakerPolicy, now: float, ticket: Ticket | None, outcome: Outcome
+        self,
+        name: str,
+        policy: BreakerPolicy,
+        now: float,
+        ticket: Ticket | None,
+        outcome: Outcome,
+        *,
+        slow: bool = False,
     ) -> Transition | None:
-        return self.record(name).settle(policy, now, ticket, outcome)
+        return self.record(name).settle(policy, now, ticket, outcome, slow)
 
     async def breaker_force(
         self, name: str, policy: BreakerPolicy, now: float, state: BreakerState

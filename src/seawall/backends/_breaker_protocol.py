@@ -43,6 +43,40 @@ The rules every backend implements:
     even when the state stays the same - so nothing admitted before them
     decides anything afterwards.
 
+Rate modes (second release). A policy with ``failure_rate`` or
+``slow_call_rate`` set (:attr:`BreakerPolicy.rated`) also counts *every*
+closed-state outcome of the current period, successes included, in
+time-bucketed counters over the rolling ``window``: buckets ``window / 10``
+wide, aligned to ``floor(now / (window / 10))``; the window at ``now`` is the
+current bucket and the 10 before it, so an outcome leaves the window at most
+10% late and counting is O(1) per call. After a plain call is counted, with
+at least ``minimum_calls`` calls in the window, the breaker opens when
+``failures / calls >= failure_rate`` or ``slow / calls >= slow_call_rate``
+(``failure_threshold`` failures still open it too; a policy whose
+threshold is off carries :data:`~seawall._checks.MAX_COUNT`, which is never
+reached). A call is *slow* when it took ``slow_call_duration`` or longer, or
+timed out (the coordinator's ``ProtectionTimeout``), whatever its outcome;
+a slow half-open trial counts as a failed one when ``slow_call_rate`` is set.
+Closing the breaker (a trial success, ``reset()``) empties the counters.
+``snapshot`` reports ``calls``, ``failure_rate`` and ``slow_call_rate`` over
+the window (the rates ``None`` while fewer than ``minimum_calls`` calls are in
+it).
+
+What this adds to the protocol, for a backend that implements it:
+
+* :class:`BreakerPolicy` has four more fields (``failure_rate``,
+  ``slow_call_duration``, ``slow_call_rate``, ``minimum_calls``), with
+  defaults that mean "count mode".
+* ``breaker_settle`` takes ``slow: bool`` (keyword). The breaker passes it
+  only when the policy is rated, and then also settles plain successes, so
+  a backend without rate modes keeps working in count mode unchanged.
+* :class:`BreakerSnapshot` has three more fields with defaults (``calls``,
+  ``failure_rate``, ``slow_call_rate``).
+* A backend declares that it implements rate modes with a true class
+  attribute ``supports_rate_modes``. A :class:`~seawall.CircuitBreaker` given
+  rate options on a backend without it raises ``ConfigurationError`` at
+  construction rather than ignoring them.
+
 Two tickets stand outside the generations: ``ticket=None`` (a plain call a
 caller admitted without asking the store) and a ticket with a negative
 generation (what a store hands out when it admitted a call without deciding,
@@ -93,6 +127,19 @@ class BreakerPolicy(NamedTuple):
     window: float
     recovery_time: float
     half_open_max_calls: int
+    failure_rate: float | None = None
+    """Open when failures / calls reaches it over the window (at least ``minimum_calls`` calls)."""
+    slow_call_duration: float | None = None
+    """Seconds from which a call counts as slow."""
+    slow_call_rate: float | None = None
+    """Open when slow calls / calls reaches it over the window (at least ``minimum_calls`` calls)."""
+    minimum_calls: int = 10
+    """Calls the window must hold before a rate decides anything."""
+
+    @property
+    def rated(self) -> bool:
+        """Whether a rate mode is on: every outcome is counted, successes included."""
+        return self.failure_rate is not None or self.slow_call_rate is not None
 
 
 class Ticket(NamedTuple):
@@ -134,6 +181,12 @@ class BreakerSnapshot(NamedTuple):
     """Seconds until a call could be admitted; ``0.0`` when one would be now."""
     trials: int
     """Trial slots in use (hung ones past ``recovery_time`` not counted)."""
+    calls: int = 0
+    """Calls counted in the window (rate modes only; ``0`` otherwise)."""
+    failure_rate: float | None = None
+    """Failures / calls in the window (``None``: no rate mode, or fewer than ``minimum_calls``)."""
+    slow_call_rate: float | None = None
+    """Slow calls / calls in the window (``None``: no rate mode, or fewer than ``minimum_calls``)."""
 
 
 @runtime_checkable
@@ -149,9 +202,20 @@ class BreakerBackend(Protocol):
         ...
 
     async def breaker_settle(
-        self, name: str, policy: BreakerPolicy, now: float, ticket: Ticket | None, outcome: Outcome
+        self,
+        name: str,
+        policy: BreakerPolicy,
+        now: float,
+        ticket: Ticket | None,
+        outcome: Outcome,
+        *,
+        slow: bool = False,
     ) -> Transition | None:
-        """Record how an admitted call ended; ``ticket=None`` is a plain call admitted without asking."""
+        """Record how an admitted call ended; ``ticket=None`` is a plain call admitted without asking.
+
+        ``slow`` (passed only under a rated policy): the call took
+        ``slow_call_duration`` or longer, or timed out.
+        """
         ...
 
     async def breaker_force(

@@ -187,7 +187,9 @@ class GcraTable:
         interval = self._interval
         level = state / interval
         remaining = math.floor((self._horizon - state) / interval)
-        next_after = state + interval - self._window
+        # Judged against the horizon, as take() admits: a float-rounded backlog a hair past
+        # the window still fits one more, and the status must say so.
+        next_after = state + interval - self._horizon
         # Snapped so that a bucket drained by float time steps reads 2.0, not 1.9999999999998863
         # (round(level, 9) would do it too, at ten times the cost).
         whole = float(int(level + 0.5))

@@ -1,8 +1,11 @@
 """The Lua scripts that decide rate limits on the Redis server.
 
 Each script is one atomic step on the server, timed by the server's clock
-(``redis.call('TIME')``; Redis >= 5 replicates scripts by their effects, so a
-non-deterministic read such as ``TIME`` is allowed before a write). The
+(``redis.call('TIME')``). A non-deterministic read such as ``TIME`` is allowed
+before a write only when the script is replicated by its effects: always on
+Redis 7 and Valkey, the default on Redis 5 and 6 unless
+``lua-replicate-commands no``, so every script starts by asking for it
+(``redis.replicate_commands()``, a no-op where effects are the only way). The
 semantics are those of the in-memory tables in ``_limiter_memory.py``:
 
 * :data:`GCRA` keeps, per bucket, its *backlog* (seconds until the bucket is
@@ -28,7 +31,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-__all__ = ["FIXED_WINDOW", "GCRA", "Script"]
+__all__ = ["FIXED_WINDOW", "GCRA", "PROBE", "Script"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +50,7 @@ class Script:
 # Reply: "<admitted 1|0> <backlog after the operation, s>".
 GCRA = Script(
     """
+if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local backlog = 0
@@ -75,6 +79,7 @@ return string.format('0 %.17g', backlog)
 # Reply: "<admitted 1|0> <count after the operation> <seconds until the window ends>".
 FIXED_WINDOW = Script(
     """
+if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local span = tonumber(ARGV[1]) * 1000000
@@ -102,5 +107,17 @@ if ARGV[4] == '1' then
   end
 end
 return string.format('0 %.17g ', count) .. left
+"""
+)
+
+# KEYS[1] a probe key of the backend's own. What RedisBackend.verify() runs once: the server clock, then a
+# write (so a read-only replica, a script replicated verbatim, a cluster slot elsewhere all answer an error).
+PROBE = Script(
+    """
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+redis.call('SET', KEYS[1], t[1], 'PX', 1000)
+redis.call('DEL', KEYS[1])
+return 'ok'
 """
 )

@@ -7,25 +7,33 @@ that reads the server's clock, decides and writes atomically on the server.
 So limiters and breakers in any number of processes that share a Redis and a
 rule share their state, and their clocks never need to agree.
 
-Decisions are *pipelined automatically*: a decision asked for while another
-is on the wire waits for it and then goes out with every other decision
-that queued meanwhile, as one write and one read on one connection. A lone
-caller pays one round trip; a hundred concurrent callers pay about two
-between them instead of a hundred (each still one ``EVALSHA``, so the server
-runs exactly one script per decision). A lone caller sends its own decision
-(no task hop); queued ones are sent by a task of the backend, so a caller
-cancelled while queued is simply never sent, and one cancelled on the wire
-only costs its own connection (redis-py drops it; the next decision opens
-another). A decision that was sent may have been taken.
+Decisions are *pipelined automatically*, per server (``_redis_link.py``): a
+decision asked for while another is on the wire goes out with every other
+decision that queued meanwhile, as one write and one read on one connection.
+With a ``redis.asyncio.RedisCluster`` each primary gets its own pipeline;
+every bucket and every breaker is one key, so one hash slot.
 
-When Redis fails (refused connection, socket timeout, any Redis error) the
-policy decides: ``on_error="allow"`` admits the hit (fail open) and
-``"deny"`` raises :class:`~seawall.RateLimiterError` from the Redis error.
-Both emit the ``("seawall", "rate_limiter", "rate_limiter_exception")``
-event and log a warning (at most one a second). No decision waits longer
-than the client's socket timeout: the replies of a batch share one deadline
-of that length, and :meth:`RedisBackend.from_url` builds its client without
-retries.
+Outage or misconfiguration. :meth:`RedisBackend.verify` (run by
+``AsyncInfrastructure.__aenter__`` and before the first decision) checks that
+the server accepts the scripts, is writable (not a replica), matches the
+client's mode (cluster or not) and speaks the client's protocol, and raises
+:class:`~seawall.ConfigurationError` naming the reason otherwise. A server
+that does not answer is an outage: decisions follow ``on_error`` and the
+check runs again when it answers. At run time, an outage (refused
+connection, timeout, a server loading its data) logs a warning at most once
+a second, and an *error reply* (``READONLY`` after a failover, ``MOVED``,
+``WRONGTYPE``, ``OOM``...) logs at error level, each reason at most once a
+second with the count of the others; both follow ``on_error`` and emit the
+``("seawall", "backend", "error")`` event with their ``reason`` every time.
+
+``on_error="allow"`` admits the hit (fail open) and ``"deny"`` raises
+:class:`~seawall.RateLimiterError` from the Redis error. Every caller,
+queued or not, waits at most the socket timeout for Redis, from its call to
+its answer, reconnects included.
+
+Breakers keep a view of each breaker in the process, fed by the replies and
+by a pub/sub subscription to the prefix's channel: a closed breaker's
+successes cost no round trip, a failure one (see ``_redis_breaker.py``).
 
 redis-py's asyncio client runs on asyncio only: under trio, building a
 backend (the constructor, :meth:`RedisBackend.from_url`) and its first
@@ -36,21 +44,45 @@ so, never deep inside redis-py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any, Final, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import redis.asyncio as aioredis
-from redis.asyncio.connection import AbstractConnection, ConnectionPool
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from seawall._extras import missing_extra
+
+try:
+    import redis.asyncio as aioredis
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+    from redis.asyncio.connection import AbstractConnection, Connection
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.crc import key_slot
+    from redis.exceptions import (
+        AskError,
+        AuthenticationError,
+        BusyLoadingError,
+        ClusterDownError,
+        MovedError,
+        NoPermissionError,
+        OutOfMemoryError,
+        ReadOnlyError,
+        RedisClusterException,
+        RedisError,
+        ResponseError,
+        TryAgainError,
+    )
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+except ModuleNotFoundError as exc:
+    raise missing_extra(exc, __name__) from exc
 
 from seawall._clock import in_trio_task
 from seawall._errors import CircuitOpenError, ConfigurationError, RateLimiterError
-from seawall._logging import logger
-from seawall._telemetry import LIMITER_EXCEPTION
+from seawall._logging import Throttle
+from seawall._telemetry import BACKEND_ERROR, LIMITER_EXCEPTION
 from seawall.backends import _redis_breaker as breaker_wire
 from seawall.backends._breaker_protocol import (
     Admission,
@@ -63,20 +95,23 @@ from seawall.backends._breaker_protocol import (
 )
 from seawall.backends._limiter_memory import GcraTable
 from seawall.backends._limiter_protocol import RateLimitDecision, RateLimitRule, check_rule, tolerance
-from seawall.backends._redis_scripts import FIXED_WINDOW, GCRA
+from seawall.backends._redis_link import Link, pack
+from seawall.backends._redis_scripts import FIXED_WINDOW, GCRA, PROBE
 
-__all__ = ["RedisBackend"]
+__all__ = ["KEY_FORMAT", "RedisBackend"]
 
 OnError = Literal["allow", "deny"]
 
-#: Decisions sent in one write at most; a larger queue goes out in several.
-_MAX_BATCH: Final = 1024
-#: Seconds between two warnings about a failing Redis (telemetry sees every failure).
-_WARN_EVERY: Final = 1.0
+#: The format version in every key and channel name (``<prefix>:v2:...``). Processes of another
+#: format count apart from these (see docs/redis.md, "Rolling upgrades").
+KEY_FORMAT: Final = "v2"
 #: The errors that mean "Redis failed" (redis-py wraps socket errors in its own).
 _BACKEND_ERRORS: Final = (RedisError, OSError)
-
-_Command = bytes  # one command, already in the wire format (RESP)
+_SCRIPTS: Final = (GCRA.source, FIXED_WINDOW.source, breaker_wire.BREAKER.source, PROBE.source)
+#: Seconds verify() may take when the client sets no socket timeout.
+_VERIFY_TIMEOUT: Final = 5.0
+#: Seconds between two attempts to subscribe to the breaker channel again (doubling, at most the second value).
+_RESUBSCRIBE: Final = (0.05, 1.0)
 
 
 def _key(text: str) -> bytes:
@@ -92,11 +127,6 @@ def _key(text: str) -> bytes:
 
 def _bulk(data: bytes) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(data), data)
-
-
-def _pack(*args: bytes) -> bytes:
-    """One command in the wire format: packed here, since redis-py's packer is a quarter of the client's work."""
-    return b"*%d\r\n" % len(args) + b"".join(map(_bulk, args))
 
 
 _COST_ONE: Final = _bulk(b"1.0")
@@ -124,29 +154,116 @@ class _Wire:
         # GCRA decisions are described by the memory table's own arithmetic (it is pure in the backlog).
         self.table = GcraTable(rule) if script is GCRA else None
 
-    def command(self, key: str, cost: float, take: bytes) -> bytes:
+    def key(self, key: str) -> bytes:
+        return _key(self.name + key)
+
+    def command(self, key: bytes, cost: float, take: bytes) -> bytes:
         cost_bulk = _COST_ONE if cost == 1 else _bulk(repr(float(cost)).encode())
-        return self.head + _bulk(_key(self.name + key)) + self.tail + cost_bulk + take
+        return self.head + _bulk(key) + self.tail + cost_bulk + take
+
+
+def classify(exc: BaseException) -> tuple[str, bool]:
+    """Why Redis failed: ``(reason, misconfigured)``.
+
+    A misconfiguration (a replica, a cluster behind a plain client, a protocol
+    the server does not speak, scripts refused or replicated verbatim, missing
+    rights) will not go away by waiting; anything else is an outage or an
+    error of one key.
+    """
+    if isinstance(exc, AuthenticationError):
+        return "authentication", True
+    if isinstance(exc, BusyLoadingError):
+        return "loading", False
+    if isinstance(exc, RedisTimeoutError | TimeoutError):
+        return "timeout", False
+    if isinstance(exc, ResponseError):
+        return _reply_reason(exc)
+    if isinstance(exc, RedisClusterException) and "cluster mode is not enabled" in str(exc).lower():
+        return "cluster", True
+    return "connection", False
+
+
+_REPLY_REASONS: Final = (
+    # (words in the error reply, reason, misconfigured): the first match wins
+    ("READONLY", "replica", True),
+    ("MASTERDOWN", "cluster_down", False),
+    ("CLUSTERDOWN", "cluster_down", False),
+    ("TRYAGAIN", "cluster_down", False),
+    ("MOVED", "cluster", True),
+    ("ASK", "cluster", True),
+    ("HELLO", "protocol", True),
+    ("NON DETERMINISTIC", "script_replication", True),
+    ("NOPERM", "permission", True),
+    ("UNKNOWN COMMAND", "scripts", True),
+    ("NOSCRIPT", "scripts", True),
+    ("WRONGTYPE", "wrong_type", False),
+    ("OOM", "out_of_memory", False),
+    ("BUSY", "busy", False),
+)
+
+
+def _reply_reason(exc: ResponseError) -> tuple[str, bool]:
+    if isinstance(exc, ReadOnlyError):
+        return "replica", True
+    if isinstance(exc, ClusterDownError | TryAgainError):
+        return "cluster_down", False
+    if isinstance(exc, AskError):  # MovedError too
+        return "cluster", True
+    if isinstance(exc, NoPermissionError):
+        return "permission", True
+    if isinstance(exc, OutOfMemoryError):
+        return "out_of_memory", False
+    text = str(exc).upper()
+    for words, reason, misconfigured in _REPLY_REASONS:
+        if words in text:
+            return reason, misconfigured
+    return "error_reply", False
+
+
+_ADVICE: Final = {
+    "replica": "the server is a read-only replica: point the backend at the primary",
+    "cluster": "the client's mode does not match the server's (a cluster node behind a plain client, or the "
+    "reverse): use RedisBackend.from_url(url, cluster=True) or RedisBackend(RedisCluster(...)) for a cluster",
+    "protocol": "the server does not speak the client's protocol (HELLO: RESP3 needs Redis >= 6); "
+    "pass protocol=2 to the client",
+    "script_replication": "the server replicates scripts verbatim (lua-replicate-commands no) and refuses "
+    "the scripts' effects replication; Redis >= 6.2 is required",
+    "permission": "the Redis user lacks a command the backend needs (EVALSHA, SCRIPT LOAD, INFO, PUBLISH, "
+    "SUBSCRIBE, and the keys under the prefix)",
+    "scripts": "the server refuses Lua scripts (EVALSHA/SCRIPT LOAD disabled or renamed)",
+    "authentication": "the server refused the credentials",
+}
+
+
+def _misconfigured(reason: str, exc: BaseException | None, where: str) -> ConfigurationError:
+    detail = "" if exc is None else f" ({type(exc).__name__}: {exc})"
+    return ConfigurationError(
+        f"backend: Redis misconfigured at {where}, reason {reason!r}: {_ADVICE.get(reason, reason)}{detail}",
+        path="backend",
+    )
 
 
 class RedisBackend:
     """Rate-limit buckets and breaker state in Redis: one atomic script per decision, on the server's clock.
 
     Use :meth:`from_url` to let the backend own its client, or pass an
-    existing ``redis.asyncio.Redis`` (which the backend then only borrows:
-    :meth:`aclose` leaves it open). The backend holds one connection of the
-    client's pool while it has decisions to send.
+    existing ``redis.asyncio.Redis`` or ``redis.asyncio.RedisCluster``
+    (which the backend then only borrows: :meth:`aclose` leaves it open).
+    The backend holds one connection per server while it has decisions to
+    send, and one more for the breakers' subscription once a breaker is used.
 
     Args:
-        client: A ``redis.asyncio.Redis`` client (not a cluster client).
+        client: A ``redis.asyncio.Redis`` or ``redis.asyncio.RedisCluster`` client.
         prefix: The namespace of every key the backend writes
-            (``<prefix>:rl:<rule>:<key>`` for buckets, ``<prefix>:cb:<name>`` for breakers).
+            (``<prefix>:v2:rl:<rule>:<key>`` for buckets, ``<prefix>:v2:cb:<name>`` for breakers).
         on_error: What a decision does when Redis fails: ``"allow"`` admits
             the hit (or the call), ``"deny"`` raises :class:`~seawall.RateLimiterError`
             (:class:`~seawall.CircuitOpenError` for a breaker).
+        socket_timeout: Seconds a decision waits for Redis at most, queueing and
+            reconnecting included; ``None`` takes the client's ``socket_timeout``.
 
     Raises:
-        TypeError: ``client`` is not a ``redis.asyncio.Redis`` or ``prefix`` not a str.
+        TypeError: ``client`` is not a redis-py asyncio client or ``prefix`` not a str.
         ValueError: ``on_error`` is neither ``"allow"`` nor ``"deny"``
             (a :class:`~seawall.ConfigurationError`).
         ConfigurationError: Built under trio (redis-py runs on asyncio only);
@@ -154,48 +271,73 @@ class RedisBackend:
     """
 
     __slots__ = (
+        "_channel",
         "_closed",
-        "_connection",
-        "_failures",
-        "_flusher",
-        "_idle",
+        "_cluster",
+        "_down",
+        "_links",
+        "_listener",
+        "_live",
+        "_log",
         "_owns_client",
-        "_pool",
-        "_queue",
+        "_policies",
+        "_pubsub",
         "_rules",
-        "_sending",
-        "_warned_at",
+        "_single",
+        "_timeout",
+        "_verified",
+        "_verifying",
+        "_views",
         "client",
         "on_error",
         "prefix",
     )
 
-    def __init__(self, client: aioredis.Redis, *, prefix: str = "seawall", on_error: OnError = "allow") -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis | RedisCluster,
+        *,
+        prefix: str = "seawall",
+        on_error: OnError = "allow",
+        socket_timeout: float | None = None,
+    ) -> None:
         _require_asyncio("RedisBackend()")
-        if not isinstance(client, aioredis.Redis):
-            raise TypeError(f"client must be a redis.asyncio.Redis, got {client!r}")
+        if not isinstance(client, aioredis.Redis | RedisCluster):
+            raise TypeError(f"client must be a redis.asyncio.Redis or redis.asyncio.RedisCluster, got {client!r}")
         _check_options(prefix, on_error)
+        if socket_timeout is not None:
+            _check_timeout(socket_timeout)
         self.client: Final = client
         self.prefix: Final = prefix
         self.on_error: Final[OnError] = on_error
         self._owns_client = False
-        self._pool: ConnectionPool = client.connection_pool
-        self._connection: AbstractConnection | None = None
-        self._queue: list[tuple[_Command, asyncio.Future[Any]]] = []
-        self._flusher: asyncio.Task[None] | None = None
-        self._sending = False  # a caller or the flusher is sending: only one at a time uses the connection
-        self._idle = asyncio.Event()  # set while nobody is sending (aclose waits for it)
-        self._idle.set()
+        self._cluster = client if isinstance(client, RedisCluster) else None
+        if isinstance(client, RedisCluster):
+            timeout = client.get_connection_kwargs().get("socket_timeout")
+        else:
+            timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
+        self._timeout: float | None = socket_timeout if socket_timeout is not None else timeout
+        self._links: dict[str, Link] = {}
+        self._single = None if self._cluster is not None else self._plain_link()
         self._rules: dict[RateLimitRule, _Wire] = {}
         self._closed = False
-        self._failures = 0
-        self._warned_at = -math.inf
+        self._verified = False
+        self._verifying: asyncio.Task[None] | None = None
+        self._log = Throttle(1.0)
+        self._views: dict[str, breaker_wire.View] = {}
+        self._policies: dict[str, BreakerPolicy] = {}
+        self._channel = _key(f"{prefix}:{KEY_FORMAT}:cb")
+        self._listener: asyncio.Task[None] | None = None
+        self._pubsub: Any = None  # the subscription's redis-py PubSub while listening
+        self._live = False
+        self._down = False  # a breaker round trip met an outage, and none has answered since
 
     @classmethod
     def from_url(
         cls,
         url: str,
         *,
+        cluster: bool = False,
         prefix: str = "seawall",
         on_error: OnError = "allow",
         socket_timeout: float = 0.5,
@@ -204,25 +346,23 @@ class RedisBackend:
         """A backend that owns a new client for ``url`` (closed by :meth:`aclose`).
 
         Args:
-            url: A Redis URL, e.g. ``redis://localhost:6379/0``.
+            url: A Redis URL, e.g. ``redis://localhost:6379/0``; ``?cluster=true``
+                in it means ``cluster=True``.
+            cluster: Build a ``redis.asyncio.RedisCluster`` (``url`` names any node).
             prefix: The namespace of every key the backend writes.
             on_error: ``"allow"`` (admit when Redis fails) or ``"deny"``
                 (raise :class:`~seawall.RateLimiterError`).
             socket_timeout: Seconds a connect, write or read may take; a
                 decision never waits longer for Redis (the client does not retry).
-            **client_options: Passed on to ``redis.asyncio.Redis.from_url``.
+            **client_options: Passed on to ``Redis.from_url`` (``RedisCluster.from_url``).
 
         Raises:
             ValueError: ``socket_timeout`` is not finite and positive, or ``on_error`` is unknown.
             ConfigurationError: Called under trio (redis-py runs on asyncio only).
         """
         _require_asyncio("RedisBackend.from_url()")
-        if isinstance(socket_timeout, bool) or not isinstance(socket_timeout, int | float):
-            raise TypeError(f"socket_timeout must be a finite positive number, got {socket_timeout!r}")
-        if not (math.isfinite(socket_timeout) and socket_timeout > 0):
-            raise ConfigurationError(
-                f"socket_timeout must be a finite positive number, got {socket_timeout!r}", path="socket_timeout"
-            )
+        _check_timeout(socket_timeout)
+        url, in_url = _cluster_from_url(url)
         options: dict[str, Any] = {
             "socket_timeout": socket_timeout,
             "socket_connect_timeout": socket_timeout,
@@ -231,7 +371,9 @@ class RedisBackend:
         }
         options.update(client_options)
         _check_options(prefix, on_error)  # before a client exists that would need closing
-        backend = cls(aioredis.Redis.from_url(url, **options), prefix=prefix, on_error=on_error)
+        wanted = cluster or in_url
+        client = RedisCluster.from_url(url, **options) if wanted else aioredis.Redis.from_url(url, **options)
+        backend = cls(client, prefix=prefix, on_error=on_error)
         backend._owns_client = True
         return backend
 
@@ -240,8 +382,9 @@ class RedisBackend:
     async def take(self, key: str, cost: float, rule: RateLimitRule) -> RateLimitDecision:
         """Take ``cost`` from bucket ``key`` if it fits now on the server's clock; one round trip."""
         wire = self._rule(rule)
+        name = wire.key(key)
         try:
-            reply = await self._call(wire.command(key, cost, _TAKE))
+            reply = await self._call(name, wire.command(name, cost, _TAKE))
         except _BACKEND_ERRORS as exc:
             return self._failed(key, cost, rule, exc, "take")
         return _decision(reply, cost, rule, wire.table, peek=False)
@@ -249,8 +392,9 @@ class RedisBackend:
     async def peek(self, key: str, rule: RateLimitRule) -> RateLimitDecision:
         """Report bucket ``key`` as a hit of cost 1 would find it now, taking nothing."""
         wire = self._rule(rule)
+        name = wire.key(key)
         try:
-            reply = await self._call(wire.command(key, 1, _LOOK))
+            reply = await self._call(name, wire.command(name, 1, _LOOK))
         except _BACKEND_ERRORS as exc:
             return self._failed(key, 1, rule, exc, "peek")
         return _decision(reply, 1, rule, wire.table, peek=True)
@@ -261,9 +405,9 @@ class RedisBackend:
         Raises:
             RateLimiterError: Redis failed, whatever the policy (a reset must not pass silently).
         """
-        name = self._rule(rule).name
+        name = self._rule(rule).key(key)
         try:
-            await self._call(_pack(b"DEL", _key(name + key)))
+            await self._call(name, pack(b"DEL", name))
         except _BACKEND_ERRORS as exc:
             self._report(key, 1, rule, exc, "reset")
             raise RateLimiterError(key=key) from exc
@@ -272,33 +416,60 @@ class RedisBackend:
     # ``now`` (the breaker's clock) is not used: the script reads the server's clock.
 
     async def breaker_admit(self, name: str, policy: BreakerPolicy, now: float) -> Admission:
-        """Admit a call or reject it, in one round trip.
+        """Admit a call or reject it: from the process's view while closed or open, else in one round trip.
 
-        When Redis fails, ``on_error="allow"`` admits the call as if the breaker
-        were closed, and ``"deny"`` rejects it with :class:`~seawall.CircuitOpenError`.
+        When Redis fails, ``on_error="allow"`` decides on the process's own
+        view (an open breaker it knows of stays open; else the call is admitted
+        as if closed), and ``"deny"`` rejects it with :class:`~seawall.CircuitOpenError`.
         """
+        view = self._views.get(name)
+        if view is not None and not (self._down and self.on_error == "deny"):
+            # Closed: admitted here. A change made elsewhere arrives by pub/sub, or with the reply to
+            # this process's next failure at the latest (so a lost subscription delays it, no more).
+            admitted = view.admission
+            if admitted is not None:
+                return admitted
+            # Open: rejected here while the view is confirmed (a reset elsewhere would have been heard).
+            if view.state is BreakerState.OPEN and view.confirmed and self._live:
+                left = view.open_until - time.monotonic()
+                if left > 0.0:
+                    return Admission(None, left, BreakerState.OPEN, None)
+        key = self._breaker_key(name)
         try:
-            reply = await self._call(self._breaker_command(name, policy, b"admit"))
+            reply = await self._call(key, self._breaker_command(key, name, policy, b"admit"))
         except _BACKEND_ERRORS as exc:
-            self._warn("circuit_breaker_backend_failed", exc, name=name, operation="admit")
+            self._breaker_failed(exc, name, "admit")
             if self.on_error == "deny":
                 raise CircuitOpenError(name=name) from exc
-            # A plain call of no generation: its failure is reported to Redis when it answers again.
+            if view is not None and view.state is BreakerState.OPEN:
+                left = view.open_until - time.monotonic()
+                if left > 0.0:
+                    return Admission(None, left, BreakerState.OPEN, None)
+            # A plain call of no generation: judged as current when it settles.
             return Admission(Ticket(-1, None), 0.0, BreakerState.CLOSED, None)
-        return breaker_wire.admission(reply)
+        found, facts = breaker_wire.admission(reply)
+        self._learn(name, facts)
+        return found
 
     async def breaker_settle(
         self, name: str, policy: BreakerPolicy, now: float, ticket: Ticket | None, outcome: Outcome
     ) -> Transition | None:
-        """Record how an admitted call ended; a Redis failure is logged, never raised over the call's result."""
+        """Record how an admitted call ended; a plain call's success costs nothing, a failure one round trip.
+
+        A Redis failure is logged, never raised over the call's result.
+        """
+        if outcome != "failure" and (ticket is None or ticket.trial is None):
+            return None  # a plain call that did not fail never changes the state
+        key = self._breaker_key(name)
+        command = self._breaker_command(key, name, policy, b"settle", *breaker_wire.settle_arguments(ticket, outcome))
         try:
-            reply = await self._call(
-                self._breaker_command(name, policy, b"settle", *breaker_wire.settle_arguments(ticket, outcome))
-            )
+            reply = await self._call(key, command)
         except _BACKEND_ERRORS as exc:
-            self._warn("circuit_breaker_backend_failed", exc, name=name, operation="settle")
+            self._breaker_failed(exc, name, "settle")
             return None
-        return breaker_wire.transition(reply)
+        found, facts = breaker_wire.transition(reply)
+        self._learn(name, facts)
+        return found
 
     async def breaker_force(
         self, name: str, policy: BreakerPolicy, now: float, state: BreakerState
@@ -311,9 +482,11 @@ class RedisBackend:
         """
         if state is BreakerState.HALF_OPEN:
             raise ValueError(f"a breaker can be forced to closed or open, not {state!r}")
-        return breaker_wire.transition(
-            await self._call(self._breaker_command(name, policy, b"force", state.value.encode()))
-        )
+        key = self._breaker_key(name)
+        reply = await self._call(key, self._breaker_command(key, name, policy, b"force", state.value.encode()))
+        found, facts = breaker_wire.transition(reply)
+        self._learn(name, facts)
+        return found
 
     async def breaker_snapshot(self, name: str, policy: BreakerPolicy, now: float) -> BreakerSnapshot:
         """Report the state without changing it.
@@ -321,24 +494,202 @@ class RedisBackend:
         Raises:
             redis.exceptions.RedisError: Redis failed.
         """
-        return breaker_wire.snapshot(await self._call(self._breaker_command(name, policy, b"snapshot")))
-
-    def _breaker_command(self, name: str, policy: BreakerPolicy, operation: bytes, *extra: bytes) -> bytes:
-        key = _key(f"{self.prefix}:cb:{name}")
-        return _pack(
-            b"EVALSHA", breaker_wire.BREAKER.sha.encode(), b"1", key, operation, *breaker_wire.arguments(policy), *extra
+        key = self._breaker_key(name)
+        found, facts = breaker_wire.snapshot(
+            await self._call(key, self._breaker_command(key, name, policy, b"snapshot"))
         )
+        self._learn(name, facts)
+        return found
+
+    def _breaker_key(self, name: str) -> bytes:
+        return _key(f"{self.prefix}:{KEY_FORMAT}:cb:{name}")
+
+    def _breaker_command(self, key: bytes, name: str, policy: BreakerPolicy, operation: bytes, *extra: bytes) -> bytes:
+        self._policies[name] = policy
+        return pack(
+            b"EVALSHA",
+            breaker_wire.BREAKER.sha.encode(),
+            b"1",
+            key,
+            operation,
+            *breaker_wire.arguments(policy),
+            self._channel,
+            _key(name),
+            *extra,
+        )
+
+    def _learn(self, name: str, facts: breaker_wire.Facts) -> None:
+        """Take in what a reply says of breaker ``name`` (and start listening for changes made elsewhere)."""
+        state, generation, left = facts
+        self._down = False
+        now = time.monotonic()
+        view = self._views.get(name)
+        if view is None:
+            view = self._views[name] = breaker_wire.View(state, generation, -math.inf, self._live)
+        view.learn(state, generation, left, now, reply=True)
+        view.confirmed = self._live
+        if self._listener is None and not self._closed:
+            self._listener = asyncio.get_running_loop().create_task(self._listen())
+
+    # -- the subscription: state changes made by other processes ---------------
+
+    async def _listen(self) -> None:
+        """Follow the prefix's breaker channel; re-publish what this process knows open when it comes back."""
+        delay = _RESUBSCRIBE[0]
+        while not self._closed:
+            pubsub = self._pubsub = self.client.pubsub()
+            try:
+                await pubsub.subscribe(self._channel)
+                confirmation = await pubsub.get_message(timeout=self._timeout or _VERIFY_TIMEOUT)
+                if confirmation is None:
+                    raise RedisTimeoutError("no subscription confirmation")
+                self._live = True
+                delay = _RESUBSCRIBE[0]
+                await self._republish()
+                while not self._closed:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is not None and message.get("type") in ("message", b"message"):
+                        self._on_message(message["data"])
+            except _BACKEND_ERRORS as exc:
+                self._lost_subscription(exc)
+            finally:
+                self._live = False
+                self._pubsub = None
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call] # redis-py leaves it untyped
+            if not self._closed:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RESUBSCRIBE[1])
+
+    def _lost_subscription(self, exc: BaseException) -> None:
+        self._live = False
+        for view in self._views.values():
+            view.confirmed = False  # changes may be missed from now on: ask the server again
+        self._log.warning(
+            "circuit_breaker_subscription_lost", ("subscription", self.prefix), backend="redis", error=_text(exc)
+        )
+
+    def _on_message(self, data: bytes | str) -> None:
+        raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
+        name_bytes, (state, generation, left) = breaker_wire.message(raw)
+        view = self._views.get(name_bytes.decode("utf-8", "surrogatepass"))
+        if view is not None:
+            view.learn(state, generation, left, time.monotonic(), reply=False)
+            view.confirmed = True
+
+    async def _republish(self) -> None:
+        """Write the OPEN states this process knows back to a server that lost them (a restart without persistence)."""
+        now = time.monotonic()
+        for name, view in list(self._views.items()):
+            left = view.open_until - now
+            policy = self._policies.get(name)
+            if view.state is not BreakerState.OPEN or left <= 0.0 or policy is None:
+                continue
+            key = self._breaker_key(name)
+            extra = (repr(left).encode(), str(view.generation).encode())
+            command = self._breaker_command(key, name, policy, b"restore", *extra)
+            try:
+                reply = await self._call(key, command)
+            except _BACKEND_ERRORS:
+                # The first command after a restart may meet the old connection: one more on a new one.
+                reply = await self._call(key, command)
+            self._learn(name, breaker_wire.transition(reply)[1])
+
+    # -- checking the server -------------------------------------------------
+
+    async def verify(self) -> bool:
+        """Check that the server can serve this backend; ``False`` when it does not answer (an outage).
+
+        The checks, on every primary: the server answers in the client's
+        protocol (``HELLO`` for RESP3), it is not a replica, its cluster mode
+        matches the client's, it loads the scripts, and a script may read the
+        server clock and then write (scripts replicated by their effects). A
+        server that does not answer is not a misconfiguration: the check runs
+        again before the next decision.
+
+        Returns:
+            ``True`` when verified, ``False`` when Redis did not answer in time.
+
+        Raises:
+            ConfigurationError: A misconfiguration; the message names the reason
+                (``replica``, ``cluster``, ``protocol``, ``scripts``,
+                ``script_replication``, ``permission``, ``authentication``).
+        """
+        _require_asyncio("RedisBackend.verify()")
+        loop = asyncio.get_running_loop()
+        try:
+            await self._verify_until(loop.time() + (self._timeout or _VERIFY_TIMEOUT))
+        except _BACKEND_ERRORS as exc:
+            self._outage(exc, "verify", {})
+            return False
+        return True
+
+    async def _verify_until(self, deadline: float) -> None:
+        try:
+            async with asyncio.timeout_at(deadline):
+                if self._cluster is None:
+                    await self._verify_plain()
+                else:
+                    await self._verify_cluster(self._cluster)
+        except _BACKEND_ERRORS as exc:
+            reason, misconfigured = classify(exc)
+            if misconfigured:
+                raise _misconfigured(reason, exc, "connect") from exc
+            raise
+        self._verified = True
+
+    async def _verify_plain(self) -> None:
+        client = self.client
+        assert isinstance(client, aioredis.Redis)
+        pool = client.connection_pool
+        connection: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call] # redis-py leaves it untyped
+        try:
+            await _probe(connection, _key(f"{self.prefix}:{KEY_FORMAT}:probe"), cluster=False)
+        finally:
+            await pool.release(connection)
+
+    async def _verify_cluster(self, cluster: RedisCluster) -> None:
+        try:
+            await cluster.initialize()
+        except RedisClusterException as exc:
+            raise _misconfigured("cluster", exc, "connect") from exc
+        for node in cluster.get_primaries():
+            connection = await _node_connection(node)
+            broken = True
+            try:
+                await _probe(connection, self._probe_key(cluster, node), cluster=True)
+                broken = False
+            finally:
+                await _release_node(node, connection, broken)
+
+    def _probe_key(self, cluster: RedisCluster, node: ClusterNode) -> bytes:
+        """A probe key of this prefix in a slot that ``node`` serves."""
+        for number in range(100_000):
+            key = _key(f"{self.prefix}:{KEY_FORMAT}:probe:{number}")
+            if cluster.nodes_manager.get_node_from_slot(key_slot(key)).name == node.name:
+                return key
+        raise _misconfigured("cluster", None, node.name)  # pragma: no cover - a node serving no slot
 
     # -- lifetime ---------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Finish the decisions in flight, return the connection, and close the client if it is ours."""
+        """Finish the decisions in flight, return the connections, and close the client if it is ours."""
         if self._closed:
             return
         self._closed = True
+        # redis-py's pub/sub read may swallow a cancellation: closing its connection ends it for sure.
+        pubsub = self._pubsub
+        if pubsub is not None and pubsub.connection is not None:
+            with contextlib.suppress(Exception):
+                await pubsub.connection.disconnect(nowait=True)
+        for task in (self._listener, self._verifying):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
         # Decisions on the wire (and those queued behind them) finish first; bounded by the socket timeout.
-        await self._idle.wait()
-        await self._drop_connection()
+        for link in self._all_links():
+            await link.aclose()
         if self._owns_client:
             await self.client.aclose()
 
@@ -351,8 +702,12 @@ class RedisBackend:
         await self.aclose()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"queued={len(self._queue)}"
-        return f"RedisBackend(prefix={self.prefix!r}, on_error={self.on_error!r}, rules={len(self._rules)}, {state})"
+        mode = "cluster" if self._cluster is not None else "single"
+        state = "closed" if self._closed else f"queued={sum(link.queued for link in self._all_links())}"
+        return (
+            f"RedisBackend({mode}, prefix={self.prefix!r}, on_error={self.on_error!r}, rules={len(self._rules)}, "
+            f"verified={self._verified}, {state})"
+        )
 
     # -- internals --------------------------------------------------------
 
@@ -363,12 +718,49 @@ class RedisBackend:
             # The whole rule is in the name, so limiters with different rules never share a bucket.
             # The name is length-prefixed: a ``:`` in it cannot make two rules collide.
             named = "-" if rule.name is None else f"{len(rule.name)}:{rule.name}"
-            name = f"{self.prefix}:rl:{rule.algorithm}:{float(rule.limit)!r}:{float(rule.window)!r}:{named}:"
+            name = (
+                f"{self.prefix}:{KEY_FORMAT}:rl:{rule.algorithm}:{float(rule.limit)!r}:{float(rule.window)!r}:{named}:"
+            )
             found = self._rules[rule] = _Wire(rule, name)
         return found
 
-    async def _call(self, command: _Command) -> Any:
-        """Queue ``command`` for the next batch and wait for its reply."""
+    def _all_links(self) -> Iterator[Link]:
+        if self._single is not None:
+            yield self._single
+        yield from self._links.values()
+
+    def _plain_link(self) -> Link:
+        client = self.client
+        assert isinstance(client, aioredis.Redis)
+        pool = client.connection_pool
+
+        async def acquire() -> AbstractConnection:
+            connection: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call] # redis-py leaves it untyped
+            return connection
+
+        async def release(connection: AbstractConnection, broken: bool) -> None:
+            if broken:
+                await connection.disconnect(nowait=True)
+            await pool.release(connection)
+
+        return Link(acquire, release, _SCRIPTS, self._timeout)
+
+    def _node_link(self, node: ClusterNode) -> Link:
+        found = self._links.get(node.name)
+        if found is None:
+
+            async def acquire() -> AbstractConnection:
+                return await _node_connection(node)
+
+            async def release(connection: AbstractConnection, broken: bool) -> None:
+                assert isinstance(connection, Connection)
+                await _release_node(node, connection, broken)
+
+            found = self._links[node.name] = Link(acquire, release, _SCRIPTS, self._timeout)
+        return found
+
+    async def _call(self, key: bytes, command: bytes) -> Any:
+        """Send ``command`` (for ``key``) with the next batch of its server and wait for the reply."""
         if self._closed:
             raise RuntimeError("RedisBackend is closed")
         try:
@@ -376,77 +768,44 @@ class RedisBackend:
         except RuntimeError:  # (only the first decision of a backend built outside any loop gets here)
             _require_asyncio("a decision")
             raise
-        future: asyncio.Future[Any] = loop.create_future()
-        item = (command, future)
-        if self._sending:
-            # Someone is on the wire: go out with the next batch.
-            self._queue.append(item)
-            return await future
-        # Nobody is talking to Redis: send this one decision from this task (no task hop,
-        # the common case of a lone caller). Callers arriving meanwhile queue up, and
-        # a task sends them once this round trip is over.
-        self._sending = True
-        self._idle.clear()
-        try:
-            await self._send([item], retry_scripts=True)
-        finally:
-            if self._queue:
-                self._flusher = loop.create_task(self._flush())
-            else:
-                self._sending = False
-                self._idle.set()
-        return future.result()
+        link = self._single
+        if link is not None and self._verified:
+            return await link.call(command, link.deadline(loop), loop)
+        deadline = math.inf if self._timeout is None else loop.time() + self._timeout
+        if not self._verified:
+            await self._first_use(deadline, loop)
+        if link is not None:
+            return await link.call(command, deadline, loop)
+        return await self._cluster_call(key, command, deadline, loop)
 
-    async def _flush(self) -> None:
-        """Send the queue in batches until it is empty (the one task that talks to Redis)."""
+    async def _cluster_call(self, key: bytes, command: bytes, deadline: float, loop: asyncio.AbstractEventLoop) -> Any:
+        cluster = self._cluster
+        assert cluster is not None
+        node = cluster.nodes_manager.get_node_from_slot(key_slot(key))
         try:
-            while self._queue:
-                batch = self._queue[:_MAX_BATCH]
-                del self._queue[:_MAX_BATCH]
-                # A caller cancelled before its turn: its decision is never sent.
-                batch = [item for item in batch if not item[1].done()]
-                if batch:
-                    await self._send(batch, retry_scripts=True)
-        finally:
-            self._flusher = None
-            self._sending = False
-            self._idle.set()
+            return await self._node_link(node).call(command, deadline, loop)
+        except MovedError:
+            # The slot moved (a resharding, a failover): learn the new layout and ask its node, once.
+            async with asyncio.timeout_at(None if deadline == math.inf else deadline):
+                await cluster.nodes_manager.initialize()
+            node = cluster.nodes_manager.get_node_from_slot(key_slot(key))
+            return await self._node_link(node).call(command, deadline, loop)
 
-    async def _send(self, batch: list[tuple[_Command, asyncio.Future[Any]]], *, retry_scripts: bool) -> None:
-        missing: list[tuple[_Command, asyncio.Future[Any]]] = []
-        try:
-            connection = self._connection
-            if connection is None:
-                connection = self._connection = await self._pool.get_connection()  # type: ignore[no-untyped-call] # redis-py leaves it untyped
-            await connection.send_packed_command(b"".join([command for command, _ in batch]))
-            # One deadline for the batch's replies instead of one timer per reply (a third of
-            # the client's work under load); expiry raises TimeoutError, a backend error.
-            async with asyncio.timeout(connection.socket_timeout):
-                await _read_replies(connection, batch, missing if retry_scripts else None)
-                if missing:
-                    for script in (GCRA, FIXED_WINDOW, breaker_wire.BREAKER):
-                        await connection.send_packed_command(_pack(b"SCRIPT", b"LOAD", script.source.encode()))
-                        await connection.read_response(timeout=math.inf)
-        except BaseException as exc:
-            # The connection is in an unknown state: drop it, fail everything still waiting.
-            for _, future in (*batch, *missing):
-                if not future.done():
-                    if isinstance(exc, Exception):
-                        future.set_exception(exc)
-                    else:
-                        future.cancel()
-            await asyncio.shield(self._drop_connection())
-            if not isinstance(exc, Exception):
-                raise
-            return
-        if missing:
-            await self._send(missing, retry_scripts=False)
+    async def _first_use(self, deadline: float, loop: asyncio.AbstractEventLoop) -> None:
+        """Verify the server before the first decision; concurrent first callers share one check."""
+        task = self._verifying
+        if task is None:
+            task = self._verifying = loop.create_task(self._verify_until(deadline))
+            task.add_done_callback(self._verified_done)
+        await asyncio.shield(task)
 
-    async def _drop_connection(self) -> None:
-        connection = self._connection
-        if connection is not None:
-            self._connection = None
-            await self._pool.release(connection)
+    def _verified_done(self, task: asyncio.Task[None]) -> None:
+        if self._verifying is task:
+            self._verifying = None
+        if not task.cancelled():
+            task.exception()  # retrieved: each caller raises it itself
+
+    # -- failures -------------------------------------------------------
 
     def _failed(
         self, key: str, cost: float, rule: RateLimitRule, exc: BaseException, operation: str
@@ -459,6 +818,7 @@ class RedisBackend:
         return RateLimitDecision(True, 0.0, 0.0, limit, 0.0, 0.0)
 
     def _report(self, key: str, cost: float, rule: RateLimitRule, exc: BaseException, operation: str) -> None:
+        reason = self._failure(exc, operation, {"key": key, "name": rule.name})
         if LIMITER_EXCEPTION.handlers:
             LIMITER_EXCEPTION.emit(
                 {"cost": cost},
@@ -470,26 +830,141 @@ class RedisBackend:
                     "name": rule.name,
                     "operation": operation,
                     "policy": self.on_error,
+                    "reason": reason,
                     "error": exc,
                 },
             )
-        self._warn("rate_limiter_backend_failed", exc, key=key, operation=operation)
 
-    def _warn(self, event: str, exc: BaseException, **context: Any) -> None:
-        # One warning a second at most: a Redis outage must not turn every request into a log line.
-        self._failures += 1
-        now = time.monotonic()
-        if now - self._warned_at >= _WARN_EVERY:
-            logger.warning(
-                event,
+    def _breaker_failed(self, exc: BaseException, name: str, operation: str) -> None:
+        self._failure(exc, f"breaker_{operation}", {"name": name})
+        # Under "deny", admissions ask the server again (and are rejected) until a breaker reply comes back.
+        self._down = not isinstance(exc, ResponseError)
+
+    def _failure(self, exc: BaseException, operation: str, context: dict[str, Any]) -> str:
+        """Emit and log one failure of Redis; return its reason."""
+        reason, _ = classify(exc)
+        error_reply = isinstance(exc, ResponseError)
+        if BACKEND_ERROR.handlers:
+            BACKEND_ERROR.emit(
+                {},
+                {
+                    "backend": "redis",
+                    "reason": reason,
+                    "error_reply": error_reply,
+                    "operation": operation,
+                    "policy": self.on_error,
+                    "error": exc,
+                    **context,
+                },
+            )
+        if error_reply:
+            # The server answered, and said no: never silent, one line a second per reason with a count.
+            self._log.error(
+                "redis_error_reply",
+                ("reply", reason),
                 backend="redis",
+                reason=reason,
                 policy=self.on_error,
-                error=f"{type(exc).__name__}: {exc}",
-                failures=self._failures,
+                operation=operation,
+                error=_text(exc),
                 **context,
             )
-            self._warned_at = now
-            self._failures = 0
+        else:
+            self._outage(exc, operation, context, reason=reason)
+        return reason
+
+    def _outage(self, exc: BaseException, operation: str, context: dict[str, Any], *, reason: str = "") -> None:
+        # One warning a second at most: a Redis outage must not turn every request into a log line.
+        event = "circuit_breaker_backend_failed" if operation.startswith("breaker_") else "rate_limiter_backend_failed"
+        self._log.warning(
+            event,
+            ("outage", event),
+            backend="redis",
+            reason=reason or classify(exc)[0],
+            policy=self.on_error,
+            operation=operation,
+            error=_text(exc),
+            **context,
+        )
+
+
+async def _node_connection(node: ClusterNode) -> Connection:
+    connection = node.acquire_connection()
+    if not connection.is_connected:
+        try:
+            await connection.connect()  # type: ignore[no-untyped-call] # redis-py leaves it untyped
+        except BaseException:
+            node.release(connection)
+            raise
+    return connection
+
+
+async def _release_node(node: ClusterNode, connection: Connection, broken: bool) -> None:
+    if broken:
+        await connection.disconnect(nowait=True)
+    node.release(connection)
+
+
+async def _probe(connection: AbstractConnection, probe_key: bytes, *, cluster: bool) -> None:
+    """Run the checks of :meth:`RedisBackend.verify` on one connection: one write, one read of every reply."""
+    commands = [
+        pack(b"INFO", b"replication"),
+        pack(b"INFO", b"cluster"),
+        *(pack(b"SCRIPT", b"LOAD", source.encode()) for source in _SCRIPTS),
+        pack(b"EVALSHA", PROBE.sha.encode(), b"1", probe_key),
+    ]
+    await connection.send_packed_command(b"".join(commands))
+    replies: list[Any] = []
+    for _ in commands:
+        try:
+            replies.append(await connection.read_response(timeout=math.inf))
+        except ResponseError as exc:
+            replies.append(exc)
+    where = f"{getattr(connection, 'host', '?')}:{getattr(connection, 'port', '?')}"
+    replication, cluster_info, *loads, probe = replies
+    if "role:slave" in _text(replication):
+        raise _misconfigured("replica", None, where)
+    if isinstance(cluster_info, ResponseError) or ("cluster_enabled:1" in _text(cluster_info)) != cluster:
+        raise _misconfigured("cluster", None, where)
+    for loaded in (replication, *loads):
+        if isinstance(loaded, ResponseError):
+            reason, misconfigured = classify(loaded)
+            raise _misconfigured(reason if misconfigured else "scripts", loaded, where)
+    if isinstance(probe, ResponseError):
+        reason, misconfigured = classify(probe)
+        if misconfigured:
+            raise _misconfigured(reason, probe, where)
+        raise probe  # an error of the moment (OOM, BUSY): an outage, checked again later
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, BaseException):
+        return f"{type(value).__name__}: {value}"
+    return str(value)
+
+
+def _cluster_from_url(url: str) -> tuple[str, bool]:
+    """``url`` without a ``cluster`` query option, and whether it asked for a cluster."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    found = [value for name, value in query if name == "cluster"]
+    if not found:
+        return url, False
+    if found[-1].lower() not in ("true", "1", "yes", "false", "0", "no"):
+        raise ConfigurationError(f"cluster in the URL must be true or false, got {found[-1]!r}", path="cluster")
+    kept = urlencode([(name, value) for name, value in query if name != "cluster"])
+    return urlunsplit(parts._replace(query=kept)), found[-1].lower() in ("true", "1", "yes")
+
+
+def _check_timeout(socket_timeout: object) -> None:
+    if isinstance(socket_timeout, bool) or not isinstance(socket_timeout, int | float):
+        raise TypeError(f"socket_timeout must be a finite positive number, got {socket_timeout!r}")
+    if not (math.isfinite(socket_timeout) and socket_timeout > 0):
+        raise ConfigurationError(
+            f"socket_timeout must be a finite positive number, got {socket_timeout!r}", path="socket_timeout"
+        )
 
 
 def _require_asyncio(operation: str) -> None:
@@ -532,32 +1007,3 @@ def _decision(
     if peek:
         admitted = next_after == 0.0
     return RateLimitDecision(admitted, retry_after, count, remaining, reset_after, next_after)
-
-
-async def _read_replies(
-    connection: AbstractConnection,
-    batch: list[tuple[_Command, asyncio.Future[Any]]],
-    missing: list[tuple[_Command, asyncio.Future[Any]]] | None,
-) -> None:
-    """Read one reply per command of ``batch`` into its future.
-
-    A ``NOSCRIPT`` reply (the server lost its scripts: a restart, ``SCRIPT
-    FLUSH``) puts the command in ``missing`` to be sent again once the scripts
-    are loaded; with ``missing`` ``None`` (that second try) it is an error.
-    """
-    for item in batch:
-        future = item[1]
-        try:
-            reply = await connection.read_response(timeout=math.inf)
-        except NoScriptError as exc:
-            if missing is not None:
-                missing.append(item)
-            elif not future.done():
-                future.set_exception(exc)
-            continue
-        except ResponseError as exc:
-            if not future.done():
-                future.set_exception(exc)
-            continue
-        if not future.done():
-            future.set_result(reply)

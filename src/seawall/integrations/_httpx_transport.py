@@ -13,7 +13,12 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-import httpx
+from seawall._extras import missing_extra
+
+try:
+    import httpx
+except ModuleNotFoundError as exc:
+    raise missing_extra(exc, __name__) from exc
 
 from seawall._clock import Clock, current_clock
 from seawall._errors import RateLimitExceeded

@@ -43,7 +43,12 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
 
-import aiobreaker
+from seawall._extras import missing_extra
+
+try:
+    import aiobreaker
+except ModuleNotFoundError as exc:
+    raise missing_extra(exc, __name__) from exc
 
 from seawall._breaker import BreakerState, BreakerStatus, _task_key
 from seawall._clock import Clock, default_clock

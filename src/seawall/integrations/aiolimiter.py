@@ -29,7 +29,7 @@ time, the ``request_allowed`` / ``request_denied`` telemetry (``algorithm``
 
 aiolimiter runs on asyncio only: under trio every method fails at once with
 a :class:`~seawall.ConfigurationError` that says so. Requires the
-``aiolimiter`` extra (``pip install 'seawall[aiolimiter]'``).
+``aiolimiter`` extra (``pip install '.[aiolimiter]'`` from a clone of seawall).
 """
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ import math
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
+from seawall._extras import missing_extra
+
 try:
     import aiolimiter
-except ImportError as exc:  # pragma: no cover - exercised in a subprocess without the package
-    raise ImportError(
-        "seawall.integrations.aiolimiter needs the aiolimiter package: pip install 'seawall[aiolimiter]'"
-    ) from exc
+except ModuleNotFoundError as exc:  # pragma: no cover - exercised in a subprocess without the package
+    raise missing_extra(exc, __name__) from exc
 
 from seawall._checks import number
 from seawall._clock import in_trio_task

@@ -22,7 +22,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import asyncpg
+from seawall._extras import missing_extra
+
+try:
+    import asyncpg
+except ModuleNotFoundError as exc:
+    raise missing_extra(exc, __name__) from exc
 
 from seawall._clock import in_trio_task
 from seawall._errors import ConfigurationError

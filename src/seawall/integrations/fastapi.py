@@ -44,14 +44,20 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-from fastapi import Request, Response
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from seawall._extras import missing_extra
+
+try:
+    from fastapi import Request, Response
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+except ModuleNotFoundError as exc:
+    raise missing_extra(exc, __name__) from exc
 
 from seawall._errors import (
     CircuitOpenError,
+    ConcurrencyLimitExceeded,
     ConfigurationError,
     ConfigurationTypeError,
     PoolTimeout,
@@ -89,6 +95,7 @@ ERROR_STATUS: Mapping[type[SeawallError], int] = {
     RateLimiterError: 503,
     CircuitOpenError: 503,
     PoolTimeout: 503,
+    ConcurrencyLimitExceeded: 503,
     ProtectionTimeout: 504,
 }
 
@@ -100,6 +107,7 @@ _DETAILS: Mapping[type[SeawallError], str] = {
     RateLimiterError: "rate limit of {subject} cannot be checked now",
     CircuitOpenError: "{subject} is temporarily unavailable",
     PoolTimeout: "{subject} is at capacity",
+    ConcurrencyLimitExceeded: "{subject} is at capacity",
     ProtectionTimeout: "{subject} did not answer in time",
 }
 
@@ -290,7 +298,7 @@ def setup(
     """Install seawall on a FastAPI application.
 
     Registers the error handlers (``RateLimitExceeded`` -> 429,
-    ``CircuitOpenError`` / ``PoolTimeout`` / ``RateLimiterError`` -> 503,
+    ``CircuitOpenError`` / ``PoolTimeout`` / ``ConcurrencyLimitExceeded`` / ``RateLimiterError`` -> 503,
     ``ProtectionTimeout`` -> 504), adds :class:`RateLimitHeadersMiddleware`,
     makes ``infra`` the one :func:`protect` dependencies use, and (unless ``lifespan=False``) enters ``infra`` around
     the application's own lifespan so its pools start before the first
@@ -662,3 +670,95 @@ class RateLimitHeadersMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_observed)
+
+
+# -- health and metrics routes ------------------------------------------------------
+
+#: HTTP status of each health report, by ``fail_on_degraded``.
+_HEALTH_STATUS_CODES: Mapping[bool, Mapping[str, int]] = {
+    False: {"healthy": 200, "degraded": 200, "unhealthy": 503},
+    True: {"healthy": 200, "degraded": 503, "unhealthy": 503},
+}
+
+
+def _check_route_path(path: object) -> str:
+    if not isinstance(path, str):
+        raise ConfigurationTypeError(f"path: expected a str, got {path!r}", path="path")
+    if not path.startswith("/"):
+        raise ConfigurationError(f"path: a route path starts with '/', got {path!r}", path="path")
+    return path
+
+
+def health_route(
+    app: FastAPI, infra: AsyncInfrastructure, path: str = "/health", *, fail_on_degraded: bool = False
+) -> None:
+    """Add ``GET path`` answering ``infra.health()`` as JSON.
+
+    The report's ``"status"`` is ``"healthy"``, ``"degraded"`` (a breaker
+    open, a pool closed, a shared store down under ``on_error="allow"`` or
+    ``"local"``) or ``"unhealthy"`` (the infrastructure is not started or is
+    closed, or a shared store is down under ``on_error="deny"``). The answer
+    is 200 for healthy and degraded, 503 for unhealthy; with
+    ``fail_on_degraded=True`` degraded is 503 too. Keep the default for a
+    load balancer's check: an open breaker of a dependency every instance
+    shares would otherwise take every instance out of rotation at once.
+
+    Args:
+        app: The application.
+        infra: The infrastructure to report on.
+        path: The route's path.
+        fail_on_degraded: Answer 503 when degraded as well.
+
+    Raises:
+        ConfigurationError: A bad argument (named in the message).
+    """
+    from seawall._infrastructure import AsyncInfrastructure
+
+    route_path = _check_route_path(path)
+    if not isinstance(fail_on_degraded, bool):
+        raise ConfigurationTypeError(
+            f"fail_on_degraded: expected a bool, got {fail_on_degraded!r}", path="fail_on_degraded"
+        )
+    if not isinstance(infra, AsyncInfrastructure):
+        raise ConfigurationTypeError(f"infra: expected an AsyncInfrastructure, got {infra!r}", path="infra")
+    codes = _HEALTH_STATUS_CODES[fail_on_degraded]
+
+    async def health() -> Response:
+        report = await infra.health()
+        return JSONResponse(report, status_code=codes.get(report["status"], 503))
+
+    app.add_api_route(route_path, health, methods=["GET"], name="seawall_health", include_in_schema=False)
+
+
+def metrics_route(app: FastAPI, *, registry: Any = None, path: str = "/metrics") -> None:
+    """Add ``GET path`` answering Prometheus's text exposition of ``registry`` (extra ``prometheus``).
+
+    Pair it with :func:`seawall.integrations.prometheus.instrument`, which
+    registers seawall's collector (on the default registry unless told otherwise).
+
+    Args:
+        app: The application.
+        registry: A ``prometheus_client.CollectorRegistry``; the default registry when ``None``.
+        path: The route's path.
+
+    Raises:
+        ConfigurationError: A bad argument (named in the message).
+    """
+    try:
+        from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+    except ModuleNotFoundError as exc:
+        raise missing_extra(exc, "seawall.integrations.prometheus") from exc
+    route_path = _check_route_path(path)
+    if registry is None:
+        registry = REGISTRY
+    elif not isinstance(registry, CollectorRegistry):
+        raise ConfigurationTypeError(
+            f"registry: expected a prometheus_client CollectorRegistry, got {registry!r}", path="registry"
+        )
+
+    async def metrics() -> Response:
+        # On the event loop, not in a worker thread: seawall's gauges read breaker
+        # states on the loop's clock (trio's answers in trio's thread only).
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_api_route(route_path, metrics, methods=["GET"], name="seawall_metrics", include_in_schema=False)

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
+from seawall._extras import missing_extra
+
+try:
+    import httpx
+except ModuleNotFoundError as exc:
+    raise missing_extra(exc, __name__) from exc
 
 from seawall.integrations._httpx_transport import ProtectedTransport, parse_retry_after
 
