@@ -4,7 +4,7 @@ Usage::
 
     python benchmarks/run.py                 # full run: results/latest.json + docs/benchmarks/
     python benchmarks/run.py --quick         # smoke run (< 60 s), writes under benchmarks/results/quick/
-    python benchmarks/run.py --only limiter  # one module (repeatable)
+    python benchmarks/run.py --only limiter  # one module (repeatable), writes under benchmarks/results/partial/
 
 Every ``benchmarks/bench_*.py`` module is run in its own event loop, in name
 order; see ``_harness.py`` for what a module provides and how cases are timed.
@@ -90,6 +90,13 @@ def write_reports(report: dict[str, Any], docs_dir: Path) -> None:
     write_ratio_chart(report, docs_dir / "ratios.png")
 
 
+def _default_out(quick: bool, partial: bool) -> Path:
+    """Where a run writes ``latest.json`` unless told: never over the published run for a smoke or partial one."""
+    if quick:
+        return HERE / "results" / "quick"
+    return HERE / "results" / "partial" if partial else HERE / "results"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the selected benchmark modules and write the result files."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         write_reports(json.loads(args.report.read_text()), args.docs or ROOT / "docs" / "benchmarks")
         return 0
 
-    out_dir = args.out or (HERE / "results" / "quick" if args.quick else HERE / "results")
-    docs_dir = args.docs or (out_dir if args.quick else ROOT / "docs" / "benchmarks")
+    out_dir = args.out or _default_out(args.quick, bool(args.only))
+    # Only a full run of every module is published: a smoke or partial run keeps its reports beside its JSON.
+    docs_dir = args.docs or (out_dir if args.quick or args.only else ROOT / "docs" / "benchmarks")
     started = time.perf_counter()
     report: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),

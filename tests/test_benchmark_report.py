@@ -86,3 +86,14 @@ def test_pairs_name_variants_the_benchmarks_measure(case: str) -> None:
         assert {peer, ours} <= published
         assert f'"{peer}"' in sources
         assert f'"{ours}"' in sources
+
+
+def test_only_a_full_run_writes_over_the_published_results() -> None:
+    """A smoke or ``--only`` run keeps its JSON and reports out of results/latest.json and docs/benchmarks/."""
+    import run  # (benchmarks/run.py, on the path set above)
+
+    published = BENCHMARKS / "results"
+    assert run._default_out(quick=False, partial=False) == published
+    assert run._default_out(quick=True, partial=False) == published / "quick"
+    assert run._default_out(quick=False, partial=True) == published / "partial"
+    assert run._default_out(quick=True, partial=True) == published / "quick"
