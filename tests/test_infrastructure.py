@@ -253,6 +253,42 @@ async def test_smaller_new_timeout_wakes_the_timer() -> None:
         assert infra.statistics().timer.expired == 2
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_timer_cancels_expired_calls_from_outside_any_task() -> None:
+    """On asyncio an expired call's cancellation names no task: the timer cancels from a loop callback.
+
+    anyio's ``CancelScope.cancel()`` called from a task formats that task's
+    repr into the cancellation message; from the timer task that formatting
+    was the dearest part of unwinding a timeout (a burst of 10,000 timeouts
+    landed later than ``anyio.fail_after``'s, which cancel from loop timers).
+    """
+    clock = FakeClock()
+    messages: list[str] = []
+
+    async def hangs() -> None:
+        try:
+            await anyio.sleep_forever()
+        except asyncio.CancelledError as exc:
+            messages.append(str(exc))
+            raise
+
+    async with AsyncInfrastructure(clock=clock) as infra:
+        async with anyio.create_task_group() as tg:
+
+            async def call() -> None:
+                with pytest.raises(ProtectionTimeout):
+                    await infra.execute_protected("k", hangs, timeout=1.0)
+
+            for _ in range(3):
+                tg.start_soon(call)
+            await anyio.wait_all_tasks_blocked()
+            clock.advance(1.0)
+        assert infra.statistics().timer.expired == 3
+    assert len(messages) == 3
+    assert all(message.startswith("Cancelled via cancel scope") for message in messages)
+    assert not [message for message in messages if " by <Task" in message]
+
+
 async def test_timeout_fires_on_time_on_the_real_clock() -> None:
     """On the real clock a timeout fires no earlier than its deadline, and promptly on an idle loop."""
     lateness: list[float] = []
