@@ -111,6 +111,8 @@ def test_unknown_option_without_close_match_lists_valid_names() -> None:
         ({"connection_pool": {"size": 0}}, "external_api.connection_pool.size", "at least 1"),
         ({"connection_pool": {"max_overflow": -1}}, "external_api.connection_pool.max_overflow", "at least 0"),
         ({"connection_pool": {"timeout": 0}}, "external_api.connection_pool.timeout", "above 0"),
+        ({"connection_pool": {"max_waiting": -1}}, "external_api.connection_pool.max_waiting", "at least 0"),
+        ({"connection_pool": {"max_waiting": 1.5}}, "external_api.connection_pool.max_waiting", "integer"),
         ({"connection_pool": {"factory": 42}}, "external_api.connection_pool.factory", "expected a factory"),
         ({"connection_pool": 5}, "external_api.connection_pool", "mapping"),
         ({"timeout": 0}, "external_api.timeout", "above 0"),
