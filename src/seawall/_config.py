@@ -194,7 +194,8 @@ class BreakerConfig:
     """The circuit breaker of a protection.
 
     Attributes:
-        failure_threshold: Failures within ``window`` that open the breaker.
+        failure_threshold: Failures within ``window`` that open the breaker;
+            ``None`` (or ``False``, TOML's spelling) counts none, with a rate mode.
         window: Seconds over which failures are counted.
         recovery_time: Seconds the breaker stays open before a trial call.
         half_open_max_calls: Concurrent trial calls allowed while half-open.
@@ -225,6 +226,9 @@ class BreakerConfig:
 
     def _validate(self, path: str) -> None:
         set_ = object.__setattr__
+        if self.failure_threshold is False:
+            # TOML has no null: ``failure_threshold = false`` is the config's spelling of None (no count).
+            set_(self, "failure_threshold", None)
         # The breaker's own checks (one set of rules), with the section's path.
         policy = check_breaker_policy(
             f"{path}.",
