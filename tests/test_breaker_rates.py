@@ -218,3 +218,21 @@ async def test_a_key_on_a_store_without_rate_modes_names_the_config_path() -> No
             await infra.configure_protection("api", {"circuit_breaker": {"failure_rate": 0.5}})
         assert caught.value.path == "api.circuit_breaker.failure_rate"
         assert infra.list_protection_keys() == []
+
+
+async def test_breakers_sharing_a_name_each_apply_their_own_minimum_calls() -> None:
+    """Two breakers of one name and store, minimum_calls 10 and 4: the success that brings the window to 4 opens B."""
+    clock = FakeClock()
+    backend = MemoryBreakerBackend()
+    common: dict[str, Any] = {"failure_rate": 0.5, "failure_threshold": None, "backend": backend, "clock": clock}
+    patient = CircuitBreaker("shared", minimum_calls=10, **common)
+    eager = CircuitBreaker("shared", minimum_calls=4, **common)
+    for _ in range(3):
+        await run(patient, clock, fail=True)  # 3 calls: below either minimum
+    assert patient.state is BreakerState.CLOSED
+
+    async def succeed() -> None:
+        clock.advance(0.001)
+
+    await eager.call(succeed)  # 4 calls, 3 failed: eager's minimum is reached and 0.75 >= 0.5
+    assert eager.state is BreakerState.OPEN

@@ -1,12 +1,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import timedelta
 from pathlib import Path
 
+import anyio
 import pytest
 
-from seawall import BreakerConfig, ConfigurationError, PoolConfig, ProtectionConfig, RateLimitConfig
+from seawall import (
+    BreakerConfig,
+    BreakerState,
+    CircuitBreaker,
+    ConfigurationError,
+    FakeClock,
+    PoolConfig,
+    ProtectionConfig,
+    RateLimitConfig,
+)
 from seawall._config import load_toml, resolve_factory
 from seawall.integrations.asyncpg import AsyncpgFactory
 
@@ -111,6 +122,8 @@ def test_unknown_option_without_close_match_lists_valid_names() -> None:
         ({"connection_pool": {"size": 0}}, "external_api.connection_pool.size", "at least 1"),
         ({"connection_pool": {"max_overflow": -1}}, "external_api.connection_pool.max_overflow", "at least 0"),
         ({"connection_pool": {"timeout": 0}}, "external_api.connection_pool.timeout", "above 0"),
+        ({"connection_pool": {"max_waiting": -1}}, "external_api.connection_pool.max_waiting", "at least 0"),
+        ({"connection_pool": {"max_waiting": 1.5}}, "external_api.connection_pool.max_waiting", "integer"),
         ({"connection_pool": {"factory": 42}}, "external_api.connection_pool.factory", "expected a factory"),
         ({"connection_pool": 5}, "external_api.connection_pool", "mapping"),
         ({"timeout": 0}, "external_api.timeout", "above 0"),
@@ -227,6 +240,34 @@ factory_options = { dsn = "postgresql://pg/db" }
     assert pool is not None
     assert isinstance(pool.factory, AsyncpgFactory)
     assert pool.factory.dsn == "postgresql://pg/db"
+
+
+def test_toml_failure_threshold_false_leaves_only_the_rate(tmp_path: Path) -> None:
+    """``failure_threshold = false`` (TOML has no null) is None: 20 failures in 100 calls keep a 0.5 rate closed."""
+    file = tmp_path / "seawall.toml"
+    file.write_text("[api.circuit_breaker]\nfailure_threshold = false\nfailure_rate = 0.5\n")
+    breaker = load_toml(file)["api"].circuit_breaker
+    assert breaker is not None
+    assert breaker.failure_threshold is None
+    circuit = CircuitBreaker("api", **breaker.options(), clock=FakeClock())
+
+    async def fail() -> None:
+        raise BusinessError
+
+    async def succeed() -> None:
+        pass
+
+    async def calls() -> None:
+        for index in range(100):
+            with contextlib.suppress(BusinessError):
+                await circuit.call(fail if index % 5 == 0 else succeed)
+
+    anyio.run(calls)
+    assert circuit.state is BreakerState.CLOSED  # a count of 5 would have opened at the 21st call
+    file.write_text("[api.circuit_breaker]\nfailure_threshold = true\nfailure_rate = 0.5\n")
+    with pytest.raises(ConfigurationError) as info:
+        load_toml(file)
+    assert info.value.path == "api.circuit_breaker.failure_threshold"
 
 
 def test_load_toml_protection_table(tmp_path: Path) -> None:

@@ -492,6 +492,21 @@ async def test_pool_timeout_is_reported_as_connection_pool() -> None:
         assert (await infra.connection_manager.get_pool_status("k")).in_use == 0
 
 
+async def test_pool_max_waiting_from_config_fails_a_checkout_beyond_it_at_once() -> None:
+    """connection_pool.max_waiting=0: with the one slot taken, a second call fails with PoolTimeout without waiting."""
+    clock = FakeClock()
+    async with AsyncInfrastructure(clock=clock) as infra:
+        await infra.configure_protection("k", {"connection_pool": {"size": 1, "timeout": 60, "max_waiting": 0}})
+        release = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(infra.execute_protected, "k", release.wait)
+            await anyio.wait_all_tasks_blocked()
+            with pytest.raises(PoolTimeout):
+                await infra.execute_protected("k", ok)  # no clock.advance: it did not wait
+            release.set()
+        assert (await infra.connection_manager.get_pool_status("k")).in_use == 0
+
+
 # -- telemetry -----------------------------------------------------------------
 
 

@@ -194,7 +194,8 @@ class BreakerConfig:
     """The circuit breaker of a protection.
 
     Attributes:
-        failure_threshold: Failures within ``window`` that open the breaker.
+        failure_threshold: Failures within ``window`` that open the breaker;
+            ``None`` (or ``False``, TOML's spelling) counts none, with a rate mode.
         window: Seconds over which failures are counted.
         recovery_time: Seconds the breaker stays open before a trial call.
         half_open_max_calls: Concurrent trial calls allowed while half-open.
@@ -225,6 +226,9 @@ class BreakerConfig:
 
     def _validate(self, path: str) -> None:
         set_ = object.__setattr__
+        if self.failure_threshold is False:
+            # TOML has no null: ``failure_threshold = false`` is the config's spelling of None (no count).
+            set_(self, "failure_threshold", None)
         # The breaker's own checks (one set of rules), with the section's path.
         policy = check_breaker_policy(
             f"{path}.",
@@ -255,6 +259,8 @@ class PoolConfig:
         size: Workers created at start (concurrent slots of a bulkhead).
         max_overflow: Extra workers created under load and closed when idle.
         timeout: Seconds a checkout waits for a worker before ``PoolTimeout``.
+        max_waiting: ``None`` (no bound), or how many checkouts may wait at
+            once: one beyond that fails at once with ``PoolTimeout``.
         factory: ``None`` for a bulkhead; else a factory object, an async
             callable, or an import string (``"seawall.integrations.asyncpg:AsyncpgFactory"``).
         factory_options: Keyword arguments for the class or callable named by
@@ -264,6 +270,7 @@ class PoolConfig:
     size: int = 10
     max_overflow: int = 0
     timeout: float = 5.0
+    max_waiting: int | None = None
     factory: Any = None
     factory_options: Mapping[str, Any] | None = field(default=None, compare=False)
 
@@ -276,6 +283,8 @@ class PoolConfig:
         object.__setattr__(self, "size", count(self.size, f"{path}.size", minimum=1))
         object.__setattr__(self, "max_overflow", count(self.max_overflow, f"{path}.max_overflow", minimum=0))
         object.__setattr__(self, "timeout", seconds(self.timeout, f"{path}.timeout"))
+        if self.max_waiting is not None:
+            object.__setattr__(self, "max_waiting", count(self.max_waiting, f"{path}.max_waiting", minimum=0))
         if self.factory_options is not None:
             _section(self.factory_options, f"{path}.factory_options")
             if self.factory is None:

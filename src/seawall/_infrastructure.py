@@ -227,6 +227,7 @@ class _Host:
             size=config.size,
             max_overflow=config.max_overflow,
             timeout=config.timeout,
+            max_waiting=config.max_waiting,
             name=name,
             clock=self.clock,
         )

@@ -47,18 +47,25 @@ class _Buckets:
         "calls",
         "failures",
         "head",
+        "policy",
         "ring",
         "since",
         "slow",
         "total_calls",
         "total_failures",
         "total_slow",
+        "trigger",
         "until",
         "width",
     )
 
-    def __init__(self, window: float) -> None:
-        self.width = window / BUCKETS
+    def __init__(self, policy: BreakerPolicy) -> None:
+        self.width = policy.window / BUCKETS
+        # The policy ``trigger`` was computed for: the value of ``calls`` at which
+        # the window holds exactly ``minimum_calls`` calls, so that a success
+        # needs one comparison of two integers to know whether a rate can be reached.
+        self.policy = policy
+        self.trigger = policy.minimum_calls
         self.head = -1  # the absolute index of the current bucket (floor(now / width))
         # The current bucket's time span, [since, until): a reading inside it needs no division.
         self.since = self.until = 0.0
@@ -73,6 +80,12 @@ class _Buckets:
         self.calls = self.failures = self.slow = 0
         self.ring = [(0, 0, 0)] * (BUCKETS + 1)
         self.total_calls = self.total_failures = self.total_slow = 0
+        self.trigger = self.policy.minimum_calls
+
+    def retarget(self, policy: BreakerPolicy) -> None:
+        """Apply another breaker's ``minimum_calls`` (same width) to the counts kept so far."""
+        self.policy = policy
+        self.trigger = policy.minimum_calls - self.total_calls
 
     def move(self, index: int) -> None:
         """Make ``index`` the current bucket: the old current one joins the ring, expired ones leave it."""
@@ -95,6 +108,7 @@ class _Buckets:
                     self.total_failures -= failures
                     self.total_slow -= slow
             self.calls = self.failures = self.slow = 0
+            self.trigger = self.policy.minimum_calls - self.total_calls
         self.head = index
         self.since = index * self.width
         self.until = (index + 1) * self.width
@@ -258,13 +272,17 @@ class BreakerRecord:
     def succeed(self, policy: BreakerPolicy, now: float) -> Transition | None:
         """Count a plain call's fast success under a rated policy: :meth:`count`'s common case, inline.
 
-        In the current bucket a success only lowers the rates, so nothing
-        can open unless this call brings the window to ``minimum_calls``.
+        The caller admitted the call closed in the current generation, so
+        the state is still CLOSED (every state change moves the generation).
+        A reading before the current bucket counts in it (as in
+        :meth:`_Buckets.count`), so only its end is compared. In the current
+        bucket a success only lowers the rates, so nothing can open unless
+        this call brings the window to ``minimum_calls`` (``trigger``).
         """
         buckets = self.buckets
-        if buckets is not None and buckets.since <= now < buckets.until and self.state is _CLOSED:
+        if buckets is not None and now < buckets.until and buckets.policy is policy:
             buckets.calls += 1
-            if buckets.total_calls + buckets.calls != policy.minimum_calls:
+            if buckets.calls != buckets.trigger:
                 return None
             return self.count_checked(policy, now, buckets)
         return self.count(policy, now, False, False)
@@ -274,8 +292,10 @@ class BreakerRecord:
         if self.state is not _CLOSED:
             return None
         buckets = self.buckets
-        if buckets is None or buckets.width != policy.window / 10:
-            buckets = self.buckets = _Buckets(policy.window)
+        if buckets is None or buckets.width != policy.window / BUCKETS:
+            buckets = self.buckets = _Buckets(policy)
+        elif buckets.policy is not policy:
+            buckets.retarget(policy)
         buckets.count(now, failed, slow)
         if failed:
             transition = self.fail(policy, now)  # failure_threshold applies as well
