@@ -415,6 +415,19 @@ class RedisBackend:
     # -- the BreakerBackend protocol ------------------------------------------
     # ``now`` (the breaker's clock) is not used: the script reads the server's clock.
 
+    def breaker_admit_local(self, name: str, policy: BreakerPolicy) -> Ticket | None:
+        """The plain ticket of a call admitted from the process's closed view, or ``None`` (ask :meth:`breaker_admit`).
+
+        The same closed-state decision as :meth:`breaker_admit` makes first,
+        without a coroutine; a plain call's success costs nothing afterwards
+        (see :meth:`breaker_settle`).
+        """
+        view = self._views.get(name)
+        if view is None or (self._down and self.on_error == "deny"):
+            return None
+        admitted = view.admission
+        return None if admitted is None else admitted.ticket
+
     async def breaker_admit(self, name: str, policy: BreakerPolicy, now: float) -> Admission:
         """Admit a call or reject it: from the process's view while closed or open, else in one round trip.
 
