@@ -130,6 +130,9 @@ class BreakerStatus:
     """Failures / calls in the window (``None``: no rate mode, or fewer than ``minimum_calls`` calls)."""
     slow_call_rate: float | None = None
     """Slow calls / calls in the window (``None``: no slow-call mode, or fewer than ``minimum_calls`` calls)."""
+    reachable: bool = True
+    """``False``: the shared store (Redis) could not be read; the state is this process's own view of it
+    (what its calls meet under ``on_error``), and the counts are not known (``0``)."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable view (the state as its string value)."""
@@ -146,6 +149,7 @@ class BreakerStatus:
             "calls": self.calls,
             "failure_rate": self.failure_rate,
             "slow_call_rate": self.slow_call_rate,
+            "reachable": self.reachable,
         }
 
 
@@ -621,6 +625,7 @@ class CircuitBreaker:
             calls=snapshot.calls,
             failure_rate=snapshot.failure_rate,
             slow_call_rate=snapshot.slow_call_rate,
+            reachable=snapshot.reachable,
         )
 
     async def reset(self) -> None:

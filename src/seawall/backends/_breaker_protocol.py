@@ -196,6 +196,8 @@ class BreakerSnapshot(NamedTuple):
     """Failures / calls in the window (``None``: no rate mode, or fewer than ``minimum_calls``)."""
     slow_call_rate: float | None = None
     """Slow calls / calls in the window (``None``: no rate mode, or fewer than ``minimum_calls``)."""
+    reachable: bool = True
+    """``False``: a shared store could not be read (an outage); the rest is this process's own view."""
 
 
 @runtime_checkable

@@ -504,13 +504,24 @@ class RedisBackend:
     async def breaker_snapshot(self, name: str, policy: BreakerPolicy, now: float) -> BreakerSnapshot:
         """Report the state without changing it.
 
-        Raises:
-            redis.exceptions.RedisError: Redis failed.
+        When Redis fails (logged and emitted as for a call) the answer is the
+        process's own view, marked ``reachable=False``: an open breaker it knows
+        of, with the recovery time it has left, else closed; the counts live in
+        Redis and are reported as ``0``. A status read must answer during an
+        outage, whatever ``on_error`` (a health check reads it).
         """
         key = self._breaker_key(name)
-        found, facts = breaker_wire.snapshot(
-            await self._call(key, self._breaker_command(key, name, policy, b"snapshot"))
-        )
+        try:
+            reply = await self._call(key, self._breaker_command(key, name, policy, b"snapshot"))
+        except _BACKEND_ERRORS as exc:
+            self._breaker_failed(exc, name, "snapshot")
+            view = self._views.get(name)
+            left = -math.inf if view is None or view.state is not BreakerState.OPEN else view.open_until
+            left -= time.monotonic()
+            if left > 0.0:
+                return BreakerSnapshot(BreakerState.OPEN, 0, left, 0, reachable=False)
+            return BreakerSnapshot(BreakerState.CLOSED, 0, 0.0, 0, reachable=False)
+        found, facts = breaker_wire.snapshot(reply)
         self._learn(name, facts)
         return found
 
