@@ -622,8 +622,8 @@ async def test_breaker_follows_the_policy_when_redis_is_down(server: Server) -> 
     allow = RedisBackend.from_url(server.url, prefix="down", socket_timeout=0.5)
     deny = RedisBackend.from_url(server.url, prefix="down", on_error="deny", socket_timeout=0.5)
     server.kill()
-    breaker = CircuitBreaker("svc", failure_threshold=1, backend=allow)
-    await _fail(breaker)  # admitted, and its failure is dropped with a warning
+    breaker = CircuitBreaker("svc", failure_threshold=2, backend=allow)
+    await _fail(breaker)  # admitted, and its failure counted on this process only, with a warning
     async with breaker:
         pass
     with pytest.raises(CircuitOpenError) as rejected:
@@ -634,6 +634,27 @@ async def test_breaker_follows_the_policy_when_redis_is_down(server: Server) -> 
         await breaker.trip()
     await allow.aclose()
     await deny.aclose()
+
+
+async def test_failures_during_an_outage_open_the_process_breaker_under_allow(server: Server) -> None:
+    """With Redis down, failure_threshold failures on this process open its breaker (no Redis to ask)."""
+    async with RedisBackend.from_url(server.url, prefix="lo", socket_timeout=0.5) as backend:
+        breaker = CircuitBreaker("svc", failure_threshold=3, recovery_time=60.0, backend=backend)
+        await _fail(breaker)  # one failure in Redis, then the outage: Redis's count is not carried
+        server.kill()
+        await _fail(breaker)
+        await _fail(breaker)
+        assert breaker.state is BreakerState.CLOSED
+        with capture_events() as events:
+            await _fail(breaker)  # the third failure this process saw during the outage
+        assert breaker.state is BreakerState.OPEN
+        assert [e.metadata["to"] for e in events if e.name == "state_changed"] == ["open"]
+        with pytest.raises(CircuitOpenError):
+            async with breaker:
+                pass
+        status = await breaker.status()
+        assert status.state is BreakerState.OPEN
+        assert status.reachable is False
 
 
 @pytest.mark.parametrize("on_error", ["allow", "deny"])
