@@ -341,6 +341,28 @@ async def test_a_closed_block_admitted_before_a_trip_elsewhere_decides_nothing(s
     await admin.aclose()
 
 
+async def test_blocks_of_two_periods_on_redis_each_count_in_their_own(server: Server) -> None:
+    """A block still running from before a reset decides nothing; one entered after it counts (both in process)."""
+    async with RedisBackend.from_url(server.url, prefix="rt") as backend:
+        breaker = CircuitBreaker("periods", failure_threshold=5, recovery_time=30.0, backend=backend)
+        assert await _admits(breaker)
+
+        async def old_period() -> None:
+            async with breaker:  # admitted in the first closed period
+                await breaker.trip()
+                await breaker.reset()  # a new period: the reply tells this process at once
+                async with breaker:  # admitted in the new period while the old block runs
+                    pass
+                await _fail(breaker)  # counts: it is of the current period
+                raise RuntimeError("old")
+
+        with pytest.raises(RuntimeError, match="old"):
+            await old_period()
+        assert (await breaker.status()).failure_count == 1  # the old block's failure decided nothing
+        await _fail(breaker)
+        assert (await breaker.status()).failure_count == 2
+
+
 async def _subscribed(admin: aioredis.Redis) -> bool:
     return bool(await admin.pubsub_numsub("rt:v2:cb") == [("rt:v2:cb", 1)])
 
