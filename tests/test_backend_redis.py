@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import anyio.lowlevel
@@ -622,8 +622,8 @@ async def test_breaker_follows_the_policy_when_redis_is_down(server: Server) -> 
     allow = RedisBackend.from_url(server.url, prefix="down", socket_timeout=0.5)
     deny = RedisBackend.from_url(server.url, prefix="down", on_error="deny", socket_timeout=0.5)
     server.kill()
-    breaker = CircuitBreaker("svc", failure_threshold=1, backend=allow)
-    await _fail(breaker)  # admitted, and its failure is dropped with a warning
+    breaker = CircuitBreaker("svc", failure_threshold=2, backend=allow)
+    await _fail(breaker)  # admitted, and its failure counted on this process only, with a warning
     async with breaker:
         pass
     with pytest.raises(CircuitOpenError) as rejected:
@@ -632,14 +632,71 @@ async def test_breaker_follows_the_policy_when_redis_is_down(server: Server) -> 
     assert isinstance(rejected.value.__cause__, RedisError)
     with pytest.raises(RedisError):
         await breaker.trip()
-    with pytest.raises(RedisError):
-        await breaker.status()
     await allow.aclose()
     await deny.aclose()
 
 
+async def test_failures_during_an_outage_open_the_process_breaker_under_allow(server: Server) -> None:
+    """With Redis down, failure_threshold failures on this process open its breaker (no Redis to ask)."""
+    async with RedisBackend.from_url(server.url, prefix="lo", socket_timeout=0.5) as backend:
+        breaker = CircuitBreaker("svc", failure_threshold=3, recovery_time=60.0, backend=backend)
+        await _fail(breaker)  # one failure in Redis, then the outage: Redis's count is not carried
+        server.kill()
+        await _fail(breaker)
+        await _fail(breaker)
+        assert breaker.state is BreakerState.CLOSED
+        with capture_events() as events:
+            await _fail(breaker)  # the third failure this process saw during the outage
+        assert breaker.state is BreakerState.OPEN
+        assert [e.metadata["to"] for e in events if e.name == "state_changed"] == ["open"]
+        with pytest.raises(CircuitOpenError):
+            async with breaker:
+                pass
+        status = await breaker.status()
+        assert status.state is BreakerState.OPEN
+        assert status.reachable is False
+
+
+@pytest.mark.parametrize("on_error", ["allow", "deny"])
+async def test_breaker_status_during_an_outage_is_the_process_view(
+    server: Server, on_error: Literal["allow", "deny"]
+) -> None:
+    """status() with Redis stopped raises nothing: the process's view (open, time left; else closed), unreachable."""
+    async with RedisBackend.from_url(server.url, prefix="st", on_error=on_error, socket_timeout=0.5) as backend:
+        opened = CircuitBreaker("opened", failure_threshold=1, recovery_time=60.0, backend=backend)
+        closed = CircuitBreaker("closed", failure_threshold=5, backend=backend)
+        await _fail(opened)
+        await _fail(closed)
+        assert (await closed.status()).failure_count == 1
+        server.kill()
+        with capture_events() as events:
+            seen = await opened.status()
+            other = await closed.status()
+        assert seen.reachable is False
+        assert seen.state is BreakerState.OPEN
+        assert 0.0 < seen.retry_after <= 60.0
+        assert other.reachable is False
+        assert other.state is BreakerState.CLOSED
+        assert other.failure_count == 0  # the counts live in Redis
+        assert other.to_dict()["reachable"] is False
+        failures = [event.metadata["operation"] for event in events if event.event[1:] == ("backend", "error")]
+        assert failures == ["breaker_snapshot"] * 2  # logged and emitted, as a call's failure is
+
+
+async def test_health_is_unhealthy_when_a_deny_store_is_down(server: Server) -> None:
+    """Under on_error="deny" a breaker store that cannot be read makes the report unhealthy (calls are refused)."""
+    backend = RedisBackend.from_url(server.url, prefix="health", on_error="deny", socket_timeout=0.5)
+    async with AsyncInfrastructure(backend=backend) as infra:
+        await infra.configure_protection("svc", {"circuit_breaker": {"failure_threshold": 3}})
+        server.kill()
+        report = await infra.health()
+        assert report["status"] == "unhealthy"
+        assert report["circuit_breakers"]["svc"]["reachable"] is False
+    await backend.aclose()
+
+
 async def test_health_reports_a_breaker_whose_store_is_down(server: Server) -> None:
-    """With the breakers' Redis down, health() still answers: degraded, the breaker's state unknown."""
+    """With the breakers' Redis down, health() still answers: degraded, the breaker unreachable."""
     backend = RedisBackend.from_url(server.url, prefix="health", socket_timeout=0.5)
     async with AsyncInfrastructure(backend=backend) as infra:
         await infra.configure_protection("svc", {"circuit_breaker": {"failure_threshold": 3}})
@@ -648,8 +705,8 @@ async def test_health_reports_a_breaker_whose_store_is_down(server: Server) -> N
         report = await infra.health()
         assert report["status"] == "degraded"
         assert report["circuit_breakers"]["svc"]["healthy"] is False
-        assert report["circuit_breakers"]["svc"]["state"] == "unknown"
-        assert "Error" in report["circuit_breakers"]["svc"]["error"]
+        assert report["circuit_breakers"]["svc"]["reachable"] is False
+        assert report["circuit_breakers"]["svc"]["state"] == "closed"  # this process's own view
         json.dumps(report)
     await backend.aclose()
 

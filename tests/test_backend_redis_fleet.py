@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
@@ -28,6 +29,7 @@ from seawall import (
     RateLimiter,
     RateLimitExceeded,
 )
+from seawall._awaitables import DONE
 from seawall.backends import BreakerPolicy, RateLimitRule, RedisBackend
 from seawall.backends.redis import classify
 from seawall.testing import capture_events
@@ -267,6 +269,98 @@ async def test_a_closed_breaker_costs_no_round_trip_per_success_one_per_failure(
         assert await _admits(breaker)  # the trial: one admission, one settle; it closes the breaker
         assert (await _calls(admin))["evalsha"] == 5
     await admin.aclose()
+
+
+async def test_closed_calls_on_redis_are_decided_in_process_and_failures_still_reach_it(server: Server) -> None:
+    """A closed success (async with, call()) awaits nothing and costs no script; a failure of either is counted."""
+    admin = aioredis.Redis.from_url(server.url, decode_responses=True)
+    async with RedisBackend.from_url(server.url, prefix="rt") as backend:
+        breaker = CircuitBreaker("svc", failure_threshold=4, recovery_time=30.0, backend=backend)
+        assert await _admits(breaker)
+        await until(lambda: _subscribed(admin))
+        assert await _admits(breaker)
+        await admin.config_resetstat()
+        entered = breaker.__aenter__()
+        exited = breaker.__aexit__(None, None, None)
+        # Nothing to await: the finished awaitable of the in-memory path, no coroutine, no shielded settle.
+        assert entered is DONE
+        assert exited is DONE
+        await entered
+        await exited
+
+        async def ok() -> int:
+            return 1
+
+        async def boom() -> None:
+            raise RuntimeError("down")
+
+        for _ in range(50):
+            assert await breaker.call(ok) == 1
+        with anyio.CancelScope() as scope:  # a cancelled block decides nothing, and costs nothing
+            async with breaker:
+                scope.cancel()
+                await anyio.sleep(1)
+        assert (await _calls(admin)).get("evalsha", 0) == 0
+        with pytest.raises(RuntimeError):
+            await breaker.call(boom)
+        await _fail(breaker)
+        assert (await _calls(admin))["evalsha"] == 2
+        assert (await breaker.status()).failure_count == 2
+        with anyio.CancelScope() as scope:  # a failure inside a cancelled scope still reaches Redis (shielded)
+            scope.cancel()
+            with pytest.raises(RuntimeError):
+                await breaker.call(boom)
+        await _fail(breaker)  # the fourth failure opens it
+        assert breaker.state is BreakerState.OPEN
+        assert not await _admits(breaker)
+    await admin.aclose()
+
+
+async def test_a_closed_block_admitted_before_a_trip_elsewhere_decides_nothing(server: Server) -> None:
+    """A failure of a block admitted in the old period is not counted in the one a trip started (generations)."""
+    admin = aioredis.Redis.from_url(server.url, decode_responses=True)
+    async with (
+        RedisBackend.from_url(server.url, prefix="rt") as one,
+        RedisBackend.from_url(server.url, prefix="rt") as other,
+    ):
+        first = CircuitBreaker("gen", failure_threshold=1, recovery_time=30.0, backend=one)
+        second = CircuitBreaker("gen", failure_threshold=1, recovery_time=30.0, backend=other)
+        assert await _admits(first)
+
+        async def late() -> None:
+            async with first:  # admitted while closed, in process
+                await second.trip()
+                await second.reset()  # a new closed period began meanwhile
+                raise RuntimeError("late")
+
+        with pytest.raises(RuntimeError):
+            await late()
+        snapshot = await first.status()
+        assert snapshot.state is BreakerState.CLOSED
+        assert snapshot.failure_count == 0
+    await admin.aclose()
+
+
+async def test_blocks_of_two_periods_on_redis_each_count_in_their_own(server: Server) -> None:
+    """A block still running from before a reset decides nothing; one entered after it counts (both in process)."""
+    async with RedisBackend.from_url(server.url, prefix="rt") as backend:
+        breaker = CircuitBreaker("periods", failure_threshold=5, recovery_time=30.0, backend=backend)
+        assert await _admits(breaker)
+
+        async def old_period() -> None:
+            async with breaker:  # admitted in the first closed period
+                await breaker.trip()
+                await breaker.reset()  # a new period: the reply tells this process at once
+                async with breaker:  # admitted in the new period while the old block runs
+                    pass
+                await _fail(breaker)  # counts: it is of the current period
+                raise RuntimeError("old")
+
+        with pytest.raises(RuntimeError, match="old"):
+            await old_period()
+        assert (await breaker.status()).failure_count == 1  # the old block's failure decided nothing
+        await _fail(breaker)
+        assert (await breaker.status()).failure_count == 2
 
 
 async def _subscribed(admin: aioredis.Redis) -> bool:

@@ -79,6 +79,7 @@ from seawall.backends._breaker_protocol import (
     BreakerBackend,
     BreakerPolicy,
     BreakerState,
+    LocalAdmission,
     Outcome,
     Ticket,
     Transition,
@@ -129,6 +130,9 @@ class BreakerStatus:
     """Failures / calls in the window (``None``: no rate mode, or fewer than ``minimum_calls`` calls)."""
     slow_call_rate: float | None = None
     """Slow calls / calls in the window (``None``: no slow-call mode, or fewer than ``minimum_calls`` calls)."""
+    reachable: bool = True
+    """``False``: the shared store (Redis) could not be read; the state is this process's own view of it
+    (what its calls meet under ``on_error``), and the counts are not known (``0``)."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable view (the state as its string value)."""
@@ -145,6 +149,7 @@ class BreakerStatus:
             "calls": self.calls,
             "failure_rate": self.failure_rate,
             "slow_call_rate": self.slow_call_rate,
+            "reachable": self.reachable,
         }
 
 
@@ -414,6 +419,7 @@ class CircuitBreaker:
 
     __slots__ = (
         "__weakref__",
+        "_admit_local",
         "_backend",
         "_blocks",
         "_blocks_generation",
@@ -490,6 +496,13 @@ class CircuitBreaker:
         # The in-memory store is read synchronously (the fast paths); any
         # other store is asked through its async protocol on every call.
         self._record: BreakerRecord | None = backend.record(name) if isinstance(backend, MemoryBreakerBackend) else None
+        # A shared store that admits a closed call from its own view (Redis):
+        # the breaker's synchronous path for it, in count mode (a rate counts successes).
+        self._admit_local = (
+            backend.breaker_admit_local
+            if self._record is None and not self._rated and isinstance(backend, LocalAdmission)
+            else None
+        )
         self._last_state = _CLOSED
         self._inflight: dict[object, _Inflight] = {}
         # ``async with`` blocks on the closed fast path: how many run, and the
@@ -612,6 +625,7 @@ class CircuitBreaker:
             calls=snapshot.calls,
             failure_rate=snapshot.failure_rate,
             slow_call_rate=snapshot.slow_call_rate,
+            reachable=snapshot.reachable,
         )
 
     async def reset(self) -> None:
@@ -670,11 +684,7 @@ class CircuitBreaker:
                 permit = self._plain = BreakerPermit(Ticket(record.generation, None), shared=True)
             return permit
         if state is _OPEN:
-            remaining = record.opened_at + self._recovery_time - self._now()
-            if remaining > 0:
-                if BREAKER_CALL_REJECTED.handlers:
-                    self._emit_rejected(_OPEN, remaining)
-                raise _open_error(self._name, remaining)
+            self._reject_while_open(record)
         if self._covered(record, scoped=True):
             return BreakerPermit(None)
         ticket = self._admit(record)
@@ -731,7 +741,18 @@ class CircuitBreaker:
     def __aenter__(self) -> Awaitable[None]:
         record = self._record
         if record is None:
-            return self._aenter_remote()
+            ticket = self._local_ticket()
+            if ticket is None:
+                return self._aenter_remote()
+            # Closed, decided by the store's view: counted like the in-memory fast path.
+            if not self._blocks:
+                self._blocks_generation = ticket.generation
+                self._blocks = 1
+            elif self._blocks_generation == ticket.generation:
+                self._blocks += 1
+            else:
+                self._inflight[_task_key()] = _Inflight(ticket, None, None)  # blocks of an older generation run
+            return DONE
         state = record.state
         if state is _CLOSED and not BREAKER_CALL_EXECUTED.handlers and not self._inflight and self._slow_after is None:
             # The fast path: the block is counted, not tracked. Every counted
@@ -747,11 +768,7 @@ class CircuitBreaker:
                 return DONE
             # Blocks of an older generation still run: track this one until they are done.
         elif state is _OPEN:
-            remaining = record.opened_at + self._recovery_time - self._now()
-            if remaining > 0:
-                if BREAKER_CALL_REJECTED.handlers:
-                    self._emit_rejected(_OPEN, remaining)
-                raise _open_error(self._name, remaining)
+            self._reject_while_open(record)
         self._enter_tracked(record)
         return DONE
 
@@ -765,6 +782,20 @@ class CircuitBreaker:
         ticket = self._admit(record)
         timed = BREAKER_CALL_EXECUTED.handlers or self._rated
         inflight[key] = _Inflight(ticket, self._now() if timed else None, outer)
+
+    def _local_ticket(self) -> Ticket | None:
+        """A shared store's in-process admission of a plain closed call (see :class:`LocalAdmission`), or ``None``.
+
+        Only with nothing tracked (no trial in any task could cover the call)
+        and nobody timing calls for ``call_executed``.
+        """
+        local = self._admit_local
+        if local is None or self._inflight or BREAKER_CALL_EXECUTED.handlers:
+            return None
+        ticket = local(self._name, self._policy)
+        if ticket is not None:
+            self._last_state = _CLOSED
+        return ticket
 
     async def _aenter_remote(self) -> None:
         key = _task_key()
@@ -797,7 +828,7 @@ class CircuitBreaker:
     ) -> Awaitable[None]:
         record = self._record
         if record is None:
-            return self._aexit_remote(exc)
+            return self._aexit_shared(exc)
         if self._inflight:
             # A block entered while anything is tracked is tracked too, so a
             # task's tracked blocks are inside its counted ones: a task with
@@ -818,14 +849,35 @@ class CircuitBreaker:
             self._fail_plain(record, self._blocks_generation)
         return DONE
 
-    async def _aexit_remote(self, exc: BaseException | None) -> None:
-        entry = self._pop()
-        if entry is None or entry.ticket is None:
-            return  # a block inside a trial of this breaker decides nothing
+    def _aexit_shared(self, exc: BaseException | None) -> Awaitable[None]:
+        """``__aexit__`` on a shared store: awaits only what the store must hear (see :class:`LocalAdmission`)."""
+        # As in memory, a block entered while anything is tracked is tracked
+        # too: a task with no tracked entry is leaving a counted block.
+        entry = self._pop() if self._inflight else None
+        if entry is None:
+            if not self._blocks:
+                return DONE  # (no counted block: a tracked entry of another form ended it)
+            self._blocks -= 1
+            if exc is None or self._outcome(exc) != "failure":
+                return DONE  # a closed call's success or cancellation changes nothing
+            return self._aexit_remote(Ticket(self._blocks_generation, None), None, exc)
+        ticket = entry.ticket
+        if ticket is None:
+            return DONE  # a block inside a trial of this breaker decides nothing
+        if (
+            self._admit_local is not None
+            and ticket.trial is None
+            and entry.start is None
+            and (exc is None or self._outcome(exc) != "failure")
+        ):
+            return DONE  # a plain success the store need not hear of
+        return self._aexit_remote(ticket, entry.start, exc)
+
+    async def _aexit_remote(self, ticket: Ticket, start: float | None, exc: BaseException | None) -> None:
         # The block may be ending because its scope was cancelled; the store
         # must still hear of it, or a trial slot stays taken.
         with anyio.CancelScope(shield=True):
-            await self._settle_remote(entry.ticket, self._outcome(exc), entry.start, exc)
+            await self._settle_remote(ticket, self._outcome(exc), start, exc)
 
     async def call(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``await fn(*args, **kwargs)`` through the breaker and return its result.
@@ -866,14 +918,23 @@ class CircuitBreaker:
                         self._fail_plain(record, generation)
                     raise
             if state is _OPEN:
-                remaining = record.opened_at + self._recovery_time - self._now()
-                if remaining > 0:
-                    if BREAKER_CALL_REJECTED.handlers:
-                        self._emit_rejected(_OPEN, remaining)
-                    raise _open_error(self._name, remaining)
+                self._reject_while_open(record)
+        elif (ticket := self._local_ticket()) is not None:
+            return await self._call_local(ticket, fn, args, kwargs)
         if self.guards(fn) or self._covered(record):
             return await fn(*args, **kwargs)
         return await self._call_tracked(record, fn, args, kwargs)
+
+    async def _call_local(self, ticket: Ticket, fn: Callable[..., Awaitable[T]], args: Any, kwargs: Any) -> T:
+        """call() of a closed breaker on a shared store that admitted it locally: only a failure is settled."""
+        try:
+            return await fn(*args, **kwargs)
+        except Exception as exc:
+            # A guarded ``fn`` counted its failure itself (a failure path, so the lookup is free).
+            if not isinstance(exc, self._exclude) and not self.guards(fn):
+                with anyio.CancelScope(shield=True):
+                    await self._settle_remote(ticket, "failure", None, exc)
+            raise
 
     def _settle_rated(self, record: BreakerRecord, generation: int, exc: Exception) -> None:
         """A plain call of a rated breaker, admitted in ``generation``, raised ``exc`` (untimed)."""
@@ -1055,6 +1116,14 @@ class CircuitBreaker:
         if admission.ticket is None:
             raise self._rejected(admission.state, admission.retry_after)
         return admission.ticket
+
+    def _reject_while_open(self, record: BreakerRecord) -> None:
+        """Raise :class:`CircuitOpenError` while the open ``record`` is within its ``recovery_time``."""
+        remaining = record.opened_at + self._recovery_time - self._now()
+        if remaining > 0:
+            if BREAKER_CALL_REJECTED.handlers:
+                self._emit_rejected(_OPEN, remaining)
+            raise _open_error(self._name, remaining)
 
     def _rejected(self, state: BreakerState, retry_after: float) -> CircuitOpenError:
         if BREAKER_CALL_REJECTED.handlers:

@@ -895,11 +895,12 @@ class AsyncInfrastructure:
         ``"status"`` is one of :data:`HEALTH_STATUSES`: ``"healthy"`` when
         every pool is open and every breaker closed; ``"degraded"`` when a
         breaker is open, a pool is closed, or a breaker's state cannot be read
-        (its shared store is down) under ``on_error="allow"``/``"local"``;
+        (its shared store is down: ``"reachable": false``, or an error) under ``on_error="allow"``/``"local"``;
         ``"unhealthy"`` when the infrastructure cannot serve: not started or
         closed, or a store that is down under ``on_error="deny"``. A breaker
-        whose state cannot be read is reported with ``"state": "unknown"`` and
-        the error: a health check must answer.
+        on Redis that cannot be read reports its process's own view with
+        ``"reachable": false``; one whose ``status()`` raises is reported with
+        ``"state": "unknown"`` and the error: a health check must answer.
         """
         pools: dict[str, Any] = {}
         for name in self.connection_manager.list_pools():
@@ -930,7 +931,7 @@ class AsyncInfrastructure:
             return "unhealthy"  # not started, or closed: no call can be served
         if healthy:
             return "healthy"
-        store_down = any(b.get("state") == "unknown" for b in breakers.values())
+        store_down = any(b.get("state") == "unknown" or b.get("reachable") is False for b in breakers.values())
         if store_down and getattr(self._host.backend, "on_error", None) == "deny":
             return "unhealthy"  # every call that needs the store is refused
         return "degraded"
@@ -948,4 +949,5 @@ async def _breaker_health(breaker: BreakerLike) -> dict[str, Any]:
         snapshot = jsonable((await breaker.status()).to_dict())
     except Exception as exc:  # any store failure is reported, not raised
         return {"healthy": False, "state": "unknown", "error": f"{type(exc).__name__}: {exc}"}
-    return {"healthy": snapshot.get("state") != "open", **snapshot}
+    # A store that cannot be read leaves the process's own view: not healthy (degraded, or worse under "deny").
+    return {"healthy": snapshot.get("state") != "open" and snapshot.get("reachable", True), **snapshot}

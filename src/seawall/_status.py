@@ -124,7 +124,10 @@ async def collect_status(
                 await infra.configure_protection(key, fleet)
                 state: dict[str, Any] = {}
                 if fleet.circuit_breaker is not None:
-                    state["circuit_breaker"] = jsonable((await infra.circuit_breaker.get(key).status()).to_dict())
+                    status = await infra.circuit_breaker.get(key).status()
+                    if not status.reachable:  # (a process's own view, which this command has none of)
+                        raise ConnectionError(f"the state of circuit breaker {key!r} could not be read")
+                    state["circuit_breaker"] = jsonable(status.to_dict())
                 if fleet.rate_limiter is not None:
                     buckets = {}
                     for entity in ("global", *entities):

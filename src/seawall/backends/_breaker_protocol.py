@@ -77,6 +77,14 @@ What this adds to the protocol, for a backend that implements it:
   rate options on a backend without it raises ``ConfigurationError`` at
   construction rather than ignoring them.
 
+A shared store may also implement :class:`LocalAdmission`: a synchronous
+``breaker_admit_local`` that admits a plain call of the closed state from the
+process's own view (no await), with the promise that such a call's success
+(or cancellation) needs no ``breaker_settle`` in count mode. The breaker then
+takes its synchronous path for a closed success - no coroutine, no shielded
+settle - and still awaits ``breaker_settle`` for a failure, and
+``breaker_admit`` whenever ``breaker_admit_local`` returns ``None``.
+
 Two tickets stand outside the generations: ``ticket=None`` (a plain call a
 caller admitted without asking the store) and a ticket with a negative
 generation (what a store hands out when it admitted a call without deciding,
@@ -98,6 +106,7 @@ __all__ = [
     "BreakerPolicy",
     "BreakerSnapshot",
     "BreakerState",
+    "LocalAdmission",
     "Outcome",
     "Ticket",
     "Transition",
@@ -187,6 +196,8 @@ class BreakerSnapshot(NamedTuple):
     """Failures / calls in the window (``None``: no rate mode, or fewer than ``minimum_calls``)."""
     slow_call_rate: float | None = None
     """Slow calls / calls in the window (``None``: no rate mode, or fewer than ``minimum_calls``)."""
+    reachable: bool = True
+    """``False``: a shared store could not be read (an outage); the rest is this process's own view."""
 
 
 @runtime_checkable
@@ -226,4 +237,18 @@ class BreakerBackend(Protocol):
 
     async def breaker_snapshot(self, name: str, policy: BreakerPolicy, now: float) -> BreakerSnapshot:
         """Report the state without changing it."""
+        ...
+
+
+@runtime_checkable
+class LocalAdmission(Protocol):
+    """The capability of a shared store to admit a closed-state plain call without a round trip."""
+
+    def breaker_admit_local(self, name: str, policy: BreakerPolicy) -> Ticket | None:
+        """The ticket of a plain call admitted now from this process's view, or ``None``: ask ``breaker_admit``.
+
+        A plain ticket returned here promises that the call's success or
+        cancellation changes nothing in count mode, so the breaker settles
+        only its failure.
+        """
         ...

@@ -47,6 +47,7 @@ import asyncio
 import contextlib
 import math
 import time
+from collections import deque
 from collections.abc import Iterator
 from types import TracebackType
 from typing import Any, Final, Literal
@@ -279,6 +280,7 @@ class RedisBackend:
         "_listener",
         "_live",
         "_log",
+        "_outage_failures",
         "_owns_client",
         "_policies",
         "_pubsub",
@@ -325,6 +327,8 @@ class RedisBackend:
         self._verifying: asyncio.Task[None] | None = None
         self._log = Throttle(1.0)
         self._views: dict[str, breaker_wire.View] = {}
+        # Failures Redis could not hear, per breaker: loop times within the window (see _fail_locally).
+        self._outage_failures: dict[str, deque[float]] = {}
         self._policies: dict[str, BreakerPolicy] = {}
         self._channel = _key(f"{prefix}:{KEY_FORMAT}:cb")
         self._listener: asyncio.Task[None] | None = None
@@ -415,6 +419,19 @@ class RedisBackend:
     # -- the BreakerBackend protocol ------------------------------------------
     # ``now`` (the breaker's clock) is not used: the script reads the server's clock.
 
+    def breaker_admit_local(self, name: str, policy: BreakerPolicy) -> Ticket | None:
+        """The plain ticket of a call admitted from the process's closed view, or ``None`` (ask :meth:`breaker_admit`).
+
+        The same closed-state decision as :meth:`breaker_admit` makes first,
+        without a coroutine; a plain call's success costs nothing afterwards
+        (see :meth:`breaker_settle`).
+        """
+        view = self._views.get(name)
+        if view is None or (self._down and self.on_error == "deny"):
+            return None
+        admitted = view.admission
+        return None if admitted is None else admitted.ticket
+
     async def breaker_admit(self, name: str, policy: BreakerPolicy, now: float) -> Admission:
         """Admit a call or reject it: from the process's view while closed or open, else in one round trip.
 
@@ -466,7 +483,8 @@ class RedisBackend:
             reply = await self._call(key, command)
         except _BACKEND_ERRORS as exc:
             self._breaker_failed(exc, name, "settle")
-            return None
+            # ("deny" rejects every call of an outage: nothing to count.)
+            return self._fail_locally(name, policy) if outcome == "failure" and self.on_error != "deny" else None
         found, facts = breaker_wire.transition(reply)
         self._learn(name, facts)
         return found
@@ -491,13 +509,24 @@ class RedisBackend:
     async def breaker_snapshot(self, name: str, policy: BreakerPolicy, now: float) -> BreakerSnapshot:
         """Report the state without changing it.
 
-        Raises:
-            redis.exceptions.RedisError: Redis failed.
+        When Redis fails (logged and emitted as for a call) the answer is the
+        process's own view, marked ``reachable=False``: an open breaker it knows
+        of, with the recovery time it has left, else closed; the counts live in
+        Redis and are reported as ``0``. A status read must answer during an
+        outage, whatever ``on_error`` (a health check reads it).
         """
         key = self._breaker_key(name)
-        found, facts = breaker_wire.snapshot(
-            await self._call(key, self._breaker_command(key, name, policy, b"snapshot"))
-        )
+        try:
+            reply = await self._call(key, self._breaker_command(key, name, policy, b"snapshot"))
+        except _BACKEND_ERRORS as exc:
+            self._breaker_failed(exc, name, "snapshot")
+            view = self._views.get(name)
+            left = -math.inf if view is None or view.state is not BreakerState.OPEN else view.open_until
+            left -= time.monotonic()
+            if left > 0.0:
+                return BreakerSnapshot(BreakerState.OPEN, 0, left, 0, reachable=False)
+            return BreakerSnapshot(BreakerState.CLOSED, 0, 0.0, 0, reachable=False)
+        found, facts = breaker_wire.snapshot(reply)
         self._learn(name, facts)
         return found
 
@@ -518,10 +547,37 @@ class RedisBackend:
             *extra,
         )
 
+    def _fail_locally(self, name: str, policy: BreakerPolicy) -> Transition | None:
+        """Count a failure Redis could not hear in the process's own window; open the process's view at the threshold.
+
+        So a process keeps its breaker during an outage (``"allow"``/``"local"``):
+        ``failure_threshold`` failures within ``window`` on this process open
+        its view for ``recovery_time``, after which calls run again (each one
+        first tries Redis). Redis's answer, when it comes, replaces all of it.
+        """
+        failures = self._outage_failures.get(name)
+        if failures is None:
+            failures = self._outage_failures[name] = deque()
+        now = time.monotonic()
+        failures.append(now)
+        while failures and failures[0] <= now - policy.window:
+            failures.popleft()
+        if len(failures) < policy.failure_threshold:
+            return None
+        failures.clear()
+        view = self._views.get(name)
+        if view is None:
+            view = self._views[name] = breaker_wire.View(BreakerState.CLOSED, 0, -math.inf, False)
+        old = view.state
+        view.learn(BreakerState.OPEN, view.generation, policy.recovery_time, now, reply=False)
+        view.confirmed = False  # (an OPEN view of this process alone: admissions still try Redis first)
+        return Transition(old, BreakerState.OPEN) if old is not BreakerState.OPEN else None
+
     def _learn(self, name: str, facts: breaker_wire.Facts) -> None:
         """Take in what a reply says of breaker ``name`` (and start listening for changes made elsewhere)."""
         state, generation, left = facts
         self._down = False
+        self._outage_failures.pop(name, None)  # Redis answers: its count is the one
         now = time.monotonic()
         view = self._views.get(name)
         if view is None:
