@@ -795,7 +795,7 @@ async def test_operation_entity_pair_and_failing_status_read(monkeypatch: pytest
             async def broken(self: object, entity_id: str, operation: str) -> None:
                 raise RateLimiterError(key=f"{operation}:{entity_id}")
 
-            monkeypatch.setattr(type(infra.rate_limiter), "get_status", broken)
+            monkeypatch.setattr(type(infra.rate_limiter), "get_statuses", broken)
             unheaded = await client.get("/pair")
     assert paired.headers["ratelimit"].startswith('"api";r=2;t=')
     assert unheaded.status_code == 200
