@@ -62,6 +62,7 @@ from seawall.backends._limiter_protocol import (
     LocalRateLimitBackend,
     MultiRuleBackend,
     RateLimitBackend,
+    RateLimitDecision,
     RateLimitRule,
     check_rule,
 )
@@ -944,6 +945,11 @@ class RateLimitBucket:
         return f"RateLimitBucket(key={self.key!r}, cost={self.cost!r}, limiter={self.limiter!r})"
 
 
+def _binding(statuses: list[RateLimitStatus]) -> RateLimitStatus:
+    """The status of the rule that binds: the fewest hits left, then the longest wait (the first of a tie)."""
+    return min(statuses, key=lambda status: (status.remaining, -status.retry_after))
+
+
 def _slot_key(key: str) -> str:
     """``key`` behind a Redis Cluster hash tag of its own, so every rule's bucket of it is in one slot.
 
@@ -1030,15 +1036,18 @@ class MultiRateLimiter:
         found = take_all(tables, key, cost, self.clock.now())
         return None if found is None else (self.limiters[found[0]], found[1])
 
-    async def _wait_remote(self, key: str, cost: float) -> tuple[RateLimiter, float] | None:
+    async def _wait_remote(
+        self, key: str, cost: float
+    ) -> tuple[tuple[RateLimiter, float] | None, tuple[RateLimitDecision, ...]]:
+        """The backend's one decision over every rule: ``(None or the longest wait, each rule's decision)``."""
         backend = cast("MultiRuleBackend", self.backend)
         admitted, decisions = await backend.take_all(_slot_key(key), cost, self._rules)
         if admitted:
-            return None
+            return None, decisions
         waits = [decision.retry_after for decision in decisions]
         worst = waits.index(max(waits))
         # A remote store that denies with no retry time must not make a waiter spin.
-        return self.limiters[worst], max(waits[worst], 1e-3)
+        return (self.limiters[worst], max(waits[worst], 1e-3)), decisions
 
     def _check(self, key: object, cost: object) -> tuple[str, float]:
         if type(key) is not str:
@@ -1084,12 +1093,29 @@ class MultiRateLimiter:
         """Take ``cost`` under every rule now or raise :class:`~seawall.RateLimitExceeded` (nothing taken).
 
         Returns:
-            The status of the rule with the fewest hits left after the hit.
+            The status of the binding rule after the hit (see :meth:`status`).
         """
         key, cost = self._check(key, cost)
-        denied = await self._wait_remote(key, cost) if self._remote else self._wait(key, cost)
+        if not self._remote:
+            self._admit(key, cost, self._wait(key, cost))
+            return await self.status(key)  # (in this process: no suspension, no round trip)
+        denied, decisions = await self._wait_remote(key, cost)
         self._admit(key, cost, denied)
-        return await self.status(key)
+        # The status from the decision itself: asking for it again would cost a round trip per rule.
+        found = [
+            RateLimitStatus(
+                key,
+                decision.next_after == 0.0,
+                decision.current_count,
+                limiter.limit,
+                limiter.window,
+                decision.remaining,
+                decision.next_after,
+                decision.reset_after,
+            )
+            for limiter, decision in zip(self.limiters, decisions, strict=True)
+        ]
+        return _binding(found)
 
     async def acquire(self, key: str = "default", cost: float = 1) -> None:
         """Wait until every rule admits ``cost`` on bucket ``key``, then take it from all.
@@ -1099,7 +1125,7 @@ class MultiRateLimiter:
         """
         key, cost = self._check(key, cost)
         while True:
-            denied = await self._wait_remote(key, cost) if self._remote else self._wait(key, cost)
+            denied = (await self._wait_remote(key, cost))[0] if self._remote else self._wait(key, cost)
             if denied is None:
                 break
             await self.clock.sleep(denied[1])
@@ -1115,8 +1141,8 @@ class MultiRateLimiter:
         return [replace(status, key=key) for status in found] if self._remote else found
 
     async def status(self, key: str = "default") -> RateLimitStatus:
-        """The status of bucket ``key`` under the rule with the fewest hits left (the first of a tie)."""
-        return min(await self.statuses(key), key=lambda status: status.remaining)
+        """The status of bucket ``key`` under the binding rule: the fewest hits left, then the longest wait."""
+        return _binding(await self.statuses(key))
 
     async def reset(self, key: str = "default") -> None:
         """Empty bucket ``key`` under every rule."""

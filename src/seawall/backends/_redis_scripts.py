@@ -125,9 +125,9 @@ local cost = tonumber(ARGV[1])
 local all = true
 local fits, states, afters, lefts, expiries, stamps = {}, {}, {}, {}, {}, {}
 for i = 1, #KEYS do
-  local first, second = tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
+  local first, second = tonumber(ARGV[3 * i + 1]), tonumber(ARGV[3 * i + 2])
   local stored = redis.call('GET', KEYS[i])
-  if ARGV[3 * i - 1] == 'g' then
+  if ARGV[3 * i] == 'g' then
     local backlog = 0
     if stored then
       local space = string.find(stored, ' ', 1, true)
