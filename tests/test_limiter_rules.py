@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from fractions import Fraction
+from pathlib import Path
 
 import anyio
 import anyio.lowlevel
@@ -20,6 +21,7 @@ from seawall import (
     RateLimiter,
     RateLimitExceeded,
 )
+from seawall._config import load_toml
 from seawall.backends import RedisBackend
 
 pytestmark = pytest.mark.anyio
@@ -280,3 +282,14 @@ async def test_redis_denial_retry_after_is_the_largest_and_mixed_algorithms_work
     await limiter.reset("k")
     assert [status.current_count for status in await limiter.statuses("k")] == [0.0, 0.0]
     assert limiter.resident_buckets is None
+
+
+def test_toml_arrays_of_tables_are_several_rules(tmp_path: Path) -> None:
+    path = tmp_path / "seawall.toml"
+    path.write_text(
+        "[[protection.api.rate_limiter]]\nlimit = 10\nwindow = 1\n"
+        "[[protection.api.rate_limiter]]\nlimit = 50\nwindow = 60\n"
+    )
+    (rules,) = [config.rate_limiter for config in load_toml(path).values()]
+    assert isinstance(rules, tuple)
+    assert [(rule.limit, rule.window) for rule in rules] == [(10, 1.0), (50, 60.0)]
