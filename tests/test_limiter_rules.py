@@ -11,6 +11,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 import redis.asyncio as aioredis
+from redis.crc import key_slot
 
 from seawall import (
     AsyncInfrastructure,
@@ -22,7 +23,8 @@ from seawall import (
     RateLimitExceeded,
 )
 from seawall._config import load_toml
-from seawall.backends import RedisBackend
+from seawall._limiter import _slot_key
+from seawall.backends import RateLimitRule, RedisBackend
 
 pytestmark = pytest.mark.anyio
 
@@ -293,3 +295,13 @@ def test_toml_arrays_of_tables_are_several_rules(tmp_path: Path) -> None:
     (rules,) = [config.rate_limiter for config in load_toml(path).values()]
     assert isinstance(rules, tuple)
     assert [(rule.limit, rule.window) for rule in rules] == [(10, 1.0), (50, 60.0)]
+
+
+@pytest.mark.parametrize("bucket", ["api:global", "", "}", "api:{team}", "a}b{c"])
+def test_every_rules_key_of_a_bucket_is_in_one_cluster_slot(bucket: str) -> None:
+    """The hash tag of the bucket: Redis Cluster runs the one script over every rule's key."""
+    backend = RedisBackend(aioredis.Redis(), prefix="p")
+    rules = [RateLimitRule(10, 1), RateLimitRule(50, 60, "fixed_window"), RateLimitRule(5, 3600, name="n")]
+    names = [backend._rule(rule).key(_slot_key(bucket)) for rule in rules]
+    assert len({key_slot(name) for name in names}) == 1
+    assert len(set(names)) == 3
