@@ -24,7 +24,7 @@ from seawall import (
 )
 from seawall._config import load_toml
 from seawall._limiter import _slot_key
-from seawall.backends import RateLimitRule, RedisBackend
+from seawall.backends import MemoryRateLimitBackend, RateLimitRule, RedisBackend
 
 pytestmark = pytest.mark.anyio
 
@@ -305,3 +305,16 @@ def test_every_rules_key_of_a_bucket_is_in_one_cluster_slot(bucket: str) -> None
     names = [backend._rule(rule).key(_slot_key(bucket)) for rule in rules]
     assert len({key_slot(name) for name in names}) == 1
     assert len(set(names)) == 3
+
+
+async def test_the_memory_backend_decides_several_rules_as_the_protocol_says() -> None:
+    """MemoryRateLimitBackend.take_all: all or nothing; a rule that would admit reads admitted with no wait."""
+    clock = FakeClock()
+    backend = MemoryRateLimitBackend(clock=clock)
+    rules = (RateLimitRule(2, 1), RateLimitRule(1, 60, "fixed_window"))
+    admitted, _ = await backend.take_all("k", 1, rules)
+    assert admitted
+    admitted, (second, minute) = await backend.take_all("k", 1, rules)
+    assert not admitted
+    assert (second.admitted, second.retry_after, second.current_count) == (True, 0.0, 1.0)  # nothing taken
+    assert (minute.admitted, minute.retry_after) == (False, 60.0)
