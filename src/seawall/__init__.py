@@ -37,7 +37,7 @@ from seawall._errors import (
     SeawallError,
 )
 from seawall._infrastructure import AsyncInfrastructure
-from seawall._limiter import RateLimitBucket, RateLimiter, RateLimitStatus
+from seawall._limiter import MultiRateLimiter, RateLimitBucket, RateLimiter, RateLimitStatus
 from seawall._pool import ConnectionPool, PoolLease, PoolStatus
 from seawall._retry import Retry, RetryAttempt, RetryBudget, RetryBudgetStatistics
 from seawall._version import __version__
@@ -63,6 +63,7 @@ __all__ = [
     "ConnectionPool",
     "FakeClock",
     "MonotonicClock",
+    "MultiRateLimiter",
     "NotFound",
     "PoolClosed",
     "PoolConfig",

@@ -25,7 +25,7 @@ import difflib
 import importlib
 import inspect
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
@@ -485,6 +485,24 @@ def _build(cls: type[_Section], options: Mapping[str, Any], path: str) -> _Secti
     return instance
 
 
+def _rules(items: Sequence[object], path: str) -> RateLimitConfig | tuple[RateLimitConfig, ...]:
+    """Several rate rules of one key (each a mapping or a :class:`RateLimitConfig`); one rule stays a section.
+
+    Errors name the rule by its index, ``api.rate_limiter[1].limit``.
+    """
+    if not items:
+        raise _fail(path, "a list of rate rules must hold at least one rule")
+    rules: list[RateLimitConfig] = []
+    for index, item in enumerate(items):
+        at = f"{path}[{index}]"
+        rule = item if isinstance(item, RateLimitConfig) else RateLimitConfig.from_mapping(item, at)
+        if rule in rules:
+            raise _fail(at, f"the same rule as {path}[{rules.index(rule)}] ({rule.limit} per {rule.window}s)")
+        rules.append(rule)
+    # One rule is the plain section: its key keeps the single-rule path (and its cost).
+    return rules[0] if len(rules) == 1 else tuple(rules)
+
+
 _SECTIONS: dict[str, Any] = {
     "rate_limiter": RateLimitConfig,
     "circuit_breaker": BreakerConfig,
@@ -500,7 +518,8 @@ class ProtectionConfig:
     """Everything that protects one key; every section is optional.
 
     Attributes:
-        rate_limiter: The key's rate limit, the name of a limiter registered with
+        rate_limiter: The key's rate limit, several of them (a tuple: a call must
+            pass every rule; a list in a mapping), the name of a limiter registered with
             ``infra.rate_limiter.register`` (an adapted ``aiolimiter.AsyncLimiter``, say), or ``None``.
         circuit_breaker: The key's breaker, or ``None``.
         concurrency: The key's concurrency limiter (after the breaker, before the pool), or ``None``.
@@ -511,7 +530,7 @@ class ProtectionConfig:
         retry: The key's retries (each attempt through every layer), or ``None``.
     """
 
-    rate_limiter: RateLimitConfig | str | None = None
+    rate_limiter: RateLimitConfig | tuple[RateLimitConfig, ...] | str | None = None
     circuit_breaker: BreakerConfig | None = None
     connection_pool: PoolConfig | None = None
     concurrency: ConcurrencyConfig | None = None
@@ -524,6 +543,9 @@ class ProtectionConfig:
             value = getattr(self, name)
             if name == "rate_limiter" and isinstance(value, str) and value:
                 continue  # a limiter registered by name (infra.rate_limiter.register)
+            if name == "rate_limiter" and isinstance(value, tuple):
+                object.__setattr__(self, name, _rules(value, name))
+                continue
             if value is not None and not isinstance(value, kind):
                 raise _fail(name, f"expected a {kind.__name__} or None, got {describe(value)}")
         if self.timeout is not None:
@@ -549,7 +571,9 @@ class ProtectionConfig:
         for name, kind in _SECTIONS.items():
             value = options.get(name)
             full = f"{path}.{name}" if path else name
-            if value is None or isinstance(value, kind) or (name == "rate_limiter" and isinstance(value, str)):
+            if name == "rate_limiter" and isinstance(value, list | tuple):
+                sections[name] = _rules(value, full)
+            elif value is None or isinstance(value, kind) or (name == "rate_limiter" and isinstance(value, str)):
                 if isinstance(value, str) and not value:
                     raise _fail(full, "a registered limiter's name must be a non-empty str")
                 sections[name] = value  # (a str names a limiter registered on infra.rate_limiter)

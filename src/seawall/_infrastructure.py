@@ -55,7 +55,7 @@ from seawall._errors import (
     Rejected,
     SeawallError,
 )
-from seawall._limiter import LimiterLike, RateLimiter
+from seawall._limiter import LimiterLike, MultiRateLimiter, RateLimiter, carry_over
 from seawall._logging import Throttle
 from seawall._plan import Plan, concurrency_for
 from seawall._pool import ConnectionPool, PoolStatus
@@ -445,9 +445,9 @@ class AsyncInfrastructure:
         self._set_retry(key, validated.retry, old, plan)
         self.rate_limiter.bind(key, limiter)
         old_limiter = old.limiter if old is not None else None
-        if isinstance(old_limiter, RateLimiter) and isinstance(limiter, RateLimiter):
+        if limiter is not None and old_limiter is not limiter:
             # A changed rule: the key's buckets keep their level, scaled to the new rule.
-            limiter.carry_over(old_limiter, bucket_key(key, ""))
+            carry_over(limiter, old_limiter, bucket_key(key, ""))
         if old is not None and old.breaker is not None and old.breaker is not breaker:
             self.circuit_breaker.unbind(key, old.breaker)
         if breaker is not None:
@@ -474,10 +474,14 @@ class AsyncInfrastructure:
         if retry.attempt_timeout is not None and retry.attempt_timeout < plan.timeout:
             entry.first = self._call_plan(key, (None, None, None, retry.attempt_timeout))
 
-    def _limiter_for(self, key: str, config: RateLimitConfig | str | None) -> LimiterLike | None:
-        """The key's limiter: the shared one of its rule, or one registered by name."""
+    def _limiter_for(
+        self, key: str, config: RateLimitConfig | tuple[RateLimitConfig, ...] | str | None
+    ) -> LimiterLike | None:
+        """The key's limiter: the shared one of its rule (of each of its rules), or one registered by name."""
         if isinstance(config, str):
             return self.rate_limiter.named(config, f"{key}.rate_limiter")
+        if isinstance(config, tuple):
+            return MultiRateLimiter(tuple(self.rate_limiter.limiter(rule) for rule in config))
         return self.rate_limiter.limiter(config) if config is not None else None
 
     def _breaker_for(self, key: str, config: BreakerConfig | None, old: Plan | None) -> CircuitBreaker | None:

@@ -38,8 +38,9 @@ import logging
 import math
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import timedelta
+from functools import partial
 from heapq import heappop, heappush
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, NoReturn, Protocol, cast
@@ -52,20 +53,29 @@ from seawall._clock import Clock, current_clock
 from seawall._errors import ConfigurationError, ConfigurationTypeError, RateLimitExceeded
 from seawall._logging import logger
 from seawall._telemetry import LIMITER_REQUEST_ALLOWED, LIMITER_REQUEST_DENIED
-from seawall.backends._limiter_memory import GcraTable, MemoryRateLimitBackend
+from seawall.backends._limiter_memory import GcraTable, MemoryRateLimitBackend, admission_slack, take_all
 from seawall.backends._limiter_protocol import (
     MIN_COST_SHARE,
     AcquireHooks,
     Algorithm,
     BucketTable,
     LocalRateLimitBackend,
+    MultiRuleBackend,
     RateLimitBackend,
+    RateLimitDecision,
     RateLimitRule,
     check_rule,
-    tolerance,
 )
 
-__all__ = ["Admission", "LimiterLike", "RateLimitBucket", "RateLimitStatus", "RateLimiter"]
+__all__ = [
+    "Admission",
+    "LimiterLike",
+    "MultiRateLimiter",
+    "RateLimitBucket",
+    "RateLimitStatus",
+    "RateLimiter",
+    "carry_over",
+]
 
 
 class _Lazy:
@@ -229,8 +239,7 @@ class _Line:
         # A wait this short is no wait: GCRA admits within this slack of its
         # window (see tolerance()), so a head whose retry time rounds to a few
         # ulps fits now. (Sleeping them on a FakeClock would wait for an advance.)
-        rule = table.rule
-        self._slack = rule.window * tolerance(rule.limit) if isinstance(table, GcraTable) else 0.0
+        self._slack = admission_slack(table)
         # The timer: ``(when the head fits, ticket, line)``; an entry whose
         # ticket is no longer its line's is stale, dropped when met.
         self._due: list[tuple[float, int, _Queue]] = []
@@ -926,7 +935,7 @@ class RateLimitBucket:
 
     __slots__ = ("acquire_nowait", "cost", "key", "limiter")
 
-    def __init__(self, limiter: RateLimiter, key: str, cost: float) -> None:
+    def __init__(self, limiter: RateLimiter | MultiRateLimiter, key: str, cost: float) -> None:
         self.limiter: Final = limiter
         self.key: Final = key
         self.cost: Final = cost
@@ -934,3 +943,243 @@ class RateLimitBucket:
 
     def __repr__(self) -> str:
         return f"RateLimitBucket(key={self.key!r}, cost={self.cost!r}, limiter={self.limiter!r})"
+
+
+def _binding(statuses: list[RateLimitStatus]) -> RateLimitStatus:
+    """The status of the rule that binds: the fewest hits left, then the longest wait (the first of a tie)."""
+    return min(statuses, key=lambda status: (status.remaining, -status.retry_after))
+
+
+def _slot_key(key: str) -> str:
+    """``key`` behind a Redis Cluster hash tag of its own, so every rule's bucket of it is in one slot.
+
+    The tag only picks the slot (the key itself follows it whole), so it
+    need not be one-to-one: a ``}`` inside is replaced so the tag cannot end
+    early, and the ``~`` keeps it non-empty (an empty tag hashes the whole name).
+    """
+    return "{~" + key.replace("}", "~") + "}" + key
+
+
+class MultiRateLimiter:
+    """Several rules on the same buckets: a hit is admitted only when every rule admits it.
+
+    The decision is one step: with buckets in this process every rule is
+    checked, then all are taken (no suspension, the same tables and
+    arithmetic as each :class:`RateLimiter`); with a remote backend it is
+    one :meth:`~seawall.backends.MultiRuleBackend.take_all` (on Redis one
+    script over the rules' keys, which share a cluster slot). A denial takes
+    from no rule, and its ``retry_after`` is the largest of the denying rules'.
+
+    :meth:`acquire` waits that ``retry_after`` and decides again, until
+    admitted: unlike a single rule's line it is not FIFO among waiters.
+
+    Args:
+        limiters: Two or more limiters with distinct rules; the first one's clock
+            times every decision. With a remote backend, all on the same one.
+
+    Raises:
+        ConfigurationError: Fewer than two limiters, two with the same rule,
+            different remote backends, or a remote backend without ``take_all``.
+    """
+
+    __slots__ = ("_remote", "_rules", "_tables", "backend", "clock", "limiters")
+
+    def __init__(self, limiters: tuple[RateLimiter, ...]) -> None:
+        if len(limiters) < 2:
+            raise ConfigurationError("limiters: a MultiRateLimiter needs at least two rules", path="limiters")
+        first = limiters[0]
+        rules = tuple(limiter._rule for limiter in limiters)
+        if len(set(rules)) != len(rules):
+            raise ConfigurationError("limiters: two limiters have the same rule", path="limiters")
+        self.limiters: Final = limiters
+        self.backend: Final = first.backend
+        self.clock: Final = first.clock
+        self._rules = rules
+        tables = tuple(limiter._table for limiter in limiters)
+        # In this process: the tables themselves (a synchronous decision); else the backend's take_all.
+        self._tables: tuple[BucketTable, ...] | None = None if None in tables else cast("Any", tables)
+        self._remote = self._tables is None
+        if self._remote and any(limiter.backend is not first.backend for limiter in limiters):
+            # (Buckets in this process decide together whatever their backend objects; remote ones in one store.)
+            raise ConfigurationError("limiters: every rule must use the same remote backend", path="limiters")
+        if self._remote and not isinstance(self.backend, MultiRuleBackend):
+            raise ConfigurationError(
+                f"limiters: {type(self.backend).__name__} cannot decide several rules atomically (no take_all)",
+                path="limiters",
+            )
+
+    # The LimiterLike face: the first rule's numbers (the key's own, for logs and a plain status).
+    @property
+    def limit(self) -> float:
+        """The first rule's limit."""
+        return self.limiters[0].limit
+
+    @property
+    def window(self) -> float:
+        """The first rule's window."""
+        return self.limiters[0].window
+
+    @property
+    def name(self) -> str | None:
+        """The first rule's name."""
+        return self.limiters[0].name
+
+    @property
+    def resident_buckets(self) -> int | None:
+        """Buckets resident over all rules in this process (``None`` with a remote backend)."""
+        tables = self._tables
+        return None if tables is None else sum(len(table) for table in tables)
+
+    def _wait(self, key: str, cost: float) -> tuple[RateLimiter, float] | None:
+        """Take ``cost`` under every rule now, or return the rule that waits longest and its wait."""
+        tables = cast("tuple[BucketTable, ...]", self._tables)
+        found = take_all(tables, key, cost, self.clock.now())
+        return None if found is None else (self.limiters[found[0]], found[1])
+
+    async def _wait_remote(
+        self, key: str, cost: float
+    ) -> tuple[tuple[RateLimiter, float] | None, tuple[RateLimitDecision, ...]]:
+        """The backend's one decision over every rule: ``(None or the longest wait, each rule's decision)``."""
+        backend = cast("MultiRuleBackend", self.backend)
+        admitted, decisions = await backend.take_all(_slot_key(key), cost, self._rules)
+        if admitted:
+            return None, decisions
+        waits = [decision.retry_after for decision in decisions]
+        worst = waits.index(max(waits))
+        # A remote store that denies with no retry time must not make a waiter spin.
+        return (self.limiters[worst], max(waits[worst], 1e-3)), decisions
+
+    def _check(self, key: object, cost: object) -> tuple[str, float]:
+        if type(key) is not str:
+            key = _bad_key(key)
+        if cost is not _ONE:
+            # The tightest limit bounds the cost (a cost above any rule's limit never passes).
+            cost = min(self.limiters, key=lambda limiter: limiter.limit)._check_cost(cost)
+        return key, cast("float", cost)
+
+    def acquire_nowait(self, key: str = "default", cost: float = 1) -> None:
+        """Take ``cost`` from bucket ``key`` under every rule now, or raise (nothing taken).
+
+        Raises:
+            anyio.WouldBlock: The backend is remote; nothing was taken or asked.
+            RateLimitExceeded: A rule denies the hit; ``retry_after`` is the largest of the denying rules'.
+        """
+        key, cost = self._check(key, cost)
+        if self._remote:
+            raise WouldBlock
+        self._admit(key, cost, self._wait(key, cost))
+
+    def bucket(self, key: str = "default", cost: float = 1) -> RateLimitBucket:
+        """A handle whose ``acquire_nowait`` is ``self.acquire_nowait(key, cost)`` (checked once)."""
+        key, cost = self._check(key, cost)
+        return RateLimitBucket(self, key, cost)
+
+    def _acquirer(self, key: str, cost: float) -> Callable[[], None]:
+        if self._remote:
+
+            def remote() -> None:
+                raise WouldBlock
+
+            return remote
+        return partial(self.acquire_nowait, key, cost)
+
+    def _admit(self, key: str, cost: float, denied: tuple[RateLimiter, float] | None) -> None:
+        if denied is not None:
+            denied[0]._deny(key, cost, denied[1])
+        if LIMITER_REQUEST_ALLOWED.handlers:
+            self.limiters[0]._emit_allowed(key, cost)
+
+    async def hit(self, key: str = "default", cost: float = 1) -> RateLimitStatus:
+        """Take ``cost`` under every rule now or raise :class:`~seawall.RateLimitExceeded` (nothing taken).
+
+        Returns:
+            The status of the binding rule after the hit (see :meth:`status`).
+        """
+        key, cost = self._check(key, cost)
+        if not self._remote:
+            self._admit(key, cost, self._wait(key, cost))
+            return await self.status(key)  # (in this process: no suspension, no round trip)
+        denied, decisions = await self._wait_remote(key, cost)
+        self._admit(key, cost, denied)
+        # The status from the decision itself: asking for it again would cost a round trip per rule.
+        found = [
+            RateLimitStatus(
+                key,
+                decision.next_after == 0.0,
+                decision.current_count,
+                limiter.limit,
+                limiter.window,
+                decision.remaining,
+                decision.next_after,
+                decision.reset_after,
+            )
+            for limiter, decision in zip(self.limiters, decisions, strict=True)
+        ]
+        return _binding(found)
+
+    async def acquire(self, key: str = "default", cost: float = 1) -> None:
+        """Wait until every rule admits ``cost`` on bucket ``key``, then take it from all.
+
+        Each denial waits the largest ``retry_after`` and decides again;
+        a cancelled waiter has taken nothing.
+        """
+        key, cost = self._check(key, cost)
+        while True:
+            denied = (await self._wait_remote(key, cost))[0] if self._remote else self._wait(key, cost)
+            if denied is None:
+                break
+            await self.clock.sleep(denied[1])
+        if LIMITER_REQUEST_ALLOWED.handlers:
+            self.limiters[0]._emit_allowed(key, cost)
+
+    async def statuses(self, key: str = "default") -> list[RateLimitStatus]:
+        """The status of bucket ``key`` under each rule, in the rules' order."""
+        if type(key) is not str:
+            key = _bad_key(key)
+        stored = _slot_key(key) if self._remote else key
+        found = [await limiter.status(stored) for limiter in self.limiters]
+        return [replace(status, key=key) for status in found] if self._remote else found
+
+    async def status(self, key: str = "default") -> RateLimitStatus:
+        """The status of bucket ``key`` under the binding rule: the fewest hits left, then the longest wait."""
+        return _binding(await self.statuses(key))
+
+    async def reset(self, key: str = "default") -> None:
+        """Empty bucket ``key`` under every rule."""
+        if type(key) is not str:
+            key = _bad_key(key)
+        stored = _slot_key(key) if self._remote else key
+        for limiter in self.limiters:
+            await limiter.reset(stored)
+
+    def __call__(self, key: str = "default", *, cost: float = 1, wait: bool = True) -> Admission:
+        """``async with limiter(key, cost=..., wait=...):`` waits (``acquire``) or denies (``hit``)."""
+        return Admission(self, key, cost, wait)
+
+    def __repr__(self) -> str:
+        rules = ", ".join(f"{limiter.limit!r}/{limiter.window!r}s" for limiter in self.limiters)
+        return f"MultiRateLimiter([{rules}], backend={type(self.backend).__name__})"
+
+
+def _rules_of(limiter: LimiterLike | None) -> tuple[RateLimiter, ...]:
+    if isinstance(limiter, MultiRateLimiter):
+        return limiter.limiters
+    return (limiter,) if isinstance(limiter, RateLimiter) else ()
+
+
+def carry_over(new: LimiterLike, old: LimiterLike | None, prefix: str) -> int:
+    """Fill ``new``'s buckets named ``prefix...`` from ``old``'s (a reconfigured key), each rule scaled.
+
+    Each rule of ``new`` takes the levels of ``old``'s rule of the same
+    window, else of the rule in its place: a key going from 10/s to 10/s
+    and 50/min keeps its 10/s levels, and its minute's buckets start empty.
+    Only buckets in this process carry over; returns how many did.
+    """
+    sources = _rules_of(old)
+    carried = 0
+    for index, limiter in enumerate(_rules_of(new)):
+        same = [source for source in sources if source.window == limiter.window]
+        source = same[0] if same else sources[index] if index < len(sources) else None
+        if source is not None:
+            carried += limiter.carry_over(source, prefix)
+    return carried

@@ -23,7 +23,7 @@ from seawall._clock import Clock
 from seawall._concurrency import ConcurrencyLimiter
 from seawall._config import ConcurrencyConfig, ProtectionConfig
 from seawall._errors import ProtectionTimeout
-from seawall._limiter import LimiterLike, RateLimiter
+from seawall._limiter import LimiterLike, MultiRateLimiter, RateLimiter
 from seawall._pool import ConnectionPool
 
 __all__ = ["CallHost", "Plan", "concurrency_for", "uncount"]
@@ -134,7 +134,7 @@ class Plan:
         # Each primitive owns its non-waiting decision; the plan only learns, once,
         # whether that decision is available (the state is in this process).
         self.acquire: Callable[[], None] | None = None
-        if isinstance(limiter, RateLimiter) and limiter.resident_buckets is not None:
+        if isinstance(limiter, RateLimiter | MultiRateLimiter) and limiter.resident_buckets is not None:
             # A kept plan builds the bucket's handle once; a plan for one call's
             # options only binds acquire_nowait, a fifth of the cost to build.
             self.acquire = (

@@ -25,7 +25,7 @@ from seawall._errors import (
     PoolNotFound,
     ProtectionKeyNotFound,
 )
-from seawall._limiter import LimiterLike, RateLimiter, RateLimitStatus
+from seawall._limiter import LimiterLike, MultiRateLimiter, RateLimiter, RateLimitStatus
 from seawall._pool import ConnectionPool, PoolStatus
 
 __all__ = [
@@ -232,6 +232,18 @@ class RateLimiterRegistry:
             ProtectionKeyNotFound: No limit was ever set for ``operation``.
         """
         return await self._require(operation).status(bucket_key(operation, entity_id))
+
+    async def get_statuses(self, entity_id: str, operation: str) -> list[RateLimitStatus]:
+        """The status of ``entity_id``'s bucket under each of ``operation``'s rules (one for a single rule).
+
+        Raises:
+            ProtectionKeyNotFound: No limit was ever set for ``operation``.
+        """
+        limiter = self._require(operation)
+        key = bucket_key(operation, entity_id)
+        if isinstance(limiter, MultiRateLimiter):
+            return await limiter.statuses(key)
+        return [await limiter.status(key)]
 
     async def reset(self, entity_id: str, operation: str) -> None:
         """Empty ``entity_id``'s bucket for ``operation``."""

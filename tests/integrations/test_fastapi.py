@@ -795,7 +795,7 @@ async def test_operation_entity_pair_and_failing_status_read(monkeypatch: pytest
             async def broken(self: object, entity_id: str, operation: str) -> None:
                 raise RateLimiterError(key=f"{operation}:{entity_id}")
 
-            monkeypatch.setattr(type(infra.rate_limiter), "get_status", broken)
+            monkeypatch.setattr(type(infra.rate_limiter), "get_statuses", broken)
             unheaded = await client.get("/pair")
     assert paired.headers["ratelimit"].startswith('"api";r=2;t=')
     assert unheaded.status_code == 200
@@ -847,3 +847,28 @@ async def test_headers_reach_responses_the_route_builds_itself() -> None:
     assert own_response.headers["ratelimit-policy"] == '"api";q=4;w=10'
     assert nested_response.headers["ratelimit-policy"] == '"api";q=4;w=10'
     assert nested_response.headers["ratelimit"].startswith('"api";r=1;')
+
+
+async def test_several_rules_are_several_policies_in_the_headers() -> None:
+    """A key with 10/s and 50/min advertises both policies, draft and legacy."""
+    config = {"api": {"rate_limiter": [{"limit": 10, "window": 1}, {"limit": 50, "window": 60}]}}
+    async with _app_with(config, clock=FakeClock()) as (app, _):
+
+        @app.get("/", dependencies=[Depends(protect("api", entity=client_address))])
+        async def route() -> str:
+            return "ok"
+
+        async with _client(app) as client:
+            response = await client.get("/")
+    assert response.headers["ratelimit-policy"] == '"api.0";q=10;w=1, "api.1";q=50;w=60'
+    assert response.headers["ratelimit"] == '"api.0";r=9;t=1, "api.1";r=49;t=2'
+    async with _app_with(config, clock=FakeClock(), rate_limit_headers="legacy") as (app, _):
+
+        @app.get("/", dependencies=[Depends(protect("api", entity=client_address))])
+        async def legacy_route() -> str:
+            return "ok"
+
+        async with _client(app) as client:
+            legacy = await client.get("/")
+    assert legacy.headers["ratelimit-policy"] == "10;w=1, 50;w=60"
+    assert (legacy.headers["ratelimit-limit"], legacy.headers["ratelimit-remaining"]) == ("10", "9")

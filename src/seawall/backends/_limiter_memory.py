@@ -24,7 +24,7 @@ dropped whole (see :class:`GcraTable`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from seawall._clock import Clock, current_clock
 from seawall.backends._limiter_protocol import (
@@ -36,7 +36,7 @@ from seawall.backends._limiter_protocol import (
     tolerance,
 )
 
-__all__ = ["FixedWindowTable", "GcraTable", "MemoryRateLimitBackend"]
+__all__ = ["FixedWindowTable", "GcraTable", "MemoryRateLimitBackend", "admission_slack", "take_all"]
 
 
 class GcraTable:
@@ -313,6 +313,40 @@ class FixedWindowTable:
         return f"FixedWindowTable({self.rule!r}, buckets={len(self._counts)})"
 
 
+def admission_slack(table: BucketTable) -> float:
+    """The ``retry_after`` (seconds) under which :meth:`BucketTable.take` still admits: GCRA's tolerance, else 0.
+
+    GCRA admits within :func:`tolerance` of its window, so a hit whose retry
+    time is a few ulps fits now; a fixed window's retry time is already
+    judged against its ceiling with that tolerance.
+    """
+    rule = table.rule
+    return rule.window * tolerance(rule.limit) if isinstance(table, GcraTable) else 0.0
+
+
+def take_all(tables: Sequence[BucketTable], key: str, cost: float, now: float) -> tuple[int, float] | None:
+    """Take ``cost`` from bucket ``key`` of every table if it fits in all at ``now``, else from none.
+
+    The decision of several rules on one bucket: every table is checked
+    first and written only when all admit, so a denial consumes nothing.
+
+    Returns:
+        ``None`` when taken, else ``(index, wait)``: the table that waits
+        longest and its ``retry_after``, the time the hit would pass every rule.
+    """
+    worst, wait = -1, 0.0
+    for index, table in enumerate(tables):
+        # Half the slack: a check that passes must leave take() no rounding to fail on.
+        after = table.retry_after(key, cost, now)
+        if after > admission_slack(table) * 0.5 and after > wait:
+            worst, wait = index, after
+    if worst >= 0:
+        return worst, wait
+    for table in tables:
+        table.take(key, cost, now)
+    return None
+
+
 class MemoryRateLimitBackend:
     """Buckets in this process's memory (the default backend).
 
@@ -347,6 +381,20 @@ class MemoryRateLimitBackend:
                 table, table.peek(key, now), now, admitted=False, retry_after=table.retry_after(key, cost, now)
             )
         return decide(table, state, now, admitted=True, retry_after=0.0)
+
+    async def take_all(
+        self, key: str, cost: float, rules: tuple[RateLimitRule, ...]
+    ) -> tuple[bool, tuple[RateLimitDecision, ...]]:
+        """See :meth:`~seawall.backends.MultiRuleBackend.take_all`: :func:`take_all` on this process's tables."""
+        tables = [self.table(rule) for rule in rules]
+        now = self.clock.now()
+        admitted = take_all(tables, key, cost, now) is None
+        decisions = []
+        for table in tables:
+            wait = 0.0 if admitted else table.retry_after(key, cost, now)
+            state = table.peek(key, now)
+            decisions.append(decide(table, state, now, admitted=admitted or wait == 0.0, retry_after=wait))
+        return admitted, tuple(decisions)
 
     async def peek(self, key: str, rule: RateLimitRule) -> RateLimitDecision:
         table = self.table(rule)

@@ -33,6 +33,7 @@ __all__ = [
     "Algorithm",
     "BucketTable",
     "LocalRateLimitBackend",
+    "MultiRuleBackend",
     "RateLimitBackend",
     "RateLimitDecision",
     "RateLimitRule",
@@ -119,6 +120,26 @@ class RateLimitBackend(Protocol):
 
     async def reset(self, key: str, rule: RateLimitRule) -> None:
         """Empty bucket ``key`` (forget it)."""
+        ...
+
+
+@runtime_checkable
+class MultiRuleBackend(Protocol):
+    """A backend that decides several rules of one bucket at once (:class:`~seawall.MultiRateLimiter`)."""
+
+    async def take_all(
+        self, key: str, cost: float, rules: tuple[RateLimitRule, ...]
+    ) -> tuple[bool, tuple[RateLimitDecision, ...]]:
+        """Take ``cost`` from bucket ``key`` under every rule if it fits under all of them now, else from none.
+
+        One atomic step (a Redis backend: one script; every rule's key in one
+        cluster slot, which the caller's ``key`` arranges with a hash tag).
+
+        Returns:
+            Whether ``cost`` was taken, and each rule's decision: a rule that
+            would have admitted the hit reads admitted with ``retry_after``
+            ``0.0``, even when another rule denied it.
+        """
         ...
 
 

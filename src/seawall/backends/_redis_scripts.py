@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-__all__ = ["FIXED_WINDOW", "GCRA", "PROBE", "Script"]
+__all__ = ["FIXED_WINDOW", "GCRA", "MULTI", "PROBE", "Script"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +107,70 @@ if ARGV[4] == '1' then
   end
 end
 return string.format('0 %.17g ', count) .. left
+"""
+)
+
+# Several rules of one bucket at once, each as GCRA or FIXED_WINDOW above: every rule is read
+# and judged first, and written only when all admit, so a denial takes from none.
+# KEYS[i] the bucket under rule i (all in one cluster slot: the caller's key carries a hash tag);
+# ARGV: cost, take ("1") or look ("0"), then per rule "g" or "f" and that script's first two arguments.
+# Reply: "<admitted 1|0>" then per rule " <fits 1|0> <state> <seconds until the window ends, or 0>",
+# the state after the operation (GCRA's backlog, a fixed window's count).
+MULTI = Script(
+    """
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local cost = tonumber(ARGV[1])
+local all = true
+local fits, states, afters, lefts, expiries, stamps = {}, {}, {}, {}, {}, {}
+for i = 1, #KEYS do
+  local first, second = tonumber(ARGV[3 * i + 1]), tonumber(ARGV[3 * i + 2])
+  local stored = redis.call('GET', KEYS[i])
+  if ARGV[3 * i] == 'g' then
+    local backlog = 0
+    if stored then
+      local space = string.find(stored, ' ', 1, true)
+      local elapsed = (now - tonumber(string.sub(stored, space + 1))) / 1000000
+      if elapsed < 0 then elapsed = 0 end
+      backlog = tonumber(string.sub(stored, 1, space - 1)) - elapsed
+      if backlog < 0 then backlog = 0 end
+    end
+    states[i], afters[i], lefts[i], stamps[i] = backlog, backlog + cost * second, 0, now
+    fits[i] = afters[i] <= first
+    expiries[i] = math.ceil(afters[i] * 1000) + 1
+  else
+    local span = first * 1000000
+    local index = math.floor(now / span)
+    local ends = (index + 1) * span
+    if ends <= now then
+      index = index + 1
+      ends = ends + span
+    end
+    local count = 0
+    if stored then
+      local space = string.find(stored, ' ', 1, true)
+      if tonumber(string.sub(stored, space + 1)) == index then
+        count = tonumber(string.sub(stored, 1, space - 1))
+      end
+    end
+    states[i], afters[i], lefts[i], stamps[i] = count, count + cost, (ends - now) / 1000000, index
+    fits[i] = afters[i] <= second
+    expiries[i] = math.ceil((ends - now) / 1000)
+  end
+  if not fits[i] then all = false end
+end
+local taken = all and ARGV[2] == '1'
+local reply = {taken and '1' or '0'}
+for i = 1, #KEYS do
+  local state = states[i]
+  if taken then
+    state = afters[i]
+    redis.call('SET', KEYS[i], string.format('%.17g %.17g', state, stamps[i]), 'PX', expiries[i])
+  end
+  reply[#reply + 1] = string.format('%s %.17g %.17g', fits[i] and '1' or '0', state, lefts[i])
+end
+return table.concat(reply, ' ')
 """
 )
 

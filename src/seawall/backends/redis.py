@@ -97,7 +97,7 @@ from seawall.backends._breaker_protocol import (
 from seawall.backends._limiter_memory import GcraTable
 from seawall.backends._limiter_protocol import RateLimitDecision, RateLimitRule, check_rule, tolerance
 from seawall.backends._redis_link import Link, pack
-from seawall.backends._redis_scripts import FIXED_WINDOW, GCRA, PROBE
+from seawall.backends._redis_scripts import FIXED_WINDOW, GCRA, MULTI, PROBE
 
 __all__ = ["KEY_FORMAT", "RedisBackend"]
 
@@ -108,7 +108,7 @@ OnError = Literal["allow", "deny"]
 KEY_FORMAT: Final = "v2"
 #: The errors that mean "Redis failed" (redis-py wraps socket errors in its own).
 _BACKEND_ERRORS: Final = (RedisError, OSError)
-_SCRIPTS: Final = (GCRA.source, FIXED_WINDOW.source, breaker_wire.BREAKER.source, PROBE.source)
+_SCRIPTS: Final = (GCRA.source, FIXED_WINDOW.source, MULTI.source, breaker_wire.BREAKER.source, PROBE.source)
 #: Seconds verify() may take when the client sets no socket timeout.
 _VERIFY_TIMEOUT: Final = 5.0
 #: Seconds between two attempts to subscribe to the breaker channel again (doubling, at most the second value).
@@ -138,7 +138,7 @@ _LOOK: Final = _bulk(b"0")
 class _Wire:
     """What every decision under one rule sends, packed once: all but the key and the cost."""
 
-    __slots__ = ("head", "name", "rule", "table", "tail")
+    __slots__ = ("arguments", "head", "name", "rule", "table", "tail")
 
     def __init__(self, rule: RateLimitRule, name: str) -> None:
         self.rule = rule
@@ -151,7 +151,8 @@ class _Wire:
             first, second = rule.window * slack, rule.window / rule.limit
         else:
             first, second = float(rule.window), rule.limit * slack
-        self.tail = _bulk(repr(first).encode()) + _bulk(repr(second).encode())
+        self.arguments = (repr(first).encode(), repr(second).encode())
+        self.tail = _bulk(self.arguments[0]) + _bulk(self.arguments[1])
         # GCRA decisions are described by the memory table's own arithmetic (it is pure in the backlog).
         self.table = GcraTable(rule) if script is GCRA else None
 
@@ -392,6 +393,34 @@ class RedisBackend:
         except _BACKEND_ERRORS as exc:
             return self._failed(key, cost, rule, exc, "take")
         return _decision(reply, cost, rule, wire.table, peek=False)
+
+    async def take_all(
+        self, key: str, cost: float, rules: tuple[RateLimitRule, ...]
+    ) -> tuple[bool, tuple[RateLimitDecision, ...]]:
+        """Take ``cost`` from bucket ``key`` under every rule or none, in one script (one round trip).
+
+        The rules' keys must share a cluster slot: :class:`~seawall.MultiRateLimiter`
+        passes a ``key`` that starts with a hash tag of its own.
+        """
+        wires = [self._rule(rule) for rule in rules]
+        names = [wire.key(key) for wire in wires]
+        arguments = [repr(float(cost)).encode(), b"1"]
+        for wire in wires:
+            arguments += [b"g" if wire.table is not None else b"f", *wire.arguments]
+        command = pack(b"EVALSHA", MULTI.sha.encode(), str(len(names)).encode(), *names, *arguments)
+        try:
+            reply = await self._call(names[0], command)
+        except _BACKEND_ERRORS as exc:
+            failed = [self._failed(key, cost, rule, exc, "take") for rule in rules]
+            return True, tuple(failed)
+        parts = reply.split()
+        decisions = tuple(
+            _decision(
+                b" ".join(_ascii(part) for part in parts[1 + 3 * i : 4 + 3 * i]), cost, rule, wire.table, peek=False
+            )
+            for i, (rule, wire) in enumerate(zip(rules, wires, strict=True))
+        )
+        return int(parts[0]) == 1, decisions
 
     async def peek(self, key: str, rule: RateLimitRule) -> RateLimitDecision:
         """Report bucket ``key`` as a hit of cost 1 would find it now, taking nothing."""
@@ -1038,6 +1067,10 @@ def _check_options(prefix: object, on_error: object) -> None:
         raise TypeError(f"prefix must be a str, got {prefix!r}")
     if on_error not in ("allow", "deny"):
         raise ConfigurationError(f"on_error must be 'allow' or 'deny', got {on_error!r}", path="on_error")
+
+
+def _ascii(part: bytes | str) -> bytes:
+    return part if isinstance(part, bytes) else part.encode()
 
 
 def _decision(

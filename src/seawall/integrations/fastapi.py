@@ -72,6 +72,7 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from seawall._infrastructure import AsyncInfrastructure
+    from seawall._limiter import RateLimitStatus
 
 __all__ = [
     "ClientAddress",
@@ -194,6 +195,35 @@ def _rate_limit_fields(
     if window is not None:
         quota += f";w={max(1, _ceil_seconds(window))}"  # the draft's window is a non-zero integer
     return {"RateLimit-Policy": quota, "RateLimit": f"{name};r={left};t={reset}"}
+
+
+def _all_rules_fields(style: str, policy: str, statuses: list[RateLimitStatus]) -> dict[str, str]:
+    """The RateLimit fields of a bucket under each of its key's rules (one rule: :func:`_rate_limit_fields`).
+
+    Several rules are several policies, as the draft lists them:
+    ``RateLimit-Policy: "api.0";q=10;w=1, "api.1";q=50;w=60`` and one
+    ``RateLimit`` item per policy. The legacy trio speaks for the rule with
+    the fewest hits left, and its ``RateLimit-Policy`` lists every rule
+    (``10;w=1, 50;w=60``).
+    """
+    each = [
+        _rate_limit_fields(
+            style,
+            policy if len(statuses) == 1 else f"{policy}.{index}",
+            limit=status.limit,
+            remaining=status.remaining,
+            reset_after=status.reset_after,
+            window=status.window,
+        )
+        for index, status in enumerate(statuses)
+    ]
+    if len(each) == 1:
+        return each[0]
+    if style == "legacy":
+        tightest = dict(each[min(range(len(statuses)), key=lambda index: statuses[index].remaining)])
+        tightest["RateLimit-Policy"] = ", ".join(fields["RateLimit-Policy"] for fields in each)
+        return tightest
+    return {name: ", ".join(fields[name] for fields in each) for name in ("RateLimit-Policy", "RateLimit")}
 
 
 def rate_limit_headers(
@@ -613,7 +643,7 @@ async def _add_rate_limit_headers(
     if exchange.headers is not None:
         return  # an outer protect() of this request already set them: the first one speaks
     try:
-        status = await infra.rate_limiter.get_status(entity_id, operation)
+        statuses = await infra.rate_limiter.get_statuses(entity_id, operation)
     except LookupError:
         return  # the key has no rate limiter: nothing to advertise
     except SeawallError as exc:
@@ -625,14 +655,7 @@ async def _add_rate_limit_headers(
     # whatever the route returns (a Response object bypasses FastAPI's
     # injected-response headers). The policy is named after the bucket's
     # operation (the key, unless rate_limiter= names another), never its entity.
-    fields = _rate_limit_fields(
-        style,
-        operation,
-        limit=status.limit,
-        remaining=status.remaining,
-        reset_after=status.reset_after,
-        window=status.window,
-    )
+    fields = _all_rules_fields(style, operation, statuses)
     exchange.headers = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in fields.items()]
 
 
