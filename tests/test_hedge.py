@@ -338,6 +338,7 @@ def test_a_fixed_delay_learns_nothing() -> None:
     hedge = Hedge(0.05, 2, clock=FakeClock())
     hedge.record(1.0)
     assert (hedge.delay(), hedge.samples, hedge.percentile, hedge.max_hedges) == (0.05, 0, None, 2)
+    assert repr(hedge) == "Hedge(delay=0.05, max_hedges=2, samples=0)"
 
 
 async def test_reconfiguring_keeps_an_unchanged_policy_and_drops_a_removed_one() -> None:
