@@ -496,3 +496,29 @@ async def test_retries_are_counted(reader: InMemoryMetricReader, meter_provider:
     assert points["seawall.retry.gave_up"] == {
         frozenset({("seawall.key", "fetch"), ("seawall.retry.limit", "attempts")}): 1
     }
+
+
+async def test_hedges_are_counted(reader: InMemoryMetricReader, meter_provider: MeterProvider) -> None:
+    """Each hedge started is counted by key, and each race with a hedge in it by key and winner."""
+    from seawall import AsyncInfrastructure
+
+    clock = FakeClock()
+    durations = iter([3.0, 0.5])
+
+    async def upstream() -> str:
+        await clock.sleep(next(durations))
+        return "ok"
+
+    instrumentation = seawall_otel.instrument(meter_provider=meter_provider)
+    try:
+        async with AsyncInfrastructure(clock=clock) as infra:
+            await infra.configure_protection("api", {"hedge": {"delay": 0.25}})
+            async with anyio.create_task_group() as group:
+                group.start_soon(infra.execute_protected, "api", upstream)
+                await advance(clock, 0.25)
+                await advance(clock, 0.5)
+        points = collect(reader)
+    finally:
+        instrumentation.uninstrument()
+    assert at(points, "seawall.hedge.started", "api") == 1
+    assert points["seawall.hedge.won"] == {frozenset({("seawall.key", "api"), ("seawall.hedge.winner", "hedge")}): 1}

@@ -193,5 +193,6 @@ def test_every_contract_event_is_known() -> None:
     expected |= {("seawall", "connection_pool", name) for name in ("checkout", "checkin", "timeout")}
     expected |= {("seawall", "chaos", "injected")}
     expected |= {("seawall", "retry", name) for name in ("attempt", "gave_up", "budget_exhausted")}
+    expected |= {("seawall", "hedge", name) for name in ("started", "won")}
     expected |= {("seawall", "backend", "error")}  # a shared backend's failure, with its reason (Redis for fleets)
     assert set(telemetry.ALL_EVENTS) == expected

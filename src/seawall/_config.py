@@ -35,6 +35,7 @@ from seawall._checks import MAX_COUNT, MAX_SECONDS, count, describe, number, sec
 from seawall._clock import default_clock
 from seawall._concurrency import ConcurrencyLimiter
 from seawall._errors import ConfigurationError, ConfigurationTypeError
+from seawall._hedge import check_policy as check_hedge_policy
 from seawall._retry import check_policy
 from seawall.backends._breaker_protocol import BreakerPolicy
 from seawall.backends._limiter_protocol import MAX_LIMIT, MAX_WINDOW, MIN_WINDOW
@@ -44,6 +45,7 @@ __all__ = [
     "BreakerConfig",
     "ChaosConfig",
     "ConcurrencyConfig",
+    "HedgeConfig",
     "PoolConfig",
     "ProtectionConfig",
     "RateLimitConfig",
@@ -472,7 +474,46 @@ class RetryConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-_Section = TypeVar("_Section", RateLimitConfig, BreakerConfig, ConcurrencyConfig, PoolConfig, ChaosConfig, RetryConfig)
+@dataclass(frozen=True, slots=True)
+class HedgeConfig:
+    """The hedging of a protection: another concurrent attempt when the first is slow, the first success wins.
+
+    Attributes:
+        delay: Seconds an attempt runs alone before another starts, or a
+            percentile (``"p95"``) of the key's successful latencies over the
+            last 60 s (at most the last 1,000; no hedge until 20 are known).
+        max_hedges: Attempts that may start besides the first, one every ``delay`` (1 to 10).
+    """
+
+    delay: float | str = "p95"
+    max_hedges: int = 1
+
+    section: ClassVar[str] = "hedge"
+
+    def __post_init__(self) -> None:
+        self._validate(self.section)
+
+    def _validate(self, path: str) -> None:
+        fixed, percentile, hedges = check_hedge_policy(self.delay, self.max_hedges, f"{path}.")
+        if percentile is None:
+            object.__setattr__(self, "delay", fixed)
+        object.__setattr__(self, "max_hedges", hedges)
+
+    @classmethod
+    def from_mapping(cls, data: object, path: str = "hedge") -> HedgeConfig:
+        """Validate a mapping of options; errors name ``path`` and the option."""
+        options = _section(data, path)
+        _check_names(options, tuple(f.name for f in fields(cls)), path)
+        return _build(cls, options, path)
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments for ``Hedge(**options)``."""
+        return {"delay": self.delay, "max_hedges": self.max_hedges}
+
+
+_Section = TypeVar(
+    "_Section", RateLimitConfig, BreakerConfig, ConcurrencyConfig, PoolConfig, ChaosConfig, RetryConfig, HedgeConfig
+)
 
 
 def _build(cls: type[_Section], options: Mapping[str, Any], path: str) -> _Section:
@@ -510,6 +551,7 @@ _SECTIONS: dict[str, Any] = {
     "connection_pool": PoolConfig,
     "chaos": ChaosConfig,
     "retry": RetryConfig,
+    "hedge": HedgeConfig,
 }
 
 
@@ -528,6 +570,7 @@ class ProtectionConfig:
             or ``None`` for the default (5 s).
         chaos: Fault injection inside the key's calls (game days), or ``None``.
         retry: The key's retries (each attempt through every layer), or ``None``.
+        hedge: The key's hedging (each attempt raced by later ones when slow), or ``None``.
     """
 
     rate_limiter: RateLimitConfig | tuple[RateLimitConfig, ...] | str | None = None
@@ -537,6 +580,7 @@ class ProtectionConfig:
     timeout: float | None = None
     chaos: ChaosConfig | None = None
     retry: RetryConfig | None = None
+    hedge: HedgeConfig | None = None
 
     def __post_init__(self) -> None:
         for name, kind in _SECTIONS.items():

@@ -40,6 +40,7 @@ from seawall._clock import Clock, MonotonicClock, current_clock
 from seawall._config import (
     DEFAULT_TIMEOUT,
     BreakerConfig,
+    HedgeConfig,
     PoolConfig,
     ProtectionConfig,
     RateLimitConfig,
@@ -55,6 +56,7 @@ from seawall._errors import (
     Rejected,
     SeawallError,
 )
+from seawall._hedge import Hedge
 from seawall._limiter import LimiterLike, MultiRateLimiter, RateLimiter, carry_over
 from seawall._logging import Throttle
 from seawall._plan import Plan, concurrency_for
@@ -315,6 +317,7 @@ class AsyncInfrastructure:
     __slots__ = (
         "_adhoc",
         "_entered",
+        "_hedges",
         "_host",
         "_pending",
         "_plans",
@@ -333,6 +336,8 @@ class AsyncInfrastructure:
         self._pending: dict[str, ProtectionConfig] = {}
         # The keys with a "retry" section (empty: a call pays one truth test for retries).
         self._retries: dict[str, _KeyRetry] = {}
+        # The keys with a "hedge" section (empty: a call pays one truth test for hedging).
+        self._hedges: dict[str, Hedge] = {}
         self.rate_limiter = RateLimiterRegistry(self._host)
         self.circuit_breaker = CircuitBreakerRegistry(self._host)
         self.connection_manager = self._host.connections = ConnectionManager(self._host)
@@ -443,6 +448,7 @@ class AsyncInfrastructure:
             host, key, validated, limiter, bucket, breaker, pool, timeout, chaos=chaos, concurrency=concurrency
         )
         self._set_retry(key, validated.retry, old, plan)
+        self._set_hedge(key, validated.hedge, old)
         self.rate_limiter.bind(key, limiter)
         old_limiter = old.limiter if old is not None else None
         if limiter is not None and old_limiter is not limiter:
@@ -473,6 +479,16 @@ class AsyncInfrastructure:
         entry = self._retries[key] = _KeyRetry(retry, plan)
         if retry.attempt_timeout is not None and retry.attempt_timeout < plan.timeout:
             entry.first = self._call_plan(key, (None, None, None, retry.attempt_timeout))
+
+    def _set_hedge(self, key: str, config: HedgeConfig | None, old: Plan | None) -> None:
+        """Install the key's hedging (unchanged options keep the old policy, and the latencies it learnt)."""
+        if config is None:
+            self._hedges.pop(key, None)
+            return
+        kept = self._hedges.get(key)
+        if kept is not None and old is not None and old.config is not None and old.config.hedge == config:
+            return
+        self._hedges[key] = Hedge(**config.options(), clock=self._host.clock)
 
     def _limiter_for(
         self, key: str, config: RateLimitConfig | tuple[RateLimitConfig, ...] | str | None
@@ -528,6 +544,7 @@ class AsyncInfrastructure:
         if plan is None:
             raise ProtectionKeyNotFound(name=key)
         self._retries.pop(key, None)
+        self._hedges.pop(key, None)
         if self.rate_limiter.for_operation(key) is plan.limiter:
             self.rate_limiter.bind(key, None)
         if plan.breaker is not None:
@@ -584,6 +601,11 @@ class AsyncInfrastructure:
         attempts, each through every layer again (rate limiter, breaker,
         pool), all of them and the waits between them within the one
         ``timeout``; when it gives up the last attempt's own exception is raised.
+        A key with a ``"hedge"`` section races each attempt (each retry's
+        too) with up to ``max_hedges`` more, started ``delay`` apart, each
+        through every layer; the first success is returned and the others
+        are cancelled. Hedges do not draw on the retry budget; when every
+        attempt of a race fails, the first one's exception is that attempt's.
 
         Args:
             key: The protection key; an unknown key with no options runs
@@ -635,15 +657,17 @@ class AsyncInfrastructure:
             attempt = plan
             if retry.attempt_timeout is not None:
                 attempt = self._first_attempt_plan(plan, retry, (rate_limiter, circuit_breaker, connection_pool))
+            options = (rate_limiter, circuit_breaker, connection_pool, timeout)
             try:
-                if attempt.direct and not priority and not ANY_HANDLER.attached:
-                    return await run_direct(attempt, fn)
-                async with ProtectedCall(attempt, priority):
-                    return await fn()
+                return await self._attempt(attempt, fn, options, priority)
             except Exception as exc:
                 failed = exc  # (retried outside this handler: a later attempt's error must not chain to it)
-            options = (rate_limiter, circuit_breaker, connection_pool, timeout)
             return await self._retry(plan, fn, options, retry.retry, failed, start + plan.timeout, priority)
+        if self._hedges:
+            hedge = self._hedges.get(key)
+            if hedge is not None:
+                options = (rate_limiter, circuit_breaker, connection_pool, timeout)
+                return await self._hedged(hedge, plan, fn, options, priority)
         if plan.direct and not priority and not ANY_HANDLER.attached:
             return await run_direct(plan, fn)  # the same call, its common case in one frame
         async with ProtectedCall(plan, priority):
@@ -716,10 +740,32 @@ class AsyncInfrastructure:
                 limit = retry.attempt_timeout
             attempt_plan = plan if limit >= plan.timeout else self._call_plan(plan.key, (*options[:3], limit))
             try:
-                async with ProtectedCall(attempt_plan, priority):
-                    return await fn()
+                return await self._attempt(attempt_plan, fn, options, priority)
             except Exception as exc:
                 failed = exc
+
+    async def _attempt(self, plan: Plan, fn: Callable[[], Awaitable[T]], options: _Options, priority: int) -> T:
+        """One attempt of a retrying call: hedged when the key has a ``"hedge"`` section."""
+        hedge = self._hedges.get(plan.key) if self._hedges else None
+        if hedge is not None:
+            return await self._hedged(hedge, plan, fn, options, priority)
+        if plan.direct and not priority and not ANY_HANDLER.attached:
+            return await run_direct(plan, fn)
+        async with ProtectedCall(plan, priority):
+            return await fn()
+
+    async def _hedged(
+        self, hedge: Hedge, plan: Plan, fn: Callable[[], Awaitable[T]], options: _Options, priority: int
+    ) -> T:
+        """One attempt raced by hedges: each a whole protected call under what is left of ``plan``'s timeout."""
+
+        async def attempt(index: int, remaining: float) -> T:
+            # A hedge starts later: its plan's timeout ends where the first attempt's does.
+            own = plan if index == 0 else self._call_plan(plan.key, (*options[:3], remaining))
+            async with ProtectedCall(own, priority):
+                return await fn()
+
+        return await hedge.run(attempt, plan.timeout, plan.key)
 
     def protect(
         self,
@@ -735,8 +781,8 @@ class AsyncInfrastructure:
 
         Yields the pool's connection (``None`` without a pool). The options are
         those of :meth:`execute_protected` (``priority`` included), without ``fallback``. A block
-        cannot be run again, so a key with a ``"retry"`` section makes one
-        attempt here (use :meth:`execute_protected` to retry).
+        cannot be run again, so a key with a ``"retry"`` or ``"hedge"`` section makes one
+        attempt here, never retried nor hedged (use :meth:`execute_protected` for those).
         """
         plan = self._plans.get(key) or self._adhoc.get(key)  # (plans are truthy)
         if (
@@ -891,6 +937,9 @@ class AsyncInfrastructure:
         retry = self._retries.get(key)
         if retry is not None:
             status["retry"] = retry.status()
+        hedge = self._hedges.get(key)
+        if hedge is not None:
+            status["hedge"] = {"delay": hedge.delay(), "max_hedges": hedge.max_hedges, "samples": hedge.samples}
         return status
 
     async def get_infrastructure_status(self) -> dict[str, Any]:

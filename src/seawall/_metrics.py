@@ -88,6 +88,7 @@ POOL_STATE = "seawall.connection_pool.state"
 ERROR_TYPE = "error.type"
 CHAOS_KIND = "seawall.chaos.kind"
 RETRY_LIMIT = "seawall.retry.limit"
+HEDGE_WINNER = "seawall.hedge.winner"
 BACKEND = "seawall.backend"
 BACKEND_REASON = "seawall.backend.reason"
 BACKEND_OPERATION = "seawall.backend.operation"
@@ -247,6 +248,20 @@ METRICS: Final[tuple[MetricSpec, ...]] = (
         "{retry}",
         "Retries the retry budget refused.",
         (KEY,),
+    ),
+    MetricSpec(
+        "seawall.hedge.started",
+        "counter",
+        "{hedge}",
+        "Hedges started (attempts raced against a slow one).",
+        (KEY,),
+    ),
+    MetricSpec(
+        "seawall.hedge.won",
+        "counter",
+        "{call}",
+        "Races with a hedge in them, by winner (first: the first attempt, hedge: a hedge).",
+        (KEY, HEDGE_WINNER),
     ),
     MetricSpec(
         "seawall.backend.errors",
@@ -531,6 +546,8 @@ class Recorder:
         yield ("seawall", "retry", "attempt"), self._on_retry_attempt
         yield ("seawall", "retry", "gave_up"), self._on_retry_gave_up
         yield ("seawall", "retry", "budget_exhausted"), self._on_retry_budget_exhausted
+        yield ("seawall", "hedge", "started"), self._on_hedge_started
+        yield ("seawall", "hedge", "won"), self._on_hedge_won
         yield ("seawall", "backend", "error"), self._on_backend_error
 
     # -- the handlers of rarer events --------------------------------------------
@@ -617,6 +634,12 @@ class Recorder:
         self, _event: Event, _measurements: dict[str, Any], metadata: dict[str, Any]
     ) -> None:
         self._add("seawall.retry.budget_exhausted", (str(metadata["key"]),))
+
+    def _on_hedge_started(self, _event: Event, _measurements: dict[str, Any], metadata: dict[str, Any]) -> None:
+        self._add("seawall.hedge.started", (str(metadata["key"]),))
+
+    def _on_hedge_won(self, _event: Event, _measurements: dict[str, Any], metadata: dict[str, Any]) -> None:
+        self._add("seawall.hedge.won", (str(metadata["key"]), "hedge" if metadata["attempt"] else "first"))
 
     def _on_backend_error(self, _event: Event, _measurements: dict[str, Any], metadata: dict[str, Any]) -> None:
         # No key: a limiter's bucket name holds its entity (unbounded); backend, reason and operation are few.

@@ -203,6 +203,8 @@ BACKEND_ERROR: Final = topic(("seawall", "backend", "error"))
 RETRY_ATTEMPT: Final = topic(("seawall", "retry", "attempt"))
 RETRY_GAVE_UP: Final = topic(("seawall", "retry", "gave_up"))
 RETRY_BUDGET_EXHAUSTED: Final = topic(("seawall", "retry", "budget_exhausted"))
+HEDGE_STARTED: Final = topic(("seawall", "hedge", "started"))
+HEDGE_WON: Final = topic(("seawall", "hedge", "won"))
 
 #: Every event seawall itself emits, for attaching one handler to all of them.
 ALL_EVENTS: Final[tuple[Event, ...]] = tuple(_topics)

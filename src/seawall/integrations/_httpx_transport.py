@@ -93,6 +93,11 @@ class ProtectedTransport(httpx.AsyncBaseTransport):
     * seawall's own refusals propagate as seawall errors
       (``RateLimitExceeded``, ``CircuitOpenError``, ``PoolTimeout``,
       ``ProtectionTimeout``), each with ``retry_after`` when known.
+    * A key with a ``"retry"`` or ``"hedge"`` section re-sends the request
+      for each attempt and hedge (a failure status is a failed attempt, and
+      its response is returned when the retries run out), unless the
+      request's body is a stream, which cannot be read twice: such a
+      request makes one attempt.
     * An upstream ``429`` with ``Retry-After`` holds the request's bucket
       shut: until that time passes (at most ``max_retry_after``), requests
       for the same entity are denied locally with ``RateLimitExceeded`` and
@@ -200,12 +205,21 @@ class ProtectedTransport(httpx.AsyncBaseTransport):
         options = dict(self._options)
         if entity is not None:
             options["rate_limiter"] = entity
+
+        async def send() -> httpx.Response:
+            # One attempt (or hedge): the request is sent afresh each time this runs.
+            response = await _read_fully(await self._transport.handle_async_request(request), request)
+            if response.status_code in self._failure_statuses:
+                raise _FailureStatus(response)
+            return response
+
+        response: httpx.Response
         try:
-            async with self._infra.protect(self._key, **options):
-                response = await self._transport.handle_async_request(request)
-                response = await _read_fully(response, request)
-                if response.status_code in self._failure_statuses:
-                    raise _FailureStatus(response)
+            if _replayable(request):
+                response = await self._infra.execute_protected(self._key, send, **options)
+            else:
+                async with self._infra.protect(self._key, **options):  # a streamed body is read once: one attempt
+                    response = await send()
         except _FailureStatus as failure:
             return failure.response
         if response.status_code == 429:
@@ -226,6 +240,15 @@ class ProtectedTransport(httpx.AsyncBaseTransport):
 
     def __repr__(self) -> str:
         return f"ProtectedTransport(key={self._key!r}, entity={self._entity!r}, held_buckets={len(self._holds)})"
+
+
+def _replayable(request: httpx.Request) -> bool:
+    """Whether ``request`` can be sent again: its body is in memory (a streamed body can be read once)."""
+    try:
+        request.content  # noqa: B018 - only asks whether the body is in memory
+    except httpx.RequestNotRead:
+        return False
+    return True
 
 
 async def _read_fully(response: httpx.Response, request: httpx.Request) -> httpx.Response:
