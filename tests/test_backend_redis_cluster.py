@@ -109,9 +109,11 @@ async def test_each_bucket_and_breaker_is_one_key(backend: RedisBackend, nodes: 
 
 async def test_breaker_state_crosses_shards_and_processes(nodes: list[Server]) -> None:
     """A breaker tripped through one cluster client rejects in another (pub/sub reaches every node's subscribers)."""
+    # A generous socket timeout: a cluster client's first call (slot discovery, connections, script
+    # loads) takes ~0.1 s, several times that on the suite's debug-mode loop, past the default 0.5 s.
     async with (
-        RedisBackend.from_url(nodes[0].url, cluster=True, prefix="cross") as one,
-        RedisBackend.from_url(nodes[2].url, cluster=True, prefix="cross") as other,
+        RedisBackend.from_url(nodes[0].url, cluster=True, prefix="cross", socket_timeout=5.0) as one,
+        RedisBackend.from_url(nodes[2].url, cluster=True, prefix="cross", socket_timeout=5.0) as other,
     ):
         first = CircuitBreaker("api", recovery_time=30.0, backend=one)
         second = CircuitBreaker("api", recovery_time=30.0, backend=other)
