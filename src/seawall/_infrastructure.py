@@ -657,11 +657,19 @@ class AsyncInfrastructure:
             attempt = plan
             if retry.attempt_timeout is not None:
                 attempt = self._first_attempt_plan(plan, retry, (rate_limiter, circuit_breaker, connection_pool))
-            options = (rate_limiter, circuit_breaker, connection_pool, timeout)
             try:
-                return await self._attempt(attempt, fn, options, priority)
+                # (_attempt's dispatch written out: its frame would double what a retry section costs a success)
+                if self._hedges and key in self._hedges:
+                    return await self._attempt(
+                        attempt, fn, (rate_limiter, circuit_breaker, connection_pool, timeout), priority
+                    )
+                if attempt.direct and not priority and not ANY_HANDLER.attached:
+                    return await run_direct(attempt, fn)
+                async with ProtectedCall(attempt, priority):
+                    return await fn()
             except Exception as exc:
                 failed = exc  # (retried outside this handler: a later attempt's error must not chain to it)
+            options = (rate_limiter, circuit_breaker, connection_pool, timeout)
             return await self._retry(plan, fn, options, retry.retry, failed, start + plan.timeout, priority)
         if self._hedges:
             hedge = self._hedges.get(key)
