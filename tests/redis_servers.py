@@ -179,7 +179,7 @@ def cluster(directory: Path, masters: int = 3) -> Iterator[list[Server]]:
         yield nodes
 
 
-async def until(check: Callable[[], Awaitable[bool]], bound: float = 2.0) -> float:
+async def until(check: Callable[[], Awaitable[bool]], bound: float = 10.0) -> float:
     """Poll the async ``check`` until it is true; return the seconds it took (fails past ``bound``).
 
     For what only the real clock can show (a message crossing between two

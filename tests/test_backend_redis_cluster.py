@@ -65,7 +65,8 @@ async def _reset_stats(nodes: list[Server]) -> None:
 async def test_from_url_builds_a_cluster_client_and_verifies(nodes: list[Server]) -> None:
     """from_url(cluster=True) and ?cluster=true build a RedisCluster (no quiet plain client); verify() passes."""
     for url, options in ((nodes[1].url, {"cluster": True}), (nodes[2].url + "?cluster=true", {})):
-        async with RedisBackend.from_url(url, prefix="build", **options) as built:  # type: ignore[arg-type]
+        # (A generous socket timeout: a first cluster call can take over 0.5 s on a slow, debug-mode loop.)
+        async with RedisBackend.from_url(url, prefix="build", socket_timeout=5.0, **options) as built:  # type: ignore[arg-type]
             assert isinstance(built.client, RedisCluster)
             assert await built.verify()
             assert "cluster" in repr(built)
