@@ -198,9 +198,10 @@ async def test_error_replies_are_errors_with_a_reason_never_silent(
 
 # -- the hard timeout bound ---------------------------------------------------------
 
-TIMEOUT = 0.25
-#: The contract's bound is socket_timeout + 50 ms; the test allows more on a loaded shared machine.
-BOUND = TIMEOUT + 0.2
+TIMEOUT = 0.5
+#: The contract's bound is socket_timeout + 50 ms; the test allows more on a loaded shared machine
+#: (the benchmark reports the real figure), yet less than the 2x to 3x of the defect it guards against.
+BOUND = TIMEOUT + 0.3
 
 
 async def _timed(coroutine: Any) -> float:
