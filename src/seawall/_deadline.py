@@ -100,7 +100,6 @@ class DeadlineTimer:
         self._min_timeout = math.inf
         self._sleep_scope: anyio.CancelScope | None = None
         self._idle = False
-        # Runs a callback outside any task (asyncio's ``loop.call_soon``), or None: cancel in the timer task.
         # Cancels a list of scopes: in the timer task itself, or (asyncio) as if from no task.
         self._cancel: Callable[[list[Any]], None] = _cancel_all
         #: Whether the timer task is running (else callers use their own deadlines).
