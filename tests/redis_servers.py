@@ -119,21 +119,36 @@ class Server:
                 self.process.wait(timeout=10)
 
 
+class PortTaken(RuntimeError):
+    """Another process took the free port first (a parallel test worker, a client's ephemeral port)."""
+
+
+def _serves(port: int, pid: int) -> bool:
+    """Whether the server answering on ``port`` is the process ``pid``, not someone else's."""
+    import redis
+
+    # RESP2: a server under test may have HELLO renamed away.
+    client = redis.Redis(port=port, protocol=2, socket_timeout=1.0, socket_connect_timeout=0.1)
+    try:
+        return int(client.info("server")["process_id"]) == pid
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
 def _spawn(path: str, port: int, directory: Path, arguments: list[str]) -> subprocess.Popen[bytes]:
     command = [path, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     command += ["--dir", str(directory), *arguments]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.1):
-                return process
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                process.wait(timeout=10)
-                raise RuntimeError(f"{path} did not start on port {port} with {arguments}") from None
-            time.sleep(0.02)
+    while not _serves(port, process.pid):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            process.wait(timeout=10)
+            raise PortTaken(f"{path} did not start on port {port} with {arguments}")
+        time.sleep(0.02)
+    return process
 
 
 @contextlib.contextmanager
@@ -141,8 +156,15 @@ def running(directory: Path, *arguments: str, kind: str = "redis7", port: int | 
     """Start a server of ``kind`` with extra ``arguments`` (on ``port``, or a free one); stop it by PID afterwards."""
     path = binary(kind)
     directory.mkdir(parents=True, exist_ok=True)
-    port = free_port() if port is None else port
-    server = Server(_spawn(path, port, directory, list(arguments)), port, directory, path, list(arguments))
+    for attempt in range(5):  # a free port can be taken before the server binds it: try another
+        chosen = free_port() if port is None else port
+        try:
+            process = _spawn(path, chosen, directory, list(arguments))
+            break
+        except PortTaken:
+            if port is not None or attempt == 4:
+                raise
+    server = Server(process, chosen, directory, path, list(arguments))
     try:
         yield server
     finally:

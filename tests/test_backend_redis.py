@@ -398,15 +398,18 @@ async def test_deny_policy_raises_when_redis_is_down(server: Server) -> None:
 @pytest.mark.parametrize("policy", ["allow", "deny"])
 async def test_a_frozen_server_costs_at_most_the_socket_timeout(server: Server, policy: str) -> None:
     """A server that accepts but never answers (SIGSTOP) delays a decision by the socket timeout, no more."""
-    async with RedisBackend.from_url(server.url, on_error=policy, socket_timeout=0.2) as backend:  # type: ignore[arg-type]
+    timeout = 0.5
+    async with RedisBackend.from_url(server.url, on_error=policy, socket_timeout=timeout) as backend:  # type: ignore[arg-type]
         limiter = RateLimiter(1, 60.0, backend=backend)
         await limiter.hit("warm")
         server.freeze()
         start = time.monotonic()
-        outcomes = await asyncio.gather(*(limiter.hit(f"k{i}") for i in range(5)), return_exceptions=True)
+        outcomes = await asyncio.gather(*(limiter.hit(f"k{i}") for i in range(10)), return_exceptions=True)
         elapsed = time.monotonic() - start
         server.thaw()
-        assert elapsed < 0.2 * 3  # one timeout for the batch on the wire, one for the next batch at most
+        # One timeout for the batch on the wire and one for the next batch at most, plus slack for
+        # a loaded machine: still far below the 10 timeouts of decisions that wait one by one.
+        assert elapsed < timeout * 4
         if policy == "allow":
             assert all(not isinstance(outcome, BaseException) for outcome in outcomes)
         else:

@@ -33,7 +33,9 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Server]]:
 @pytest.fixture
 async def backend(nodes: list[Server]) -> AsyncIterator[RedisBackend]:
     """A backend owning a RedisCluster client, built by from_url(cluster=True)."""
-    async with RedisBackend.from_url(nodes[0].url, cluster=True, prefix="fleet") as opened:
+    # A generous socket timeout: a cluster client's first call (slot discovery, connections,
+    # script loads) takes ~0.1 s, past the default 0.5 s on a loaded machine's debug-mode loop.
+    async with RedisBackend.from_url(nodes[0].url, cluster=True, prefix="fleet", socket_timeout=5.0) as opened:
         yield opened
 
 

@@ -664,7 +664,7 @@ class PoolMachine(LoopMachine):
         assert all(worker.closed for worker in self.factory.workers), "a worker outlived close()"
 
 
-PoolMachine.TestCase.settings = fast(400, stateful_step_count=40)
+PoolMachine.TestCase.settings = fast(200, stateful_step_count=40)
 TestPoolModel = PoolMachine.TestCase
 
 
