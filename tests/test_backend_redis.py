@@ -73,7 +73,7 @@ async def prefix(redis_url: str) -> AsyncIterator[str]:
 @pytest.fixture
 async def backend(redis_url: str, prefix: str) -> AsyncIterator[RedisBackend]:
     """A backend on the shared server, owning its client."""
-    async with RedisBackend.from_url(redis_url, prefix=prefix) as opened:
+    async with RedisBackend.from_url(redis_url, prefix=prefix, socket_timeout=5.0) as opened:
         yield opened
 
 
@@ -113,9 +113,9 @@ async def test_bad_configuration_fails_at_construction(redis_url: str) -> None:
     with pytest.raises(TypeError, match=r"redis\.asyncio\.Redis"):
         RedisBackend(object())  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="prefix"):
-        RedisBackend.from_url(redis_url, prefix=3)  # type: ignore[arg-type]
+        RedisBackend.from_url(redis_url, prefix=3, socket_timeout=5.0)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="on_error"):
-        RedisBackend.from_url(redis_url, on_error="maybe")  # type: ignore[arg-type]
+        RedisBackend.from_url(redis_url, on_error="maybe", socket_timeout=5.0)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="socket_timeout"):
         RedisBackend.from_url(redis_url, socket_timeout=0)
     with pytest.raises(ConfigurationError, match="socket_timeout"):
@@ -150,8 +150,8 @@ def test_importing_seawall_does_not_import_redis() -> None:
 async def test_two_clients_share_one_bucket(redis_url: str, prefix: str, algorithm: str) -> None:
     """Two limiters on two clients with the same rule admit exactly ``limit`` between them."""
     async with (
-        RedisBackend.from_url(redis_url, prefix=prefix) as first,
-        RedisBackend.from_url(redis_url, prefix=prefix) as second,
+        RedisBackend.from_url(redis_url, prefix=prefix, socket_timeout=5.0) as first,
+        RedisBackend.from_url(redis_url, prefix=prefix, socket_timeout=5.0) as second,
     ):
         limiters = [
             RateLimiter(7, 3600.0, algorithm=algorithm, backend=first, name="shared"),  # type: ignore[arg-type]
@@ -313,7 +313,7 @@ async def test_lost_scripts_are_loaded_again(server: Server) -> None:
     """
     admin = aioredis.Redis.from_url(server.url)
     try:
-        async with RedisBackend.from_url(server.url, prefix="flush") as backend:
+        async with RedisBackend.from_url(server.url, prefix="flush", socket_timeout=5.0) as backend:
             limiter = RateLimiter(1, 60.0, backend=backend)
             await limiter.hit("k")
             await admin.script_flush()
@@ -330,7 +330,7 @@ async def test_lost_scripts_are_loaded_again(server: Server) -> None:
 async def test_one_command_per_decision(server: Server) -> None:
     """Each decision is one EVALSHA (TIME, GET, SET inside it), alone or 100 at once."""
     admin = aioredis.Redis.from_url(server.url, decode_responses=True)
-    async with RedisBackend.from_url(server.url, prefix="count") as backend:
+    async with RedisBackend.from_url(server.url, prefix="count", socket_timeout=5.0) as backend:
         gcra = RateLimiter(50, 60.0, backend=backend)
         fixed = RateLimiter(50, 60.0, algorithm="fixed_window", backend=backend)
         await gcra.hit("warm")
@@ -526,8 +526,8 @@ async def _rejects(breaker: CircuitBreaker) -> bool:
 async def test_breakers_on_two_clients_share_one_state(redis_url: str, prefix: str) -> None:
     """Failures seen by two processes add up; the breaker one opens rejects in the other."""
     async with (
-        RedisBackend.from_url(redis_url, prefix=prefix) as one,
-        RedisBackend.from_url(redis_url, prefix=prefix) as other,
+        RedisBackend.from_url(redis_url, prefix=prefix, socket_timeout=5.0) as one,
+        RedisBackend.from_url(redis_url, prefix=prefix, socket_timeout=5.0) as other,
     ):
         assert isinstance(one, BreakerBackend)
         first = CircuitBreaker("db", failure_threshold=2, recovery_time=30.0, backend=one)
@@ -758,7 +758,7 @@ async def test_any_str_is_a_bucket_on_redis(backend: RedisBackend, algorithm: st
 @pytest.mark.parametrize("policy", ["allow", "deny"])
 async def test_any_str_names_a_breaker_on_redis(redis_url: str, prefix: str, policy: str) -> None:
     """A breaker named with a lone surrogate keeps its state on Redis under either policy (no UnicodeEncodeError)."""
-    async with RedisBackend.from_url(redis_url, prefix=prefix, on_error=policy) as backend:  # type: ignore[arg-type]
+    async with RedisBackend.from_url(redis_url, prefix=prefix, on_error=policy, socket_timeout=5.0) as backend:  # type: ignore[arg-type]
         breaker = CircuitBreaker("db-\ud800", failure_threshold=1, recovery_time=30.0, backend=backend)
         await _fail(breaker)
         with pytest.raises(CircuitOpenError):
@@ -817,7 +817,7 @@ async def test_keys_never_share_buckets_on_redis(backend: RedisBackend) -> None:
 async def test_under_trio_building_a_backend_fails_at_once_saying_so() -> None:
     """Under trio, RedisBackend() and from_url() raise a ConfigurationError saying it is asyncio-only (no server)."""
     with pytest.raises(ConfigurationError, match="RedisBackend runs on asyncio only") as info:
-        RedisBackend.from_url("redis://127.0.0.1:1/0")
+        RedisBackend.from_url("redis://127.0.0.1:1/0", socket_timeout=5.0)
     assert info.value.path == "backend"
     client = aioredis.Redis.from_url("redis://127.0.0.1:1/0")  # (makes no connection)
     with pytest.raises(ConfigurationError, match=r"RedisBackend\(\) was called under trio"):
@@ -826,7 +826,7 @@ async def test_under_trio_building_a_backend_fails_at_once_saying_so() -> None:
 
 def test_a_backend_built_outside_any_loop_fails_at_its_first_decision_under_trio() -> None:
     """Built outside any loop, a RedisBackend's first use under trio (limiter, breaker, coordinator entry) raises it."""
-    backend = RedisBackend.from_url("redis://127.0.0.1:1/0")
+    backend = RedisBackend.from_url("redis://127.0.0.1:1/0", socket_timeout=5.0)
     limiter = RateLimiter(5, 1.0, backend=backend)
     breaker = CircuitBreaker("b", backend=backend)
 

@@ -79,7 +79,7 @@ async def _calls(admin: aioredis.Redis) -> dict[str, int]:
 
 async def test_a_primary_passes_verify_and_the_coordinator_runs_it(server: Server) -> None:
     """verify() is True on a writable primary, and AsyncInfrastructure.__aenter__ runs it."""
-    async with RedisBackend.from_url(server.url, prefix="ok") as backend:
+    async with RedisBackend.from_url(server.url, prefix="ok", socket_timeout=5.0) as backend:
         assert "verified=False" in repr(backend)
         async with AsyncInfrastructure(backend=backend):
             assert "verified=True" in repr(backend)
@@ -89,7 +89,7 @@ async def test_a_primary_passes_verify_and_the_coordinator_runs_it(server: Serve
 async def test_a_replica_is_a_misconfiguration(server: Server, tmp_path: Path) -> None:
     """Pointed at a read-only replica, verify(), the coordinator's entry and the first decision raise, naming it."""
     with running(tmp_path / "replica", "--replicaof", "127.0.0.1", str(server.port)) as replica:
-        async with RedisBackend.from_url(replica.url, prefix="replica") as backend:
+        async with RedisBackend.from_url(replica.url, prefix="replica", socket_timeout=5.0) as backend:
             with pytest.raises(ConfigurationError, match="'replica'") as raised:
                 await backend.verify()
             assert raised.value.path == "backend"
@@ -106,7 +106,7 @@ async def test_a_replica_is_a_misconfiguration(server: Server, tmp_path: Path) -
 async def test_a_cluster_node_behind_a_plain_client_is_a_misconfiguration(tmp_path: Path) -> None:
     """A plain client on a cluster node (whose other keys would answer MOVED) fails verify with reason 'cluster'."""
     with running(tmp_path, "--cluster-enabled", "yes") as node:
-        async with RedisBackend.from_url(node.url, prefix="mode") as backend:
+        async with RedisBackend.from_url(node.url, prefix="mode", socket_timeout=5.0) as backend:
             with pytest.raises(ConfigurationError, match=r"'cluster'.*cluster=True"):
                 await backend.verify()
     assert classify(ResponseError("MOVED 3999 127.0.0.1:6381")) == ("cluster", True)
@@ -115,17 +115,17 @@ async def test_a_cluster_node_behind_a_plain_client_is_a_misconfiguration(tmp_pa
 async def test_a_server_without_hello_is_a_protocol_misconfiguration(tmp_path: Path) -> None:
     """RESP3 against a server without HELLO (Redis 5, or HELLO renamed away) is reason 'protocol'; RESP2 works."""
     with running(tmp_path, "--rename-command", "HELLO", "") as old:
-        async with RedisBackend.from_url(old.url, prefix="proto", protocol=3) as backend:
+        async with RedisBackend.from_url(old.url, prefix="proto", protocol=3, socket_timeout=5.0) as backend:
             with pytest.raises(ConfigurationError, match="'protocol'"):
                 await backend.verify()
-        async with RedisBackend.from_url(old.url, prefix="proto", protocol=2) as backend:
+        async with RedisBackend.from_url(old.url, prefix="proto", protocol=2, socket_timeout=5.0) as backend:
             assert await backend.verify()
 
 
 async def test_a_server_refusing_scripts_is_a_misconfiguration(tmp_path: Path) -> None:
     """A server whose EVALSHA is disabled (renamed away) fails verify with reason 'scripts'."""
     with running(tmp_path, "--rename-command", "EVALSHA", "") as locked:
-        async with RedisBackend.from_url(locked.url, prefix="noscripts") as backend:
+        async with RedisBackend.from_url(locked.url, prefix="noscripts", socket_timeout=5.0) as backend:
             with pytest.raises(ConfigurationError, match="'scripts'"):
                 await backend.verify()
 
@@ -141,7 +141,7 @@ async def test_redis_6_with_verbatim_script_replication_still_decides(tmp_path: 
             assert classify(refused.value) == ("script_replication", True)
         finally:
             await admin.aclose()
-        async with RedisBackend.from_url(old.url, prefix="six", on_error="deny") as backend:
+        async with RedisBackend.from_url(old.url, prefix="six", on_error="deny", socket_timeout=5.0) as backend:
             assert await backend.verify()
             limiter = RateLimiter(3, 60.0, backend=backend)
             assert [await _hit(limiter) for _ in range(5)] == [True, True, True, False, False]
@@ -169,7 +169,7 @@ async def test_error_replies_are_errors_with_a_reason_never_silent(
 ) -> None:
     """At run time an error reply follows on_error, logs at error level (one line a second per reason) and emits it."""
     admin = aioredis.Redis.from_url(server.url)
-    async with RedisBackend.from_url(server.url, prefix="err") as backend:
+    async with RedisBackend.from_url(server.url, prefix="err", socket_timeout=5.0) as backend:
         rule = RateLimitRule(5, 60.0, "gcra", "wrong")
         assert (await backend.take("probe", 1, rule)).admitted
         [key] = [key async for key in admin.scan_iter(match="err:*")]
@@ -249,7 +249,7 @@ async def test_the_first_decision_on_a_frozen_server_is_bounded_too(server: Serv
 async def test_a_closed_breaker_costs_no_round_trip_per_success_one_per_failure(server: Server) -> None:
     """Counted with INFO commandstats: successes 0 scripts, a failure 1, rejections while open 0, a trial 1."""
     admin = aioredis.Redis.from_url(server.url, decode_responses=True)
-    async with RedisBackend.from_url(server.url, prefix="rt") as backend:
+    async with RedisBackend.from_url(server.url, prefix="rt", socket_timeout=5.0) as backend:
         breaker = CircuitBreaker("svc", failure_threshold=3, recovery_time=0.3, backend=backend)
         assert await _admits(breaker)  # learns the state (one admit) and subscribes
         await until(lambda: _subscribed(admin))
@@ -275,7 +275,7 @@ async def test_a_closed_breaker_costs_no_round_trip_per_success_one_per_failure(
 async def test_closed_calls_on_redis_are_decided_in_process_and_failures_still_reach_it(server: Server) -> None:
     """A closed success (async with, call()) awaits nothing and costs no script; a failure of either is counted."""
     admin = aioredis.Redis.from_url(server.url, decode_responses=True)
-    async with RedisBackend.from_url(server.url, prefix="rt") as backend:
+    async with RedisBackend.from_url(server.url, prefix="rt", socket_timeout=5.0) as backend:
         breaker = CircuitBreaker("svc", failure_threshold=4, recovery_time=30.0, backend=backend)
         assert await _admits(breaker)
         await until(lambda: _subscribed(admin))
@@ -321,8 +321,8 @@ async def test_a_closed_block_admitted_before_a_trip_elsewhere_decides_nothing(s
     """A failure of a block admitted in the old period is not counted in the one a trip started (generations)."""
     admin = aioredis.Redis.from_url(server.url, decode_responses=True)
     async with (
-        RedisBackend.from_url(server.url, prefix="rt") as one,
-        RedisBackend.from_url(server.url, prefix="rt") as other,
+        RedisBackend.from_url(server.url, prefix="rt", socket_timeout=5.0) as one,
+        RedisBackend.from_url(server.url, prefix="rt", socket_timeout=5.0) as other,
     ):
         first = CircuitBreaker("gen", failure_threshold=1, recovery_time=30.0, backend=one)
         second = CircuitBreaker("gen", failure_threshold=1, recovery_time=30.0, backend=other)
@@ -344,7 +344,7 @@ async def test_a_closed_block_admitted_before_a_trip_elsewhere_decides_nothing(s
 
 async def test_blocks_of_two_periods_on_redis_each_count_in_their_own(server: Server) -> None:
     """A block still running from before a reset decides nothing; one entered after it counts (both in process)."""
-    async with RedisBackend.from_url(server.url, prefix="rt") as backend:
+    async with RedisBackend.from_url(server.url, prefix="rt", socket_timeout=5.0) as backend:
         breaker = CircuitBreaker("periods", failure_threshold=5, recovery_time=30.0, backend=backend)
         assert await _admits(breaker)
 
@@ -371,7 +371,7 @@ async def _subscribed(admin: aioredis.Redis) -> bool:
 async def test_failure_accounting_is_bounded_per_call(server: Server) -> None:
     """1,000 failures on record leave at most ten time buckets in the hash: each call reads O(1) of them."""
     admin = aioredis.Redis.from_url(server.url, decode_responses=True)
-    async with RedisBackend.from_url(server.url, prefix="o1") as backend:
+    async with RedisBackend.from_url(server.url, prefix="o1", socket_timeout=5.0) as backend:
         policy = BreakerPolicy(failure_threshold=10**6, window=60.0, recovery_time=1.0, half_open_max_calls=1)
         for _ in range(1000):
             await backend.breaker_settle("svc", policy, 0.0, None, "failure")
@@ -385,8 +385,8 @@ async def test_failure_accounting_is_bounded_per_call(server: Server) -> None:
 async def test_state_changes_reach_another_process_by_pub_sub(server: Server) -> None:
     """A trip in one process rejects in another within the bound, without that one asking the server."""
     async with (
-        RedisBackend.from_url(server.url, prefix="ps") as one,
-        RedisBackend.from_url(server.url, prefix="ps") as other,
+        RedisBackend.from_url(server.url, prefix="ps", socket_timeout=5.0) as one,
+        RedisBackend.from_url(server.url, prefix="ps", socket_timeout=5.0) as other,
     ):
         first = CircuitBreaker("db", recovery_time=30.0, backend=one)
         second = CircuitBreaker("db", recovery_time=30.0, backend=other)
@@ -419,7 +419,7 @@ async def test_an_open_state_lost_in_a_restart_is_published_again(server: Server
         await until(lambda: _numsub(admin, b"lost:v2:cb", 1))
         await admin.aclose()
         server.restart()
-        async with RedisBackend.from_url(server.url, prefix="lost") as newcomer:
+        async with RedisBackend.from_url(server.url, prefix="lost", socket_timeout=5.0) as newcomer:
             fresh = CircuitBreaker("db", recovery_time=60.0, backend=newcomer)
             await until(lambda: _open(fresh), bound=5.0)
             status = await fresh.status()
@@ -433,7 +433,7 @@ async def _open(breaker: CircuitBreaker) -> bool:
 @pytest.mark.parametrize("option", [{"failure_rate": 0.5}, {"slow_call_duration": 1.0, "slow_call_rate": 0.5}])
 async def test_rate_modes_are_refused_clearly_on_redis(server: Server, option: dict[str, float]) -> None:
     """A rate-mode breaker on Redis raises ConfigurationError naming the option (the breaker or the backend refuses)."""
-    async with RedisBackend.from_url(server.url, prefix="rates") as backend:
+    async with RedisBackend.from_url(server.url, prefix="rates", socket_timeout=5.0) as backend:
         with pytest.raises(ConfigurationError, match=r"failure_rate|slow_call") as raised:
             async with CircuitBreaker("svc", backend=backend, **option):  # type: ignore[arg-type]
                 pass  # pragma: no cover - refused before the call

@@ -84,7 +84,7 @@ async def test_breakers_open_and_tell_the_others(backend: RedisBackend, versione
     """A breaker opens on its failures, and another client hears of it over pub/sub (RESP2 or RESP3 pushes)."""
     name = f"svc-{id(backend)}"
     breaker = CircuitBreaker(name, failure_threshold=2, recovery_time=30.0, backend=backend)
-    async with RedisBackend.from_url(versioned.url, prefix=backend.prefix) as other_backend:
+    async with RedisBackend.from_url(versioned.url, prefix=backend.prefix, socket_timeout=5.0) as other_backend:
         other = CircuitBreaker(name, failure_threshold=2, recovery_time=30.0, backend=other_backend)
         async with other:
             pass

@@ -1327,7 +1327,7 @@ async def store(request: pytest.FixtureRequest) -> Any:
 
     url = request.getfixturevalue("redis_url")
     prefix = f"seawall-test-{uuid.uuid4().hex}"
-    async with RedisBackend.from_url(url, prefix=prefix) as backend:
+    async with RedisBackend.from_url(url, prefix=prefix, socket_timeout=5.0) as backend:
         yield backend
     client = aioredis.Redis.from_url(url)
     try:

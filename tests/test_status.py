@@ -106,7 +106,7 @@ async def _make_fleet_state(redis_url: str, prefix: str, config: Path) -> None:
     """What a fleet would leave in Redis: two hits on api's default bucket, one by alice, flaky's breaker open."""
     from seawall.backends import RedisBackend
 
-    backend = RedisBackend.from_url(redis_url, prefix=prefix)
+    backend = RedisBackend.from_url(redis_url, prefix=prefix, socket_timeout=5.0)
     try:
         async with AsyncInfrastructure.from_toml(config, backend=backend) as infra:
 
@@ -170,7 +170,7 @@ def test_status_never_denies_or_consumes(redis_url: str, prefix: str, config: Pa
     async def third_hit_still_fits() -> None:
         from seawall.backends import RedisBackend
 
-        backend = RedisBackend.from_url(redis_url, prefix=prefix)
+        backend = RedisBackend.from_url(redis_url, prefix=prefix, socket_timeout=5.0)
         try:
             async with AsyncInfrastructure.from_toml(config, backend=backend) as infra:
 
