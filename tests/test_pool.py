@@ -1447,3 +1447,51 @@ async def test_bulkhead_lease_given_back_twice_is_an_error() -> None:
         with pytest.raises(RuntimeError, match="given back already"):
             pool.checkin_nowait(lease)
         assert counts(pool) == (2, 0, 0, 0)
+
+
+@pytest.mark.asyncio_only("asyncio's FIFO ready queue orders the timer, the holder and the waiter in one iteration")
+async def test_an_overflow_worker_back_as_its_only_waiter_times_out_is_closed_without_a_reset() -> None:
+    """A waiter timed out but not yet run is nobody waiting: the returned overflow worker is closed, not reset first."""
+    clock = FakeClock()
+    factory = ResettingFactory()
+    factory.reset_gate = anyio.Event()  # a reset would keep the overflow connection open until this is set
+    timed_out: list[PoolTimeout] = []
+    release = anyio.Event()
+    async with ConnectionPool(factory, size=1, max_overflow=1, timeout=1.0, clock=clock) as pool:
+        first = pool.checkout()
+        await first.__aenter__()
+
+        async def hold_overflow() -> None:
+            async with pool.checkout():
+                await release.wait()
+
+        async def wait() -> None:
+            try:
+                async with pool.checkout():
+                    pass
+            except PoolTimeout as exc:
+                timed_out.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hold_overflow)
+            await settle()
+            tg.start_soon(wait)
+            await settle()
+            assert counts(pool) == (0, 2, 1, 1)
+            # Both wake-ups in one iteration, in this order: the timer hands the waiter its
+            # timeout, then the overflow holder's block ends before that waiter has run (and
+            # left the queue).
+            clock.advance(1.0)
+            release.set()
+            await settle()
+            after_return = counts(pool)
+            # Before asserting: a return stuck in its reset, or a worker still lent, would hang
+            # the task group or close() (whose grace runs on the fake clock).
+            factory.reset_gate.set()
+        await first.__aexit__(None, None, None)  # the pool's own worker: reset and kept
+        assert counts(pool) == (1, 0, 0, 0)
+    assert len(timed_out) == 1
+    overflow = factory.made[1]
+    assert overflow.resets == 0, "the surplus overflow worker was reset before being closed"
+    assert after_return == (0, 1, 0, 0)  # not (0, 2, 1, 0): nobody waits, yet its connection stayed open
+    assert factory.open_count() == 0

@@ -891,6 +891,10 @@ class ConnectionPool(Generic[T]):
                 upcoming = deadline
         return upcoming
 
+    def _someone_waits(self) -> bool:
+        """Whether a queued waiter has been handed nothing yet (the others are skipped when met)."""
+        return any(waiter.got is None for waiter in self._waiters)
+
     def _forget(self, waiter: _Waiter) -> None:
         try:
             self._waiters.remove(waiter)
@@ -1009,7 +1013,11 @@ class ConnectionPool(Generic[T]):
                     except Exception as exc:
                         logger.warning("pool_worker_check_failed", pool=self._name, error=repr(exc))
                         dead = True
-                surplus = not self._waiters and self._total - self._closing > self._size and self._max_idle is None
+                # Surplus (closed, so not worth a reset) when nobody still waits: the queue may
+                # hold a waiter the timer has already timed out, which leaves only once its task runs.
+                surplus = (
+                    self._max_idle is None and self._total - self._closing > self._size and not self._someone_waits()
+                )
                 if not dead and not self._closed and not surplus and self._reset is not None:
                     try:
                         await self._reset(worker.conn)
