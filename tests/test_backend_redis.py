@@ -395,7 +395,7 @@ async def test_deny_policy_raises_when_redis_is_down(server: Server) -> None:
             await limiter.status("k")
 
 
-@pytest.mark.parametrize("policy", ["allow", "deny"])
+@pytest.mark.parametrize("policy", ["allow", "local", "deny"])
 async def test_a_frozen_server_costs_at_most_the_socket_timeout(server: Server, policy: str) -> None:
     """A server that accepts but never answers (SIGSTOP) delays a decision by the socket timeout, no more."""
     timeout = 0.5
@@ -410,7 +410,7 @@ async def test_a_frozen_server_costs_at_most_the_socket_timeout(server: Server, 
         # One timeout for the batch on the wire and one for the next batch at most, plus slack for
         # a loaded machine: still far below the 10 timeouts of decisions that wait one by one.
         assert elapsed < timeout * 4
-        if policy == "allow":
+        if policy != "deny":  # ("local": each key's own bucket in the process holds its one hit)
             assert all(not isinstance(outcome, BaseException) for outcome in outcomes)
         else:
             assert all(isinstance(outcome, RateLimiterError) for outcome in outcomes)
@@ -640,9 +640,12 @@ async def test_breaker_follows_the_policy_when_redis_is_down(server: Server) -> 
     await deny.aclose()
 
 
-async def test_failures_during_an_outage_open_the_process_breaker_under_allow(server: Server) -> None:
+@pytest.mark.parametrize("on_error", ["allow", "local"])
+async def test_failures_during_an_outage_open_the_process_breaker_under_allow(
+    server: Server, on_error: Literal["allow", "local"]
+) -> None:
     """With Redis down, failure_threshold failures on this process open its breaker (no Redis to ask)."""
-    async with RedisBackend.from_url(server.url, prefix="lo", socket_timeout=0.5) as backend:
+    async with RedisBackend.from_url(server.url, prefix="lo", on_error=on_error, socket_timeout=0.5) as backend:
         breaker = CircuitBreaker("svc", failure_threshold=3, recovery_time=60.0, backend=backend)
         await _fail(breaker)  # one failure in Redis, then the outage: Redis's count is not carried
         server.kill()
@@ -661,9 +664,9 @@ async def test_failures_during_an_outage_open_the_process_breaker_under_allow(se
         assert status.reachable is False
 
 
-@pytest.mark.parametrize("on_error", ["allow", "deny"])
+@pytest.mark.parametrize("on_error", ["allow", "local", "deny"])
 async def test_breaker_status_during_an_outage_is_the_process_view(
-    server: Server, on_error: Literal["allow", "deny"]
+    server: Server, on_error: Literal["allow", "local", "deny"]
 ) -> None:
     """status() with Redis stopped raises nothing: the process's view (open, time left; else closed), unreachable."""
     async with RedisBackend.from_url(server.url, prefix="st", on_error=on_error, socket_timeout=0.5) as backend:

@@ -444,14 +444,14 @@ async def test_rate_modes_are_refused_clearly_on_redis(server: Server, option: d
             await backend.breaker_admit("svc", policy, 0.0)
 
 
-@pytest.mark.parametrize("policy", ["allow", "deny"])
+@pytest.mark.parametrize("policy", ["allow", "local", "deny"])
 async def test_breakers_during_an_outage_follow_the_policy(server: Server, policy: str) -> None:
-    """Redis down: "allow" goes on with the process's own view, "deny" rejects once the outage is seen; both recover."""
+    """Redis down: "allow"/"local" decide on the process's view, "deny" rejects once the outage is seen; all recover."""
     async with RedisBackend.from_url(server.url, prefix="out", on_error=policy, socket_timeout=0.5) as backend:  # type: ignore[arg-type]
         breaker = CircuitBreaker("svc", failure_threshold=100, recovery_time=30.0, backend=backend)
         assert await _admits(breaker)  # the view: closed
         server.kill()
         await _fail(breaker)  # admitted by the view; its failure cannot be recorded (a warning, never raised)
-        assert await _admits(breaker) is (policy == "allow")
+        assert await _admits(breaker) is (policy != "deny")
         server.restart()
         await until(lambda: _admits(breaker), bound=5.0)

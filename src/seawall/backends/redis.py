@@ -26,8 +26,11 @@ a second, and an *error reply* (``READONLY`` after a failover, ``MOVED``,
 second with the count of the others; both follow ``on_error`` and emit the
 ``("seawall", "backend", "error")`` event with their ``reason`` every time.
 
-``on_error="allow"`` admits the hit (fail open) and ``"deny"`` raises
-:class:`~seawall.RateLimiterError` from the Redis error. Every caller,
+``on_error="allow"`` admits the hit (fail open), ``"deny"`` raises
+:class:`~seawall.RateLimiterError` from the Redis error, and ``"local"``
+decides on a bucket in this process holding ``local_share`` of the rule's
+limit (the memory backend's arithmetic); every decision asks Redis first, so
+the first one it answers is Redis's again. Every caller,
 queued or not, waits at most the socket timeout for Redis, from its call to
 its answer, reconnects included.
 
@@ -45,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import time
 from collections import deque
@@ -80,7 +84,8 @@ try:
 except ModuleNotFoundError as exc:
     raise missing_extra(exc, __name__) from exc
 
-from seawall._clock import in_trio_task
+from seawall._checks import number
+from seawall._clock import default_clock, in_trio_task
 from seawall._errors import CircuitOpenError, ConfigurationError, RateLimiterError
 from seawall._logging import Throttle
 from seawall._telemetry import BACKEND_ERROR, LIMITER_EXCEPTION
@@ -94,14 +99,14 @@ from seawall.backends._breaker_protocol import (
     Ticket,
     Transition,
 )
-from seawall.backends._limiter_memory import GcraTable
+from seawall.backends._limiter_memory import GcraTable, MemoryRateLimitBackend
 from seawall.backends._limiter_protocol import RateLimitDecision, RateLimitRule, check_rule, tolerance
 from seawall.backends._redis_link import Link, pack
 from seawall.backends._redis_scripts import FIXED_WINDOW, GCRA, MULTI, PROBE
 
 __all__ = ["KEY_FORMAT", "RedisBackend"]
 
-OnError = Literal["allow", "deny"]
+OnError = Literal["allow", "deny", "local"]
 
 #: The format version in every key and channel name (``<prefix>:v2:...``). Processes of another
 #: format count apart from these (see docs/redis.md, "Rolling upgrades").
@@ -260,14 +265,22 @@ class RedisBackend:
             (``<prefix>:v2:rl:<rule>:<key>`` for buckets, ``<prefix>:v2:cb:<name>`` for breakers).
         on_error: What a decision does when Redis fails: ``"allow"`` admits
             the hit (or the call), ``"deny"`` raises :class:`~seawall.RateLimiterError`
-            (:class:`~seawall.CircuitOpenError` for a breaker).
+            (:class:`~seawall.CircuitOpenError` for a breaker), ``"local"``
+            decides the hit on this process's own bucket of ``local_share``
+            times the limit (a breaker decides as under ``"allow"``).
+        local_share: Under ``on_error="local"``, the share of each rule's limit
+            a process's own bucket holds while Redis fails, in ``(0, 1]``
+            (at least one hit's worth, or the whole limit when it is below 1).
+            A fleet of N processes admits up to N times ``local_share`` times
+            the limit during an outage: ``1 / N`` keeps the fleet's total.
         socket_timeout: Seconds a decision waits for Redis at most, queueing and
             reconnecting included; ``None`` takes the client's ``socket_timeout``.
 
     Raises:
         TypeError: ``client`` is not a redis-py asyncio client or ``prefix`` not a str.
-        ValueError: ``on_error`` is neither ``"allow"`` nor ``"deny"``
-            (a :class:`~seawall.ConfigurationError`).
+        ValueError: ``on_error`` is not ``"allow"``, ``"deny"`` or ``"local"``, or
+            ``local_share`` is not a number in ``(0, 1]`` (or is set under another
+            policy) (a :class:`~seawall.ConfigurationError` naming the option).
         ConfigurationError: Built under trio (redis-py runs on asyncio only);
             a backend built outside any loop raises it at its first decision under trio.
     """
@@ -280,6 +293,8 @@ class RedisBackend:
         "_links",
         "_listener",
         "_live",
+        "_local",
+        "_local_rules",
         "_log",
         "_outage_failures",
         "_owns_client",
@@ -292,6 +307,7 @@ class RedisBackend:
         "_verifying",
         "_views",
         "client",
+        "local_share",
         "on_error",
         "prefix",
     )
@@ -302,17 +318,22 @@ class RedisBackend:
         *,
         prefix: str = "seawall",
         on_error: OnError = "allow",
+        local_share: float = 1.0,
         socket_timeout: float | None = None,
     ) -> None:
         _require_asyncio("RedisBackend()")
         if not isinstance(client, aioredis.Redis | RedisCluster):
             raise TypeError(f"client must be a redis.asyncio.Redis or redis.asyncio.RedisCluster, got {client!r}")
-        _check_options(prefix, on_error)
+        share = _check_options(prefix, on_error, local_share)
         if socket_timeout is not None:
             _check_timeout(socket_timeout)
         self.client: Final = client
         self.prefix: Final = prefix
         self.on_error: Final[OnError] = on_error
+        self.local_share: Final = share
+        # on_error="local": the process's own buckets, on its monotonic clock (the memory backend's arithmetic).
+        self._local = MemoryRateLimitBackend(clock=default_clock) if on_error == "local" else None
+        self._local_rules: dict[RateLimitRule, RateLimitRule] = {}  # a rule -> its local share
         self._owns_client = False
         self._cluster = client if isinstance(client, RedisCluster) else None
         if isinstance(client, RedisCluster):
@@ -345,6 +366,7 @@ class RedisBackend:
         cluster: bool = False,
         prefix: str = "seawall",
         on_error: OnError = "allow",
+        local_share: float = 1.0,
         socket_timeout: float = 0.5,
         **client_options: Any,
     ) -> RedisBackend:
@@ -355,14 +377,18 @@ class RedisBackend:
                 in it means ``cluster=True``.
             cluster: Build a ``redis.asyncio.RedisCluster`` (``url`` names any node).
             prefix: The namespace of every key the backend writes.
-            on_error: ``"allow"`` (admit when Redis fails) or ``"deny"``
-                (raise :class:`~seawall.RateLimiterError`).
+            on_error: ``"allow"`` (admit when Redis fails), ``"deny"``
+                (raise :class:`~seawall.RateLimiterError`) or ``"local"`` (decide
+                on this process's bucket of ``local_share`` times the limit).
+            local_share: The share of the limit in ``(0, 1]`` a process decides
+                on under ``on_error="local"`` (see the class).
             socket_timeout: Seconds a connect, write or read may take; a
                 decision never waits longer for Redis (the client does not retry).
             **client_options: Passed on to ``Redis.from_url`` (``RedisCluster.from_url``).
 
         Raises:
-            ValueError: ``socket_timeout`` is not finite and positive, or ``on_error`` is unknown.
+            ValueError: ``socket_timeout`` is not finite and positive, ``on_error`` is unknown,
+                or ``local_share`` is not in ``(0, 1]``.
             ConfigurationError: Called under trio (redis-py runs on asyncio only).
         """
         _require_asyncio("RedisBackend.from_url()")
@@ -375,10 +401,10 @@ class RedisBackend:
             "retry": Retry(NoBackoff(), 0),
         }
         options.update(client_options)
-        _check_options(prefix, on_error)  # before a client exists that would need closing
+        _check_options(prefix, on_error, local_share)  # before a client exists that would need closing
         wanted = cluster or in_url
         client = RedisCluster.from_url(url, **options) if wanted else aioredis.Redis.from_url(url, **options)
-        backend = cls(client, prefix=prefix, on_error=on_error)
+        backend = cls(client, prefix=prefix, on_error=on_error, local_share=local_share)
         backend._owns_client = True
         return backend
 
@@ -391,7 +417,7 @@ class RedisBackend:
         try:
             reply = await self._call(name, wire.command(name, cost, _TAKE))
         except _BACKEND_ERRORS as exc:
-            return self._failed(key, cost, rule, exc, "take")
+            return await self._failed(key, cost, rule, exc, "take")
         return _decision(reply, cost, rule, wire.table, peek=False)
 
     async def take_all(
@@ -411,8 +437,7 @@ class RedisBackend:
         try:
             reply = await self._call(names[0], command)
         except _BACKEND_ERRORS as exc:
-            failed = [self._failed(key, cost, rule, exc, "take") for rule in rules]
-            return True, tuple(failed)
+            return await self._all_failed(key, cost, rules, exc)
         parts = reply.split()
         decisions = tuple(
             _decision(
@@ -429,7 +454,7 @@ class RedisBackend:
         try:
             reply = await self._call(name, wire.command(name, 1, _LOOK))
         except _BACKEND_ERRORS as exc:
-            return self._failed(key, 1, rule, exc, "peek")
+            return await self._failed(key, 1, rule, exc, "peek")
         return _decision(reply, 1, rule, wire.table, peek=True)
 
     async def reset(self, key: str, rule: RateLimitRule) -> None:
@@ -439,6 +464,9 @@ class RedisBackend:
             RateLimiterError: Redis failed, whatever the policy (a reset must not pass silently).
         """
         name = self._rule(rule).key(key)
+        if self._local is not None and rule in self._local_rules:
+            # The process's own bucket too: the next outage must not start from a bucket reset since.
+            await self._local.reset(key, self._local_rules[rule])
         try:
             await self._call(name, pack(b"DEL", name))
         except _BACKEND_ERRORS as exc:
@@ -464,7 +492,7 @@ class RedisBackend:
     async def breaker_admit(self, name: str, policy: BreakerPolicy, now: float) -> Admission:
         """Admit a call or reject it: from the process's view while closed or open, else in one round trip.
 
-        When Redis fails, ``on_error="allow"`` decides on the process's own
+        When Redis fails, ``on_error="allow"`` (and ``"local"``) decides on the process's own
         view (an open breaker it knows of stays open; else the call is admitted
         as if closed), and ``"deny"`` rejects it with :class:`~seawall.CircuitOpenError`.
         """
@@ -749,8 +777,8 @@ class RedisBackend:
 
     def _probe_key(self, cluster: RedisCluster, node: ClusterNode) -> bytes:
         """A probe key of this prefix in a slot that ``node`` serves."""
-        for number in range(100_000):
-            key = _key(f"{self.prefix}:{KEY_FORMAT}:probe:{number}")
+        for attempt in range(100_000):
+            key = _key(f"{self.prefix}:{KEY_FORMAT}:probe:{attempt}")
             if cluster.nodes_manager.get_node_from_slot(key_slot(key)).name == node.name:
                 return key
         raise _misconfigured("cluster", None, node.name)  # pragma: no cover - a node serving no slot
@@ -789,9 +817,10 @@ class RedisBackend:
     def __repr__(self) -> str:
         mode = "cluster" if self._cluster is not None else "single"
         state = "closed" if self._closed else f"queued={sum(link.queued for link in self._all_links())}"
+        share = f", local_share={self.local_share!r}" if self._local is not None else ""
         return (
-            f"RedisBackend({mode}, prefix={self.prefix!r}, on_error={self.on_error!r}, rules={len(self._rules)}, "
-            f"verified={self._verified}, {state})"
+            f"RedisBackend({mode}, prefix={self.prefix!r}, on_error={self.on_error!r}{share}, "
+            f"rules={len(self._rules)}, verified={self._verified}, {state})"
         )
 
     # -- internals --------------------------------------------------------
@@ -892,15 +921,41 @@ class RedisBackend:
 
     # -- failures -------------------------------------------------------
 
-    def _failed(
+    async def _failed(
         self, key: str, cost: float, rule: RateLimitRule, exc: BaseException, operation: str
     ) -> RateLimitDecision:
+        """The decision of ``operation`` (``"take"`` or ``"peek"``) that Redis failed to make, by ``on_error``."""
         self._report(key, cost, rule, exc, operation)
         if self.on_error == "deny":
             raise RateLimiterError(key=key) from exc
+        local = self._local
+        if local is not None:
+            share = self._local_rule(rule)
+            return await (local.take(key, cost, share) if operation == "take" else local.peek(key, share))
         # Fail open: the hit is admitted as if the bucket were empty.
         limit = math.floor(rule.limit)
         return RateLimitDecision(True, 0.0, 0.0, limit, 0.0, 0.0)
+
+    async def _all_failed(
+        self, key: str, cost: float, rules: tuple[RateLimitRule, ...], exc: BaseException
+    ) -> tuple[bool, tuple[RateLimitDecision, ...]]:
+        """The decision of :meth:`take_all` that Redis failed to make: every rule reported, then ``on_error``."""
+        local = self._local
+        if local is None:
+            return True, tuple([await self._failed(key, cost, rule, exc, "take") for rule in rules])
+        for rule in rules:
+            self._report(key, cost, rule, exc, "take")
+        # All or none on the process's own buckets, as the script does on the server's.
+        return await local.take_all(key, cost, tuple(self._local_rule(rule) for rule in rules))
+
+    def _local_rule(self, rule: RateLimitRule) -> RateLimitRule:
+        """The rule of the process's own bucket under ``on_error="local"``: ``local_share`` of the limit."""
+        found = self._local_rules.get(rule)
+        if found is None:
+            # At least one hit's worth (a smaller bucket would deny every hit of cost 1), never above the rule.
+            limit = max(rule.limit * self.local_share, min(rule.limit, 1.0))
+            found = self._local_rules[rule] = dataclasses.replace(rule, limit=limit)
+        return found
 
     def _report(self, key: str, cost: float, rule: RateLimitRule, exc: BaseException, operation: str) -> None:
         reason = self._failure(exc, operation, {"key": key, "name": rule.name})
@@ -1062,11 +1117,20 @@ def _require_asyncio(operation: str) -> None:
         ) from None
 
 
-def _check_options(prefix: object, on_error: object) -> None:
+def _check_options(prefix: object, on_error: object, local_share: object) -> float:
+    """Check the policy options; return ``local_share`` as a float."""
     if not isinstance(prefix, str):
         raise TypeError(f"prefix must be a str, got {prefix!r}")
-    if on_error not in ("allow", "deny"):
-        raise ConfigurationError(f"on_error must be 'allow' or 'deny', got {on_error!r}", path="on_error")
+    if on_error not in ("allow", "deny", "local"):
+        raise ConfigurationError(f"on_error must be 'allow', 'deny' or 'local', got {on_error!r}", path="on_error")
+    share = number(local_share, "local_share", what="a share of the limit", maximum=1.0)
+    if share != 1.0 and on_error != "local":
+        # A share the policy would ignore is a policy left at its default by mistake.
+        raise ConfigurationError(
+            f"local_share: applies under on_error='local' only, got {local_share!r} with on_error={on_error!r}",
+            path="local_share",
+        )
+    return share
 
 
 def _ascii(part: bytes | str) -> bytes:
