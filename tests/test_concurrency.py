@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import math
 from typing import Any
 
@@ -643,3 +644,26 @@ async def test_no_limit_event_while_the_limit_stays() -> None:
     assert events == []
     assert adaptive.statistics().latency is not None  # the windows did run
     assert adaptive.limit == 10
+
+
+async def test_refusals_and_limit_changes_are_logged_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    """With the seawall logger at DEBUG a refusal and a limit change are logged with their fields; at INFO, nothing."""
+    clock = FakeClock()
+    limiter = ConcurrencyLimiter(algorithm="aimd", initial_limit=1, window=1.0, name="db", clock=clock)
+    with caplog.at_level(logging.INFO, logger="seawall"):
+        ticket = limiter.acquire_nowait()
+        with pytest.raises(ConcurrencyLimitExceeded):
+            limiter.acquire_nowait()
+    assert caplog.records == []
+    with caplog.at_level(logging.DEBUG, logger="seawall"):
+        with pytest.raises(ConcurrencyLimitExceeded):
+            limiter.acquire_nowait()
+        limiter.release(ticket)
+        clock.advance(1.0)
+        for _ in range(10):  # a window that used the limit, with no drop: 1 -> 2
+            limiter.release(limiter.acquire_nowait())
+    assert [(r.getMessage().split()[0], r.__dict__.get("reason"), r.__dict__.get("limit")) for r in caplog.records] == [
+        ("event='concurrency_limit_rejected'", "limit", 1),
+        ("event='concurrency_limit_changed'", None, 2),
+    ]
+    assert caplog.records[1].__dict__["previous_limit"] == 1
