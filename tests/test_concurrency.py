@@ -9,6 +9,8 @@ grows with its queue (a discrete-event simulation, virtual time).
 from __future__ import annotations
 
 import heapq
+import itertools
+import logging
 import math
 from typing import Any
 
@@ -16,9 +18,9 @@ import anyio
 import pytest
 from anyio import WouldBlock
 
-from seawall import ConcurrencyLimiter, ConcurrencyLimiterStatistics, ConcurrencyLimitExceeded, Rejected
+from seawall import ConcurrencyLimiter, ConcurrencyLimiterStatistics, ConcurrencyLimitExceeded, Rejected, telemetry
 from seawall._errors import ConfigurationError, ConfigurationTypeError
-from seawall.testing import FakeClock, advance
+from seawall.testing import FakeClock, advance, capture_events
 
 pytestmark = pytest.mark.anyio
 
@@ -318,6 +320,13 @@ def simulate(algorithm: str, start: int, *, capacity: int = 50, seconds: float =
     """
     clock = FakeClock()
     limiter = ConcurrencyLimiter(algorithm=algorithm, initial_limit=start, window=0.5, clock=clock)  # type: ignore[arg-type]
+    return drive(limiter, clock, capacity=capacity, seconds=seconds, drop_after=drop_after)
+
+
+def drive(
+    limiter: ConcurrencyLimiter, clock: FakeClock, *, capacity: int, seconds: float, drop_after: float | None = None
+) -> list[int]:
+    """The simulation of :func:`simulate`, for a limiter on ``clock`` made by the caller."""
     service = 0.02
     gap = service / capacity / 3.0
     workers = [0.0] * capacity  # when each worker is free (a heap)
@@ -469,3 +478,192 @@ async def test_a_bad_priority_is_a_configuration_error(priority: Any) -> None:
     assert caught.value.path == "priority"
     assert isinstance(caught.value, ConfigurationTypeError) == (not isinstance(priority, int) or priority is True)
     assert limiter.in_flight == 0
+
+
+# -- telemetry ---------------------------------------------------------------
+
+REJECTED = ("seawall", "concurrency_limiter", "call_rejected")
+LIMIT_CHANGED = ("seawall", "concurrency_limiter", "limit_changed")
+
+
+async def test_a_refusal_at_the_limit_reports_reason_limit() -> None:
+    """A limiter that lets nobody wait refuses at its limit with reason "limit", its name and the counts."""
+    limiter = fixed(1, name="db")
+    with capture_events() as events:
+        ticket = limiter.acquire_nowait()
+        with pytest.raises(ConcurrencyLimitExceeded):
+            limiter.acquire_nowait()
+        limiter.release(ticket)
+    assert [(event.event, event.measurements, event.metadata) for event in events] == [
+        (
+            REJECTED,
+            {"limit": 1, "in_flight": 1, "waiting": 0},
+            {"name": "db", "reason": "limit", "priority": 0, "algorithm": "fixed"},
+        )
+    ]
+
+
+async def test_a_full_queue_reports_reason_max_waiting() -> None:
+    """A call of the same priority finding the queue full is refused with reason "max_waiting", at once or awaited."""
+    clock = FakeClock()
+    limiter = fixed(1, max_waiting=1, timeout=5.0, name="db", clock=clock)
+    limiter.acquire_nowait()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(limiter.acquire)
+        await anyio.wait_all_tasks_blocked()
+        with capture_events() as events:
+            with pytest.raises(ConcurrencyLimitExceeded):
+                limiter.acquire_nowait()
+            with pytest.raises(ConcurrencyLimitExceeded):
+                await limiter.acquire()
+        tg.cancel_scope.cancel()
+    assert [event.metadata["reason"] for event in events] == ["max_waiting", "max_waiting"]
+    assert events[0].measurements == {"limit": 1, "in_flight": 1, "waiting": 1}
+
+
+async def test_a_shed_waiter_is_reported_once_with_its_own_priority() -> None:
+    """The waiter pushed out by a more important call is reported as "shed" with its priority; the newcomer is not."""
+    clock = FakeClock()
+    limiter = fixed(1, priorities=2, max_waiting=1, timeout=None, name="search", clock=clock)
+    limiter.acquire_nowait(0)
+    shed: list[ConcurrencyLimitExceeded] = []
+
+    async def waiter(priority: int) -> None:
+        try:
+            await limiter.acquire(priority)
+        except ConcurrencyLimitExceeded as exc:
+            shed.append(exc)
+
+    with capture_events() as events:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter, 1)
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(waiter, 0)
+            await anyio.wait_all_tasks_blocked()
+            assert [exc.priority for exc in shed] == [1]
+            tg.cancel_scope.cancel()
+    assert [(event.event, event.metadata) for event in events] == [
+        (REJECTED, {"name": "search", "reason": "shed", "priority": 1, "algorithm": "fixed"})
+    ]
+    assert events[0].measurements == {"limit": 1, "in_flight": 1, "waiting": 0}
+
+
+async def test_a_wait_that_times_out_reports_reason_timeout() -> None:
+    """A waiter with no slot within ``timeout`` is reported as "timeout" when the time runs out, not before."""
+    clock = FakeClock()
+    limiter = fixed(1, max_waiting=1, timeout=2.0, name="db", clock=clock)
+    limiter.acquire_nowait()
+
+    async def waiter() -> None:
+        with pytest.raises(ConcurrencyLimitExceeded):
+            await limiter.acquire()
+
+    with capture_events() as events:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter)
+            await advance(clock, 1.9)
+            assert events == []
+            await advance(clock, 0.1)
+    assert [(event.measurements, event.metadata) for event in events] == [
+        (
+            {"limit": 1, "in_flight": 1, "waiting": 0},
+            {"name": "db", "reason": "timeout", "priority": 0, "algorithm": "fixed"},
+        )
+    ]
+    assert limiter.statistics().timed_out == (1,)
+
+
+async def test_admitted_waited_and_cancelled_calls_emit_nothing() -> None:
+    """Admission, release, a wait that gets its slot and a cancelled wait are no refusals: no event."""
+    clock = FakeClock()
+    limiter = fixed(1, max_waiting=2, timeout=10.0, clock=clock)
+    with capture_events() as events:
+        ticket = limiter.acquire_nowait()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(limiter.acquire)
+            await anyio.wait_all_tasks_blocked()
+            limiter.release(ticket)  # the waiter gets the slot
+            await anyio.wait_all_tasks_blocked()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(limiter.acquire)
+            await anyio.wait_all_tasks_blocked()
+            tg.cancel_scope.cancel()  # cancelled while it waits
+        limiter.release()
+    assert events == []
+    assert limiter.in_flight == 0
+
+
+@pytest.mark.parametrize("algorithm", ["gradient2", "vegas", "aimd"])
+async def test_limit_changes_are_reported_once_per_window_with_the_new_limit(algorithm: str) -> None:
+    """Under a load that moves the limit each event carries the limit statistics() reports, at most once per window."""
+    clock = FakeClock()
+    window = 0.5
+    limiter = ConcurrencyLimiter(algorithm=algorithm, initial_limit=5, window=window, name="api", clock=clock)  # type: ignore[arg-type]
+    seen: list[tuple[float, dict[str, Any], dict[str, Any], int]] = []
+
+    def record(_event: Any, measurements: dict[str, Any], metadata: dict[str, Any]) -> None:
+        seen.append((clock.now(), measurements, metadata, limiter.statistics().limit))
+
+    telemetry.attach("test-limit-changed", LIMIT_CHANGED, record)
+    try:
+        drive(limiter, clock, capacity=50, seconds=10.0, drop_after=0.03 if algorithm == "aimd" else None)
+    finally:
+        telemetry.detach("test-limit-changed")
+    assert len(seen) >= 3, seen
+    previous = 5
+    for _, measurements, metadata, limit in seen:
+        assert measurements["limit"] == limit != measurements["previous_limit"] == previous
+        assert (metadata["name"], metadata["algorithm"]) == ("api", algorithm)
+        previous = limit
+    assert previous == limiter.statistics().limit
+    updates = [at for at, _, metadata, _ in seen if metadata["cause"] == "update"]
+    assert all(later - earlier >= window for earlier, later in itertools.pairwise(updates))
+    causes = [metadata["cause"] for _, _, metadata, _ in seen]
+    if algorithm == "aimd":
+        assert set(causes) == {"update"}
+    else:  # the first window's probe drops the limit to 3 and gives it back
+        probe = causes.index("probe")
+        assert seen[probe][1]["limit"] == 3
+        assert "probe_done" in causes[probe:]
+
+
+async def test_no_limit_event_while_the_limit_stays() -> None:
+    """Windows that leave the limit where it is (app-limited ones; any fixed limiter) emit no limit_changed."""
+    clock = FakeClock()
+    adaptive = ConcurrencyLimiter(algorithm="aimd", initial_limit=10, window=1.0, clock=clock)
+    still = fixed(10, clock=clock)
+    with capture_events() as events:
+        for _ in range(5):  # five windows of two calls at a time: app-limited, so the limit never grows
+            clock.advance(1.0)
+            for _ in range(10):
+                tickets = [adaptive.acquire_nowait(), adaptive.acquire_nowait(), still.acquire_nowait()]
+                clock.advance(0.01)
+                for ticket in tickets[:2]:
+                    adaptive.release(ticket)
+                still.release(tickets[2])
+    assert events == []
+    assert adaptive.statistics().latency is not None  # the windows did run
+    assert adaptive.limit == 10
+
+
+async def test_refusals_and_limit_changes_are_logged_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    """With the seawall logger at DEBUG a refusal and a limit change are logged with their fields; at INFO, nothing."""
+    clock = FakeClock()
+    limiter = ConcurrencyLimiter(algorithm="aimd", initial_limit=1, window=1.0, name="db", clock=clock)
+    with caplog.at_level(logging.INFO, logger="seawall"):
+        ticket = limiter.acquire_nowait()
+        with pytest.raises(ConcurrencyLimitExceeded):
+            limiter.acquire_nowait()
+    assert caplog.records == []
+    with caplog.at_level(logging.DEBUG, logger="seawall"):
+        with pytest.raises(ConcurrencyLimitExceeded):
+            limiter.acquire_nowait()
+        limiter.release(ticket)
+        clock.advance(1.0)
+        for _ in range(10):  # a window that used the limit, with no drop: 1 -> 2
+            limiter.release(limiter.acquire_nowait())
+    assert [(r.getMessage().split()[0], r.__dict__.get("reason"), r.__dict__.get("limit")) for r in caplog.records] == [
+        ("event='concurrency_limit_rejected'", "limit", 1),
+        ("event='concurrency_limit_changed'", None, 2),
+    ]
+    assert caplog.records[1].__dict__["previous_limit"] == 1

@@ -57,11 +57,16 @@ async def test_a_full_limiter_refuses_and_the_breaker_does_not_count_it() -> Non
         assert caught.value.limit == 1
         layers = [e.metadata["layer"] for e in events if e.name == "protection_triggered"]
         assert layers == ["concurrency"]
+        (rejected,) = [e for e in events if e.event == ("seawall", "concurrency_limiter", "call_rejected")]
+        assert (rejected.metadata["name"], rejected.metadata["reason"]) == ("api", "limit")  # named after the key
         status = await infra.get_protection_status("api")
         assert status["circuit_breaker"]["state"] == "closed"
         assert status["concurrency"]["in_flight"] == 0
         assert status["concurrency"]["rejected"] == [1]
-        assert "concurrency" in infra.statistics().key("api").layers
+        key = infra.statistics().key("api")
+        assert "concurrency" in key.layers
+        assert key.concurrency is not None
+        assert (key.concurrency.limit, key.concurrency.rejected) == (1, (1,))
 
 
 async def test_an_open_breaker_never_reaches_the_limiter() -> None:

@@ -12,7 +12,13 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from seawall import AsyncInfrastructure, CircuitOpenError, ConfigurationError, RateLimitExceeded
+from seawall import (
+    AsyncInfrastructure,
+    CircuitOpenError,
+    ConcurrencyLimitExceeded,
+    ConfigurationError,
+    RateLimitExceeded,
+)
 from seawall.integrations import prometheus as seawall_prometheus
 from seawall.integrations.fastapi import health_route, metrics_route
 
@@ -140,6 +146,10 @@ async def _traffic(infra: AsyncInfrastructure) -> None:
         await infra.execute_protected("flaky", boom)
     with pytest.raises(CircuitOpenError):
         await infra.execute_protected("flaky", ok)
+    await infra.configure_protection("reports", {"concurrency": {"algorithm": "fixed", "limit": 1}})
+    async with infra.protect("reports"):
+        with pytest.raises(ConcurrencyLimitExceeded):
+            await infra.execute_protected("reports", ok)
 
 
 def _check_series(samples: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> None:
@@ -157,6 +167,12 @@ def _check_series(samples: dict[tuple[str, frozenset[tuple[str, str]]], float]) 
     assert value("seawall_call_duration_seconds_count", seawall_key="api", seawall_outcome="success") == 2
     assert value("seawall_call_duration_seconds_bucket", seawall_key="api", seawall_outcome="success", le="+Inf") == 2
     assert value("seawall_connection_pool_wait_time_seconds_count", seawall_key="api") == 2
+    reports = {"seawall_key": "reports"}
+    assert (
+        value("seawall_concurrency_limiter_rejections_total", **reports, seawall_concurrency_limiter_reason="limit")
+        == 1
+    )
+    assert value("seawall_concurrency_limiter_limit", **reports) == 1
 
 
 async def test_metrics_route_through_asgi() -> None:

@@ -16,6 +16,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from seawall import (
     AsyncInfrastructure,
     CircuitOpenError,
+    ConcurrencyLimiter,
+    ConcurrencyLimitExceeded,
     ConfigurationError,
     PoolTimeout,
     ProtectionTimeout,
@@ -69,6 +71,7 @@ ATTRIBUTES = {
     "outcome": "seawall.outcome",
     "state": "seawall.circuit_breaker.state",
     "pool_state": "seawall.connection_pool.state",
+    "layer": "seawall.layer",
 }
 
 
@@ -450,6 +453,66 @@ async def test_a_second_instrumentation_of_one_provider_is_refused(
     assert at(points, "seawall.calls", "k", outcome="success") == 1  # once, not twice
     assert at(points, "seawall.calls", "other", outcome="success") == 1
     assert at(points, "seawall.connection_pool.connection.max", "other") == 3
+
+
+async def test_concurrency_refusals_and_limits_are_metered(
+    reader: InMemoryMetricReader, meter_provider: MeterProvider
+) -> None:
+    """Refusals are counted by key and reason; the limit gauge reads the coordinator's limiters and the events."""
+    clock = FakeClock()
+    exporter = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    batch = ConcurrencyLimiter(
+        algorithm="fixed", limit=1, priorities=2, max_waiting=1, timeout=2.0, name="batch", clock=clock
+    )
+    adaptive = ConcurrencyLimiter(algorithm="aimd", initial_limit=100, window=1.0, name="adaptive", clock=clock)
+    async with AsyncInfrastructure(clock=clock) as infra:
+        instrumentation = seawall_otel.instrument(infra, meter_provider=meter_provider, tracer_provider=tracer_provider)
+        try:
+            await infra.configure_protection("reports", {"concurrency": {"algorithm": "fixed", "limit": 1}})
+            with tracer_provider.get_tracer("tests").start_as_current_span("request"):
+                async with infra.protect("reports"):
+                    with pytest.raises(ConcurrencyLimitExceeded):
+                        await infra.execute_protected("reports", ok)
+            held = batch.acquire_nowait(0)
+
+            async def waits(priority: int) -> None:
+                with pytest.raises(ConcurrencyLimitExceeded):
+                    await batch.acquire(priority)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(waits, 1)
+                await anyio.wait_all_tasks_blocked()
+                tg.start_soon(waits, 0)  # sheds the waiter of priority 1, then times out
+                await advance(clock, 2.0)
+            batch.release(held)
+            clock.advance(1.0)
+            for index in range(10):  # one window with a drop: 100 -> 90
+                adaptive.release(adaptive.acquire_nowait(), dropped=index == 0)
+            points = collect(reader)
+        finally:
+            instrumentation.uninstrument()
+    rejections = {
+        (dict(attributes)["seawall.key"], dict(attributes)["seawall.concurrency_limiter.reason"]): value
+        for attributes, value in points["seawall.concurrency_limiter.rejections"].items()
+    }
+    assert rejections == {("reports", "limit"): 1, ("batch", "shed"): 1, ("batch", "timeout"): 1}
+    assert at(points, "seawall.protection.triggered", "reports", layer="concurrency") == 1
+    limits = {
+        dict(attributes)["seawall.key"]: value
+        for attributes, value in points["seawall.concurrency_limiter.limit"].items()
+    }
+    assert limits == {"reports": 1, "adaptive": adaptive.statistics().limit}
+    assert limits["adaptive"] == 90
+    (span,) = exporter.get_finished_spans()
+    (event,) = [event for event in span.events if event.name == "seawall.concurrency_limiter.rejected"]
+    assert dict(event.attributes or {}) == {
+        "seawall.key": "reports",
+        "seawall.concurrency_limiter.reason": "limit",
+        "seawall.priority": 0,
+    }
+    tracer_provider.shutdown()
 
 
 def test_every_event_feeds_a_metric() -> None:

@@ -191,6 +191,7 @@ def test_every_contract_event_is_known() -> None:
         for name in ("call_executed", "call_rejected", "fuse_installed", "state_changed")
     }
     expected |= {("seawall", "connection_pool", name) for name in ("checkout", "checkin", "timeout")}
+    expected |= {("seawall", "concurrency_limiter", name) for name in ("call_rejected", "limit_changed")}
     expected |= {("seawall", "chaos", "injected")}
     expected |= {("seawall", "retry", name) for name in ("attempt", "gave_up", "budget_exhausted")}
     expected |= {("seawall", "hedge", name) for name in ("started", "won")}

@@ -54,6 +54,11 @@ Invariants and rules:
   otherwise the newcomer is refused.
 * Nothing leaks: a waiter cancelled while waiting leaves the queue, and one
   cancelled just after it was handed a slot passes the slot on.
+* Telemetry: every refusal emits ``("seawall", "concurrency_limiter",
+  "call_rejected")`` with its ``reason`` (``"limit"``, ``"max_waiting"``,
+  ``"shed"``, ``"timeout"``), and every change of the integer limit emits
+  ``("seawall", "concurrency_limiter", "limit_changed")``: at most once per
+  window (or probe), never per call. Admission and release read no topic.
 
 The fast form :meth:`ConcurrencyLimiter.acquire_nowait` holds the decision;
 the waiting form :meth:`ConcurrencyLimiter.acquire` calls it and waits only
@@ -64,6 +69,7 @@ only when they wait.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -78,6 +84,8 @@ from seawall._awaitables import DONE
 from seawall._checks import MAX_SECONDS, count, describe, seconds
 from seawall._clock import Clock, current_clock
 from seawall._errors import ConcurrencyLimitExceeded, ConfigurationError, ConfigurationTypeError
+from seawall._logging import logger
+from seawall._telemetry import CONCURRENCY_CALL_REJECTED, CONCURRENCY_LIMIT_CHANGED
 
 __all__ = ["ConcurrencyLimiter", "ConcurrencyLimiterStatistics", "ConcurrencySlot"]
 
@@ -390,6 +398,8 @@ class ConcurrencyLimiter:
         if self._may_wait(priority):
             raise WouldBlock
         self._rejected[priority] += 1
+        # No room to wait: none by configuration ("limit"), or the queue is full of calls as important ("max_waiting").
+        self._report_refusal(priority, "max_waiting" if self._max_waiting and self._timeout != 0.0 else "limit")
         raise self._refusal(priority)
 
     def release(self, ticket: float | None = None, *, dropped: bool = False) -> None:
@@ -421,6 +431,23 @@ class ConcurrencyLimiter:
         if self._max_waiting is None or self._waiting < self._max_waiting:
             return True
         return any(self._queues[p] for p in range(priority + 1, self._priorities))
+
+    def _report_refusal(self, priority: int, reason: str) -> None:
+        """Tell the telemetry handlers (and the debug log) that a call of ``priority`` was refused for ``reason``."""
+        if CONCURRENCY_CALL_REJECTED.handlers:
+            CONCURRENCY_CALL_REJECTED.emit(
+                {"limit": self._limit, "in_flight": self.in_flight, "waiting": self._waiting},
+                {"name": self._name, "reason": reason, "priority": priority, "algorithm": self._algorithm},
+            )
+        if logger.is_enabled_for(logging.DEBUG):
+            logger.debug(
+                "concurrency_limit_rejected",
+                name=self._name,
+                reason=reason,
+                priority=priority,
+                limit=self._limit,
+                in_flight=self.in_flight,
+            )
 
     def _refusal(self, priority: int) -> ConcurrencyLimitExceeded:
         return ConcurrencyLimitExceeded(
@@ -480,7 +507,8 @@ class ConcurrencyLimiter:
         if state == _WAITING:  # the sleep ran out
             self._leave(waiter)
             self._timed_out[priority] += 1
-        raise self._refusal(priority)
+            self._report_refusal(priority, "timeout")
+        raise self._refusal(priority)  # timed out, or shed (reported by the call that shed it)
 
     def _shed_one(self, priority: int) -> None:
         """Push the newest of the least important waiters (less important than ``priority``) out of the queue."""
@@ -492,6 +520,7 @@ class ConcurrencyLimiter:
                 victim.state = _SHED
                 self._shed[p] += 1
                 victim.scope.cancel()
+                self._report_refusal(p, "shed")
                 return
         raise AssertionError("unreachable: _may_wait() found a less important waiter")  # pragma: no cover
 
@@ -605,7 +634,7 @@ class ConcurrencyLimiter:
         self._probe_min = math.inf
         self._probe_n = 0
         self._probe_saved = self._limit_f
-        self._set_limit(float(max(self._min_limit, _PROBE_LIMIT)), keep=True)
+        self._set_limit(float(max(self._min_limit, _PROBE_LIMIT)), cause="probe")
 
     def _probe_sample(self, ticket: float, latency: float, now: float) -> None:
         if ticket < self._probe_start:
@@ -618,20 +647,38 @@ class ConcurrencyLimiter:
             self._probing = False
             self._to_probe = _PROBE_EVERY
             self._w_end = now + self._window
-            self._set_limit(self._probe_saved)
+            self._set_limit(self._probe_saved, cause="probe_done")
 
-    def _set_limit(self, value: float, *, keep: bool = False) -> None:
-        """Move the limit to ``value`` (within the bounds; ``keep``: a probe's, outside them)."""
-        if not keep:
+    def _set_limit(self, value: float, *, cause: str = "update") -> None:
+        """Move the limit to ``value``: within the bounds, unless ``cause`` is ``"probe"`` (a probe's limit).
+
+        ``cause`` (``"update"``: the algorithm's, once per window; ``"probe"``,
+        ``"probe_done"``: a probe's start and end) goes to the ``limit_changed`` event.
+        """
+        if cause != "probe":
             value = min(float(self._max_limit), max(float(self._min_limit), value))
             self._limit_f = value
         limit = max(1, int(value))
-        if limit == self._limit:
+        previous = self._limit
+        if limit == previous:
             return
-        grew = limit > self._limit
         self._limit = limit
         self._ceilings = _ceilings(limit, self._priorities)
-        if grew and self._waiting:
+        if CONCURRENCY_LIMIT_CHANGED.handlers:
+            CONCURRENCY_LIMIT_CHANGED.emit(
+                {"limit": limit, "previous_limit": previous},
+                {"name": self._name, "algorithm": self._algorithm, "cause": cause},
+            )
+        if logger.is_enabled_for(logging.DEBUG):
+            logger.debug(
+                "concurrency_limit_changed",
+                name=self._name,
+                algorithm=self._algorithm,
+                limit=limit,
+                previous_limit=previous,
+                cause=cause,
+            )
+        if limit > previous and self._waiting:
             self._grant()
 
     def __repr__(self) -> str:

@@ -37,6 +37,7 @@ from seawall._breaker import GUARDED_BY, BreakerLike, BreakerState, CircuitBreak
 from seawall._chaos import Chaos
 from seawall._checks import seconds as check_seconds
 from seawall._clock import Clock, MonotonicClock, current_clock
+from seawall._concurrency import ConcurrencyLimiterStatistics
 from seawall._config import (
     DEFAULT_TIMEOUT,
     BreakerConfig,
@@ -105,11 +106,13 @@ class KeyStatistics:
     Attributes:
         key: The protection key.
         timeout: Its calls' timeout in seconds.
-        layers: Its layers in call order (``"rate_limiter"``, ``"circuit_breaker"``, ``"connection_pool"``).
+        layers: Its layers in call order (``"rate_limiter"``, ``"circuit_breaker"``, ``"concurrency"``,
+            ``"connection_pool"``).
         inflight: Calls that awaited before their checkout and are not done (a replaced pool waits for them).
         breaker_state: The state of its breaker as this process knows it (``None``: no breaker).
         pool: Its pool's counts (``None``: no pool).
         entity_plans: Entities whose calls have a plan kept on the key.
+        concurrency: Its concurrency limiter's figures (``None``: no concurrency layer).
     """
 
     key: str
@@ -119,6 +122,7 @@ class KeyStatistics:
     breaker_state: BreakerState | None
     pool: PoolStatus | None
     entity_plans: int
+    concurrency: ConcurrencyLimiterStatistics | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -922,6 +926,7 @@ class AsyncInfrastructure:
             breaker_state=plan.breaker.state if plan.breaker is not None else None,
             pool=plan.pool.status() if plan.pool is not None else None,
             entity_plans=len(plan.entities),
+            concurrency=plan.concurrency.statistics() if plan.concurrency is not None else None,
         )
 
     async def get_protection_status(self, key: str) -> dict[str, Any]:

@@ -17,7 +17,8 @@ What is kept:
   values (the OpenTelemetry SDK has no way to record a pre-aggregated histogram);
 * gauges: read at collection from the infrastructures given
   (``infra.circuit_breaker.names()``/``find()``, ``infra.connection_manager``:
-  public registry APIs), else from the last breaker state seen in the events.
+  public registry APIs; ``infra.statistics()`` for the concurrency limits),
+  else from the last breaker state and limit seen in the events.
 
 Labels are bounded by default: a protection key, a breaker or pool name, a
 layer, an outcome. A rate-limit bucket's entity (one per client) is a label
@@ -85,6 +86,7 @@ ENTITY = "seawall.entity"
 STATE = "seawall.circuit_breaker.state"
 PREVIOUS = "seawall.circuit_breaker.previous_state"
 POOL_STATE = "seawall.connection_pool.state"
+CONCURRENCY_REASON = "seawall.concurrency_limiter.reason"
 ERROR_TYPE = "error.type"
 CHAOS_KIND = "seawall.chaos.kind"
 RETRY_LIMIT = "seawall.retry.limit"
@@ -140,7 +142,8 @@ METRICS: Final[tuple[MetricSpec, ...]] = (
         "seawall.protection.triggered",
         "counter",
         "{call}",
-        "Calls a protection layer stopped, by layer (rate_limiter, circuit_breaker, connection_pool, timeout).",
+        "Calls a protection layer stopped, by layer (rate_limiter, circuit_breaker, concurrency, connection_pool,"
+        " timeout).",
         (KEY, LAYER),
     ),
     MetricSpec(
@@ -219,6 +222,20 @@ METRICS: Final[tuple[MetricSpec, ...]] = (
         "histogram",
         "s",
         "Time a connection stayed checked out.",
+        (KEY,),
+    ),
+    MetricSpec(
+        "seawall.concurrency_limiter.rejections",
+        "counter",
+        "{call}",
+        "Calls a concurrency limiter refused, by reason (limit, max_waiting, shed, timeout).",
+        (KEY, CONCURRENCY_REASON),
+    ),
+    MetricSpec(
+        "seawall.concurrency_limiter.limit",
+        "gauge",
+        "{call}",
+        "The limit on calls in flight each concurrency limiter applies now.",
         (KEY,),
     ),
     MetricSpec(
@@ -446,6 +463,7 @@ class Recorder:
         }
         self._sources: list[AsyncInfrastructure] = []
         self._breaker_states: dict[str, str] = {}
+        self._concurrency_limits: dict[str, int] = {}
         self._bucket_labels: dict[tuple[str, str | None], tuple[str, ...]] = {}
         self._handler_ids: list[str] = []
 
@@ -542,6 +560,8 @@ class Recorder:
         yield ("seawall", "connection_pool", "checkout"), on_checkout
         yield ("seawall", "connection_pool", "checkin"), on_checkin
         yield ("seawall", "connection_pool", "timeout"), self._on_pool_timeout
+        yield ("seawall", "concurrency_limiter", "call_rejected"), self._on_concurrency_rejected
+        yield ("seawall", "concurrency_limiter", "limit_changed"), self._on_concurrency_limit
         yield ("seawall", "chaos", "injected"), self._on_chaos
         yield ("seawall", "retry", "attempt"), self._on_retry_attempt
         yield ("seawall", "retry", "gave_up"), self._on_retry_gave_up
@@ -621,6 +641,16 @@ class Recorder:
             wait = float(measurements["duration"])
             self._span_event("seawall.connection_pool.timeout", {KEY: pool, "seawall.wait": wait})
 
+    def _on_concurrency_rejected(self, _event: Event, _measurements: dict[str, Any], metadata: dict[str, Any]) -> None:
+        key, reason = _concurrency_key(metadata), str(metadata["reason"])
+        self._add("seawall.concurrency_limiter.rejections", (key, reason))
+        if self._span_event is not None:
+            attributes = {KEY: key, CONCURRENCY_REASON: reason, "seawall.priority": int(metadata["priority"])}
+            self._span_event("seawall.concurrency_limiter.rejected", attributes)
+
+    def _on_concurrency_limit(self, _event: Event, measurements: dict[str, Any], metadata: dict[str, Any]) -> None:
+        self._concurrency_limits[_concurrency_key(metadata)] = int(measurements["limit"])
+
     def _on_chaos(self, _event: Event, _measurements: dict[str, Any], metadata: dict[str, Any]) -> None:
         self._add("seawall.chaos.injections", (str(metadata["key"]), str(metadata["kind"])))
 
@@ -684,8 +714,25 @@ class Recorder:
                     statuses[name] = pool.status()
         return statuses
 
+    def concurrency_limits(self) -> dict[str, int]:
+        """Each concurrency limiter's limit: from the watched infrastructures, else the last one seen in the events."""
+        limits = self._concurrency_limits.copy()
+        for infra in self._sources:
+            try:
+                keys = infra.statistics().keys
+            except RuntimeError:
+                # Read from another thread under trio (a breaker's state reads trio's clock,
+                # which only answers in its own thread): the limits last seen in the events stay.
+                continue
+            for key in keys:
+                if key.concurrency is not None:
+                    limits[key.key] = key.concurrency.limit
+        return limits
+
     def gauge_values(self, metric: str) -> list[tuple[tuple[str, ...], float]]:
         """``(label values, value)`` of gauge (or up-down) ``metric``, read now."""
+        if metric == "seawall.concurrency_limiter.limit":
+            return [((name,), float(limit)) for name, limit in sorted(self.concurrency_limits().items())]
         if metric == "seawall.circuit_breaker.state":
             return [
                 ((name, state), 1.0 if state == current else 0.0)
@@ -704,6 +751,12 @@ class Recorder:
         if metric == "seawall.connection_pool.pending_requests":
             return [((name,), float(status.waiting)) for name, status in pools]
         raise KeyError(metric)
+
+
+def _concurrency_key(metadata: dict[str, Any]) -> str:
+    """The ``seawall.key`` of a concurrency limiter's event: its name (the key in the coordinator)."""
+    name = metadata.get("name")
+    return "concurrency_limiter" if name is None else str(name)
 
 
 def spec(name: str) -> MetricSpec:

@@ -7,8 +7,8 @@ meter provider collects:
 * counters are observable counters: their callbacks hand over the recorder's
   cumulative totals, so a protected call never calls the SDK;
 * gauges (breaker state, pool connections by state, waiting checkouts, pool
-  capacity) are observable gauges and up-down counters read from the watched
-  infrastructures at collection;
+  capacity, concurrency limits) are observable gauges and up-down counters
+  read from the watched infrastructures at collection;
 * durations (call duration, checkout wait, connection use) are kept per series
   in the process and handed to SDK histograms at collection: every value while
   a series saw at most ``sample_size`` values since the last collection, else
@@ -17,8 +17,8 @@ meter provider collects:
   read rates from ``seawall.calls``, shapes from ``seawall.call.duration``.
 
 Span events are added to the current span (when it is recording) for rate-limit
-denials, breaker rejections, checkout timeouts, protection timeouts and breaker
-state changes.
+denials, breaker rejections, checkout timeouts, concurrency-limit refusals,
+protection timeouts and breaker state changes.
 
 Example::
 
