@@ -198,10 +198,12 @@ async def test_error_replies_are_errors_with_a_reason_never_silent(
 
 # -- the hard timeout bound ---------------------------------------------------------
 
-TIMEOUT = 0.5
+TIMEOUT = 1.0
 #: The contract's bound is socket_timeout + 50 ms; the test allows more on a loaded shared machine
-#: (the benchmark reports the real figure), yet less than the 2x to 3x of the defect it guards against.
-BOUND = TIMEOUT + 0.3
+#: (the benchmark reports the real figure; a coverage run beside a busy core took 0.5 s + 0.302),
+#: yet less than the 1.5x to 3x of the defect it guards against (a queued caller waiting out the
+#: batch ahead of it, then its own).
+BOUND = TIMEOUT + 0.45
 
 
 async def _timed(coroutine: Any) -> float:
