@@ -158,25 +158,25 @@ async def hedged_calls(infra: AsyncInfrastructure, key: str, calls: int) -> None
         await infra.execute_protected(key, fn)
 
 
-async def test_no_task_or_slot_leaks_after_300_hedged_calls() -> None:
-    """After 300 hedged calls every worker is back, no task is left, and the hedges did run."""
+async def test_no_task_or_slot_leaks_after_1000_hedged_calls() -> None:
+    """After 1,000 hedged calls every worker is back, no task is left, and the hedges did run."""
     async with AsyncInfrastructure() as infra:
         await infra.configure_protection(
             "api", {"connection_pool": {"size": 1, "max_overflow": 1}, "hedge": {"delay": 0.001}}
         )
         tasks = len(anyio.get_running_tasks())
         with capture_events([("seawall", "hedge", "started")]) as started:
-            await hedged_calls(infra, "api", 300)
+            await hedged_calls(infra, "api", 1000)
         pool = (await infra.get_protection_status("api"))["connection_pool"]
         assert (pool["in_use"], pool["waiting"]) == (0, 0)
         assert len(anyio.get_running_tasks()) == tasks
-        assert len(started) >= 120
+        assert len(started) >= 400
 
 
 @pytest.mark.postgres
 @pytest.mark.asyncio_only("asyncpg runs on asyncio only")
-async def test_no_session_leaks_after_300_hedged_calls_on_an_asyncpg_pool(postgres_dsn: str) -> None:
-    """300 hedged calls on an asyncpg pool leave its workers idle and PostgreSQL with its two sessions."""
+async def test_no_session_leaks_after_1000_hedged_calls_on_an_asyncpg_pool(postgres_dsn: str) -> None:
+    """1,000 hedged calls on an asyncpg pool leave its workers idle and PostgreSQL with its two sessions."""
     import asyncpg
 
     from seawall.integrations.asyncpg import AsyncpgFactory
@@ -189,7 +189,7 @@ async def test_no_session_leaks_after_300_hedged_calls_on_an_asyncpg_pool(postgr
             await infra.configure_protection(
                 "db", {"connection_pool": {"size": 2, "factory": factory}, "hedge": {"delay": 0.001}}
             )
-            await hedged_calls(infra, "db", 300)
+            await hedged_calls(infra, "db", 1000)
             pool = (await infra.get_protection_status("db"))["connection_pool"]
             assert (pool["in_use"], pool["waiting"]) == (0, 0)
             query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
