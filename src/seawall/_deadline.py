@@ -116,8 +116,9 @@ class DeadlineTimer:
         if not self.running:
             scope.deadline = anyio.current_time() + timeout
             return None
-        group = self._groups.get(timeout)
-        if group is None:
+        try:
+            group = self._groups[timeout]  # (a subscript, not .get(): no method call on every call)
+        except KeyError:
             group = self._new_group(timeout)
         group[scope] = deadline
         if self._idle:

@@ -71,6 +71,7 @@ from seawall._registries import (
     jsonable,
 )
 from seawall._retry import Retry
+from seawall._scopes import allocates_plainly
 from seawall._telemetry import ANY_HANDLER, INFRA_PROTECTION_TRIGGERED
 from seawall.backends._breaker_memory import MemoryBreakerBackend
 
@@ -164,6 +165,7 @@ class _Host:
         "now",
         "pools",
         "register",
+        "scope_bare",
         "scope_class",
         "task_group",
         "timer",
@@ -181,6 +183,7 @@ class _Host:
         # ``anyio.CancelScope()`` dispatches on the backend at every construction;
         # while running, the backend's own class is called directly (looked up at entry).
         self.scope_class: Callable[[], Any] = anyio.CancelScope
+        self.scope_bare = False  # (anyio.CancelScope itself must be called: its __new__ dispatches)
         self.task_group: anyio.abc.TaskGroup | None = None
         self.pools: set[ConnectionPool[Any]] = set()  # every pool started here and not yet closed
         self.connections: ConnectionManager | None = None
@@ -365,7 +368,8 @@ class AsyncInfrastructure:
         self._entered = True
         host = self._host
         # The running backend's own CancelScope class (the dispatch is 40% of a scope's cost).
-        host.scope_class = type(anyio.CancelScope())
+        scope_class = host.scope_class = type(anyio.CancelScope())
+        host.scope_bare = allocates_plainly(scope_class)
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         host.task_group = task_group
@@ -400,6 +404,7 @@ class AsyncInfrastructure:
                     await host.close_pool(pool)
         finally:
             host.scope_class = anyio.CancelScope
+            host.scope_bare = False
             if task_group is not None:
                 # Only the timer task (and pool retirements) run in the group: stop
                 # them. The body's own exception is not handed to the group, which

@@ -34,6 +34,8 @@ class CallHost(Protocol):
 
     #: Makes the call's cancel scope (the running backend's class while the infrastructure runs).
     scope_class: Callable[[], Any]
+    #: Whether ``scope_class`` may be allocated with ``object.__new__`` and then ``__init__()``-ed (``_scopes``).
+    scope_bare: bool
 
     def now(self) -> float:
         """The infrastructure's clock."""

@@ -66,6 +66,9 @@ __all__ = ["OUT", "ProtectedCall", "run_direct", "watched"]
 
 T = TypeVar("T")
 
+#: Allocates a cancel scope of a class that ``_scopes.allocates_plainly`` approved (``host.scope_bare``).
+_allocate = object.__new__
+
 
 class _Out:
     """The type of ``OUT``: a call that has not entered its breaker."""
@@ -133,14 +136,14 @@ class ProtectedCall:
         # The concurrency limiter's ticket while the call holds a slot (None: it holds none).
         self._slot: float | None = None
         self._stage = _LIMIT  # the next layer to take (see __aenter__)
+        # (``_group`` and ``_start`` are set with ``_scope``, and read only once it is set:
+        # two slot stores fewer per call.)
         self._scope: Any = None
-        self._group: dict[Any, float] | None = None
         self._permit: Any = OUT
         # The pool's PoolLease (non-waiting checkout) or PoolCheckout (waited for).
         self._held: Any = None
         # Whether the call counts in plan.owner.inflight (it awaited before its checkout).
         self._counted = False
-        self._start = 0.0
         # When an observed call (execute_* telemetry) started, else None.
         self._observed: float | None = None
         # Whether leaving must take the general (awaiting) path even after a success:
@@ -164,18 +167,21 @@ class ProtectedCall:
             raise RuntimeError("a protected call can be entered only once; call infra.protect() again")
         try:
             if stage == _LIMIT:
-                if ANY_HANDLER.attached:
-                    self._observe_start()
                 acquire = plan.acquire
-                if acquire is not None:
+                if acquire is not None and not ANY_HANDLER.attached:
                     acquire()
-                elif plan.limiter is not None:
-                    return self._wait_and_resume()  # (at _LIMIT)
+                elif plan.limiter is not None or ANY_HANDLER.attached:
+                    return self._enter_limit()
                 stage = _SCOPE
             if stage == _SCOPE:
                 # The call's cancel scope, filed with the deadline timer at its exact deadline.
                 host = plan.host
-                scope = self._scope = host.scope_class()
+                if host.scope_bare:  # (see _scopes: the same scope, without two calls from C into Python)
+                    scope = _allocate(host.scope_class)
+                    scope.__init__()
+                else:
+                    scope = host.scope_class()
+                self._scope = scope
                 scope.__enter__()
                 start = self._start = host.now()
                 # (None: no timer runs, outside ``async with infra``; the scope got a deadline of its own)
@@ -206,7 +212,25 @@ class ProtectedCall:
         held = self._held
         if plan.chaos is not None:  # a key with fault injection (switched on or off at run time)
             return self._inject(held)
-        return DONE if held is None else ready(held.conn)
+        conn = None if held is None else held.conn
+        # (No pool, or a bulkhead's worker, which has no connection: DONE gives None with no coroutine.)
+        return DONE if conn is None else ready(conn)
+
+    def _enter_limit(self) -> Awaitable[Any]:
+        """The limiter's stage when it is not one inline decision: the call is observed, or the limiter must wait.
+
+        Called inside ``__aenter__``'s ``try``: a refusal raised here is reported there.
+        """
+        if ANY_HANDLER.attached:
+            self._observe_start()
+        plan = self._plan
+        acquire = plan.acquire
+        if acquire is not None:
+            acquire()
+        elif plan.limiter is not None:
+            return self._wait_and_resume()  # (at _LIMIT)
+        self._stage = _SCOPE
+        return self.__aenter__()
 
     def _enter_concurrency(self, limiter: ConcurrencyLimiter) -> Awaitable[Any]:
         """Take a concurrency slot (its non-waiting form, else wait for one), then the rest of the entry."""
@@ -379,6 +403,8 @@ class ProtectedCall:
 
     def _close_scope(self) -> None:
         """Unfile the scope from the deadline timer (gone already if the timer expired it)."""
+        if self._scope is None:  # never reached the scope: nothing is filed (and no _group is set)
+            return
         group = self._group
         if group is not None:
             group.pop(self._scope, None)
@@ -546,7 +572,11 @@ async def run_direct(plan: Plan, fn: Callable[[], Awaitable[T]]) -> T:
             ProtectedCall(plan)._entry_failed(exc, _LIMIT)  # (raises: nothing else was taken)
             raise  # pragma: no cover
     host = plan.host
-    scope = host.scope_class()
+    if host.scope_bare:  # (as in ProtectedCall.__aenter__)
+        scope = _allocate(host.scope_class)
+        scope.__init__()
+    else:
+        scope = host.scope_class()
     scope.__enter__()
     start = host.now()
     group = host.register(scope, start + plan.timeout, plan.timeout)
