@@ -88,7 +88,17 @@ local state = h[1] or 'closed'
 local generation = tonumber(h[2]) or 0
 local opened_at = tonumber(h[3]) or 0
 local width = window / 10
-local current = math.floor(now / width)
+-- the bucket of time t: Python's float floor division (t // width), so every boundary is the in-memory
+-- store's to the last bit (floor(t / width) rounds the quotient first, and disagrees next to a boundary)
+local function bucket_of(t)
+  local mod = math.fmod(t, width)
+  if mod ~= 0 and mod < 0 then mod = mod + width end
+  local div = (t - mod) / width
+  local floor = math.floor(div)
+  if div - floor > 0.5 then floor = floor + 1 end
+  return floor
+end
+local current = bucket_of(now)
 -- failures per time bucket of window / 10: at most ten live pairs "<bucket> <count>", O(1) per call
 local buckets = {}
 if h[4] then
@@ -124,7 +134,8 @@ if rated then
     for word in string.gmatch(h[7], '%S+') do
       quad[#quad + 1] = tonumber(word)
       if #quad == 4 then
-        if quad[1] >= current - 10 then rates[#rates + 1] = quad end
+        -- (kept a window longer than they count: waiting successes are judged on the window of their own time)
+        if quad[1] >= current - 20 then rates[#rates + 1] = quad end
         quad = {}
       end
     end
@@ -168,7 +179,9 @@ local function fail()
 end
 local function encode_rates()
   local r = {}
-  for _, quad in ipairs(rates) do r[#r + 1] = string.format('%d %d %d %d', quad[1], quad[2], quad[3], quad[4]) end
+  for _, quad in ipairs(rates) do
+    if quad[1] >= current - 20 then r[#r + 1] = string.format('%d %d %d %d', quad[1], quad[2], quad[3], quad[4]) end
+  end
   return table.concat(r, ' ')
 end
 -- a closed hash outlives its last outcome's window (a rate bucket is in it for up to 1.1 windows)
@@ -236,9 +249,15 @@ local function tally(index, calls, failures, slow)
   end
   table.insert(rates, at, {index, calls, failures, slow})
 end
-local function totals()
+-- calls, failures and slow calls in the window at bucket ``at`` (the current one unless given)
+local function totals(at)
+  at = at or current
   local calls, failures, slow = 0, 0, 0
-  for _, quad in ipairs(rates) do calls, failures, slow = calls + quad[2], failures + quad[3], slow + quad[4] end
+  for _, quad in ipairs(rates) do
+    if quad[1] >= at - 10 and quad[1] <= at then
+      calls, failures, slow = calls + quad[2], failures + quad[3], slow + quad[4]
+    end
+  end
   return calls, failures, slow
 end
 -- open if a rate is reached over the window judged at ``calls`` calls (memory judges after every call)
@@ -251,18 +270,24 @@ end
 local function stale(ticket)
   return ticket ~= nil and ticket >= 0 and ticket ~= generation and generation ~= 0
 end
--- the process's successes not yet counted: each group goes in the bucket it happened in (now - age).
--- Successes only lower the rates, except the one that brings the window to minimum_calls: judged at the
--- first count at which memory, judging after every call, would have judged them
+-- the process's successes not yet counted, oldest group first: each goes in the bucket it happened in
+-- (now - age) and is judged on the window of that bucket, as memory judged it when it happened. Successes
+-- only lower a rate, except the one that brings the window to minimum_calls (or a bucket whose start
+-- pushed older ones out): judged at the first count at which memory, judging after every call, would have
 if rated and ARGV[10] ~= '' and op ~= 'force' and op ~= 'restore' then
   local words = {}
   for word in string.gmatch(ARGV[10], '%S+') do words[#words + 1] = tonumber(word) end
   if state == 'closed' and not stale(words[1]) then
-    local before = totals()
-    for i = 2, #words - 1, 2 do tally(math.floor((now - words[i]) / width), words[i + 1], 0, 0) end
-    local calls, failures, slow = totals()
-    local first = math.max(minimum, before + 1)
-    if first <= calls then judge(first, failures, slow) end
+    for i = 2, #words - 1, 2 do
+      local index = math.min(bucket_of(now - words[i]), current)
+      if index >= current - 10 and state == 'closed' then
+        local before = totals(index)
+        tally(index, words[i + 1], 0, 0)
+        local calls, failures, slow = totals(index)
+        local first = math.max(minimum, before + 1)
+        if first <= calls then judge(first, failures, slow) end
+      end
+    end
     if state == 'open' then save() else save_counts() end
   end
 end
