@@ -889,7 +889,11 @@ class CircuitBreaker:
             if not self._blocks:
                 return DONE  # (no counted block: a tracked entry of another form ended it)
             self._blocks -= 1
-            if self._succeed_local is not None:
+            succeed = self._succeed_local
+            if succeed is not None:
+                if exc is None:
+                    succeed(self._name, self._policy, self._blocks_ticket)  # (_end_local's common case)
+                    return DONE
                 return self._end_local(self._blocks_ticket, None, exc)
             if exc is None or self._outcome(exc) != "failure":
                 return DONE  # a closed call's success or cancellation changes nothing

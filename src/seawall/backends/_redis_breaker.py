@@ -469,28 +469,36 @@ class Successes:
     whatever the offset between the two clocks.
     """
 
-    __slots__ = ("buckets", "generation", "index", "until", "width")
+    __slots__ = ("buckets", "filling", "generation", "index", "until", "width")
 
     def __init__(self, generation: int, width: float) -> None:
         self.generation = generation
         self.width = width
-        self.buckets: dict[int, int] = {}  # bucket index (the process's clock) -> successes
-        self.index = 0  # the bucket being filled, and when it ends (a reading before then needs no division)
+        self.buckets: dict[int, int] = {}  # finished bucket index (the process's clock) -> successes
+        # The bucket being filled, its count and when it ends (a reading before then is one comparison).
+        self.index = 0
+        self.filling = 0
         self.until = -math.inf
 
     def add(self, now: float) -> None:
         if now >= self.until:
+            if self.filling:
+                self.buckets[self.index] = self.buckets.get(self.index, 0) + self.filling
+                self.filling = 0
+            # (Python's floor division, as the in-memory store and the script compute a bucket)
             self.index = int(now // self.width)
             self.until = (self.index + 1) * self.width
-        buckets = self.buckets
-        buckets[self.index] = buckets.get(self.index, 0) + 1
+        self.filling += 1
 
     def argument(self, now: float) -> bytes:
-        """The successes as the script's ARGV[10]: ``"<generation> <age> <calls> ..."``."""
+        """The successes as the script's ARGV[10]: ``"<generation> <age> <calls> ..."``, oldest first."""
         width = self.width
+        groups = dict(self.buckets)
+        if self.filling:
+            groups[self.index] = groups.get(self.index, 0) + self.filling
         words = [str(self.generation)]
-        for index, calls in self.buckets.items():
-            words += [repr(now - (index + 0.5) * width), str(calls)]
+        for index in sorted(groups):
+            words += [repr(now - (index + 0.5) * width), str(groups[index])]
         return " ".join(words).encode()
 
 
