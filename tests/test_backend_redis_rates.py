@@ -343,3 +343,46 @@ def test_a_policy_field_the_script_does_not_know_is_refused() -> None:
     with pytest.raises(ConfigurationError, match="jitter") as caught:
         breaker_wire.arguments(Future())  # type: ignore[arg-type]
     assert caught.value.path == "circuit_breaker.jitter"
+
+
+async def test_waiting_successes_of_an_earlier_period_count_nothing(redis_url: str, prefix: str) -> None:
+    """Successes waiting in one process when another resets the breaker decide nothing in the new period."""
+    async with (
+        RedisBackend.from_url(redis_url, prefix=prefix, socket_timeout=5.0) as one,
+        RedisBackend.from_url(redis_url, prefix=prefix, socket_timeout=5.0) as other,
+    ):
+        counting = CircuitBreaker("svc", backend=one, **_options(0.5, None, 10))
+        resetting = CircuitBreaker("svc", backend=other, **_options(0.5, None, 10))
+        await counting.status()
+        for _ in range(5):
+            async with counting:
+                pass
+        await resetting.reset()  # before the 5 successes are sent
+        assert (await counting.status()).calls == 0
+
+
+async def test_slow_calls_cost_one_round_trip_and_fast_ones_none(server: Server) -> None:
+    """A slow-call breaker on Redis: fast successes send nothing, a slow one is judged at once (one EVALSHA)."""
+    clock = FakeClock(1000.0)
+    admin = aioredis.Redis.from_url(server.url, decode_responses=True)
+    try:
+        async with RedisBackend.from_url(server.url, prefix="slow", socket_timeout=5.0, clock=clock) as backend:
+            breaker = CircuitBreaker("svc", backend=backend, clock=clock, **_options(None, 0.5, 4))
+            await breaker.status()
+            await admin.config_resetstat()
+            for duration in (0.25, 0.5, 0.25):
+                async with breaker:
+                    clock.advance(duration)
+            assert "cmdstat_evalsha" not in await admin.info("commandstats")
+            async with breaker:
+                clock.advance(1.5)  # slow: 1 of 4 calls, below 0.5
+            async with breaker:
+                clock.advance(2.0)  # slow: 2 of 5 calls, below 0.5
+            stats = await admin.info("commandstats")
+            assert int(stats["cmdstat_evalsha"]["calls"]) == 2
+            async with breaker:
+                clock.advance(2.0)  # 3 of 6 >= 0.5: open
+            assert breaker.state is BreakerState.OPEN
+            assert (await breaker.status()).slow_call_rate == 0.5
+    finally:
+        await admin.aclose()

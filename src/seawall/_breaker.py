@@ -19,7 +19,10 @@ call; the rules are in ``backends/_breaker_protocol.py``). A call is slow
 when it took ``slow_call_duration`` or longer, or ended in a
 :class:`~seawall.ProtectionTimeout` (the coordinator's deadline). A rated
 breaker takes the tracked path for every call: its closed path reads the
-clock and settles successes too.
+clock and settles successes too. On a shared store that counts successes
+in the process (Redis, :class:`~seawall.backends._breaker_protocol.LocalSuccess`)
+a closed success that was not slow is handed to it synchronously, with no
+round trip; a failure or a slow call is settled as usual.
 
 Two rules keep one call from deciding twice:
 

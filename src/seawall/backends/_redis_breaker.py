@@ -5,12 +5,26 @@ cluster slot): ``s`` state, ``g`` generation, ``o`` when it opened, ``c`` the
 failures counted per time bucket of ``window / 10`` (``"<bucket> <count>"``
 pairs, at most ten live ones: failure accounting is O(1) per call however
 many failures the fleet records), ``t`` the trial slots in use (``slot
-start`` pairs) and ``n`` the next slot number. Every operation (``admit``,
-``settle``, ``force``, ``snapshot``, ``restore``) is one run of
-:data:`BREAKER`, atomic and timed by the server's clock; the ``now`` that
-:class:`~seawall.CircuitBreaker` passes is not used, so hosts whose clocks
-disagree still share one breaker. The rolling window is bucketed: a failure
-counts for between ``0.9 * window`` and ``window`` seconds.
+start`` pairs), ``n`` the next slot number, and in the rate modes ``r``:
+calls, failures and slow calls per bucket (``"<bucket> <calls> <failures>
+<slow>"``, the window's eleven buckets and, for judging late successes on
+the window of their own time, the ten before them: bounded, O(1) per call).
+Every operation (``admit``, ``settle``, ``force``, ``snapshot``,
+``restore``, and ``add``, which only counts successes) is one run of
+:data:`BREAKER`, atomic and timed by the server's clock (or by the clock a
+test gives the backend); the ``now`` that :class:`~seawall.CircuitBreaker`
+passes is not used, so hosts whose clocks disagree still share one breaker.
+The rolling window is bucketed: a failure counts for between ``0.9 *
+window`` and ``window`` seconds towards ``failure_threshold``; the rate
+modes follow the in-memory store's rules (``_breaker_protocol.py``), with
+buckets computed by the same floor division.
+
+Rate modes count successes, but a closed success costs no round trip: the
+process keeps them per bucket (:class:`Successes`) and every operation of
+the breaker carries them (``ARGV[10]``), or the backend's flush sends them
+at most :data:`FLUSH_INTERVAL` later. The script counts each group in the
+bucket it happened in and judges it on that bucket's window, so the rates
+agree with the in-memory store's once the successes are sent.
 
 Every state change (and ``reset()``/``trip()``) is published on the prefix's
 channel (``<prefix>:v2:cb``) as ``"<state> <generation> <open seconds left>
