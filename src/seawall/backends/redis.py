@@ -752,7 +752,8 @@ class RedisBackend:
         """Send every breaker's waiting successes, one ``add`` each (pipelined together)."""
         try:
             names = list(self._successes)
-            await asyncio.gather(*(self._add(name) for name in names))
+            # (An error other than Redis's own, such as a failed verify(), is the next call's to raise.)
+            await asyncio.gather(*(self._add(name) for name in names), return_exceptions=True)
         finally:
             self._flushing = None
         if self._successes and not self._closed and self._flush_handle is None:
