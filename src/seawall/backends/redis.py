@@ -296,7 +296,6 @@ class RedisBackend:
 
     __slots__ = (
         "_channel",
-        "_clock",
         "_closed",
         "_cluster",
         "_down",
@@ -315,6 +314,7 @@ class RedisBackend:
         "_policies",
         "_pubsub",
         "_rules",
+        "_server_clock",
         "_single",
         "_successes",
         "_timeout",
@@ -380,7 +380,7 @@ class RedisBackend:
         self._down = False  # a breaker round trip met an outage, and none has answered since
         # The breakers' clock: the views' times, and (a caller's clock only) the scripts' "now".
         self._now = time.monotonic if clock is None else clock.now
-        self._clock = b"-" if clock is None else None
+        self._server_clock = b"-" if clock is None else None  # the script's "now": "-" reads TIME
         # Rate modes: plain successes Redis has not counted yet, per breaker, and the flush that sends them.
         self._successes: dict[str, breaker_wire.Successes] = {}
         self._flush_handle: asyncio.TimerHandle | None = None
@@ -669,7 +669,7 @@ class RedisBackend:
     def _breaker_command(self, key: bytes, name: str, policy: BreakerPolicy, operation: bytes, *extra: bytes) -> bytes:
         """One run of the breaker script; the breaker's waiting successes go with it (and leave the process)."""
         self._policies[name] = policy
-        clock = self._clock
+        clock = self._server_clock
         now = clock if clock is not None else repr(self._now()).encode()
         successes = b""
         if policy.rated and operation not in (b"force", b"restore"):
