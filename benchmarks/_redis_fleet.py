@@ -178,7 +178,9 @@ async def _breakers(ctx: BenchContext, directory: Path) -> None:
             _admin(port) as admin,
         ):
             await _closed_path(ctx, backend, admin)
+            await _closed_path_rated(ctx, backend, admin)
             await _failure_cost(ctx, backend, admin)
+            await _rated_failure_cost(ctx, backend, admin)
             await _propagation(ctx, backend, other)
 
 
@@ -218,6 +220,61 @@ async def _closed_path(ctx: BenchContext, backend: RedisBackend, admin: aioredis
         )
 
 
+async def _closed_path_rated(ctx: BenchContext, backend: RedisBackend, admin: aioredis.Redis) -> None:
+    """A rate-mode breaker's closed success on Redis: counted in the process, sent in one batch per 100 ms."""
+    case = "redis: rate breaker, a success while closed"
+    rated: dict[str, Any] = {"failure_rate": 0.5, "failure_threshold": None, "minimum_calls": 20}
+    remote = CircuitBreaker("closed-rated", backend=backend, **rated)
+    memory = CircuitBreaker("closed-rated", **rated)
+    counting = CircuitBreaker("closed-counting")
+
+    async def through(breaker: CircuitBreaker) -> None:
+        async with breaker:
+            pass
+
+    async def bare() -> None:
+        pass
+
+    await through(remote)
+    await asyncio.sleep(0.1)  # subscribed: the view decides from now on
+    await through(remote)
+    await admin.config_resetstat()
+    started = time.monotonic()
+    calls = 2_000 if ctx.quick else 20_000
+    results = await ctx.per_call(
+        case,
+        {
+            "bare": bare,
+            "in-memory breaker, count mode": lambda: through(counting),
+            "in-memory breaker, failure_rate": lambda: through(memory),
+            "breaker on Redis, failure_rate": lambda: through(remote),
+        },
+        calls=calls,
+    )
+    elapsed = time.monotonic() - started
+    label = "breaker on Redis, failure_rate"
+    done = sum(result.calls * (result.repeats + 1) for name, result in results.items() if name == label)
+    # A loop that never yields runs no timer: the batch goes out once the event loop runs again.
+    evalsha = (await _evalsha(admin))[0]
+    await asyncio.sleep(0.25)
+    flushed = (await _evalsha(admin))[0]
+    waiting = (await remote.status()).calls
+    ctx.record(case, "EVALSHA per success (before the loop yields)", evalsha / done, "round trips")
+    ctx.record(case, "EVALSHA once the loop ran 250 ms (the batches)", flushed, "round trips")
+    ctx.record(case, "successes Redis counted (the window's calls)", waiting, "calls")
+    if not ctx.quick:
+        ratio = results[label].median_ns / results["in-memory breaker, failure_rate"].median_ns
+        ctx.target(
+            case,
+            "seawall",
+            "a rate breaker's closed success on Redis: no round trip of its own, within 2x the in-memory one",
+            evalsha / done < 0.01 and ratio <= 2.0,
+            f"{evalsha} EVALSHA over {done:,} successes in {elapsed:.1f} s ({flushed} once the loop ran); "
+            f"{results[label].median_ns:,.0f} vs {results['in-memory breaker, failure_rate'].median_ns:,.0f} ns "
+            f"per call = {ratio:.2f}x",
+        )
+
+
 async def _failure_cost(ctx: BenchContext, backend: RedisBackend, admin: aioredis.Redis) -> None:
     """Server time of one failure's script, with 0 and 1,000 failures already on record."""
     case = "redis: breaker, server time per failure"
@@ -247,6 +304,34 @@ async def _failure_cost(ctx: BenchContext, backend: RedisBackend, admin: aioredi
             ratio <= 1.5,
             f"{figures[0]:.2f} / {figures[100]:.2f} / {figures[1_000]:.2f} usec per call with 0 / 100 / 1,000 "
             f"on record = {ratio:.2f}x (the failure list it replaces: 7 / 46 / 443 usec)",
+        )
+
+
+async def _rated_failure_cost(ctx: BenchContext, backend: RedisBackend, admin: aioredis.Redis) -> None:
+    """A rate breaker's failure (with the successes waiting before it): server time with 0 and 100,000 calls counted."""
+    case = "redis: rate breaker, server time per failure"
+    policy = BreakerPolicy(10**9, 600.0, 30.0, 1, failure_rate=1.0, minimum_calls=10**9)
+    measured = 200 if ctx.quick else 2_000
+    figures: dict[int, float] = {}
+    for counted in (0, 100_000):
+        name = f"rated-{counted}"
+        for _ in range(counted):
+            backend.breaker_succeed_local(name, policy, None)
+        await backend.breaker_settle(name, policy, 0.0, None, "failure")  # sends them
+        await admin.config_resetstat()
+        for _ in range(measured):
+            backend.breaker_succeed_local(name, policy, None)  # one waiting success rides on each failure
+            await backend.breaker_settle(name, policy, 0.0, None, "failure")
+        figures[counted] = (await _evalsha(admin))[1]
+        ctx.record(case, f"{counted:,} calls counted in the window", figures[counted], "usec/call (commandstats)")
+    if not ctx.quick:
+        ratio = figures[100_000] / figures[0]
+        ctx.target(
+            case,
+            "seawall",
+            "a rate breaker's server time per failure flat (within 1.5x) from 0 to 100,000 calls in the window",
+            ratio <= 1.5,
+            f"{figures[0]:.2f} / {figures[100_000]:.2f} usec per call = {ratio:.2f}x",
         )
 
 

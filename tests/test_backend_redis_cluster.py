@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -108,6 +109,30 @@ async def test_each_bucket_and_breaker_is_one_key(backend: RedisBackend, nodes: 
         await admin.aclose()
     assert len([key for key in found if ":rl:" in key]) == 6
     assert [key for key in found if ":cb:" in key] == ["fleet:v2:cb:db"]
+
+
+async def test_a_rate_breaker_is_one_key_and_counts_across_clients(nodes: list[Server]) -> None:
+    """A failure_rate breaker keeps its counters in its one key: two cluster clients' successes add up there."""
+    async with (
+        RedisBackend.from_url(nodes[0].url, cluster=True, prefix="rated", socket_timeout=5.0) as one,
+        RedisBackend.from_url(nodes[2].url, cluster=True, prefix="rated", socket_timeout=5.0) as other,
+    ):
+        options: dict[str, Any] = {"failure_threshold": None, "failure_rate": 0.5, "minimum_calls": 4}
+        first = CircuitBreaker("api", backend=one, **options)
+        second = CircuitBreaker("api", backend=other, **options)
+        for breaker in (first, second, first, second):
+            async with breaker:
+                pass
+        await first.status()  # sends the first client's two
+        status = await second.status()  # and the second's
+        assert (status.calls, status.failure_rate) == (4, 0.0)
+        found = []
+        for node in nodes:
+            admin = aioredis.Redis.from_url(node.url, decode_responses=True)
+            found += [key async for key in admin.scan_iter(match="rated:v2:*")]
+            await admin.aclose()
+        assert found == ["rated:v2:cb:api"]
+        await first.reset()
 
 
 async def test_breaker_state_crosses_shards_and_processes(nodes: list[Server]) -> None:

@@ -432,20 +432,6 @@ async def _open(breaker: CircuitBreaker) -> bool:
     return (await breaker.status()).state is BreakerState.OPEN
 
 
-@pytest.mark.parametrize("option", [{"failure_rate": 0.5}, {"slow_call_duration": 1.0, "slow_call_rate": 0.5}])
-async def test_rate_modes_are_refused_clearly_on_redis(server: Server, option: dict[str, float]) -> None:
-    """A rate-mode breaker on Redis raises ConfigurationError naming the option (the breaker or the backend refuses)."""
-    async with RedisBackend.from_url(server.url, prefix="rates", socket_timeout=5.0) as backend:
-        with pytest.raises(ConfigurationError, match=r"failure_rate|slow_call") as raised:
-            async with CircuitBreaker("svc", backend=backend, **option):  # type: ignore[arg-type]
-                pass  # pragma: no cover - refused before the call
-        assert raised.value.path is not None
-        # The backend's own guard, for a policy that reaches it by another way.
-        policy = BreakerPolicy(5, 60.0, 30.0, 1)._replace(**option)
-        with pytest.raises(ConfigurationError, match="rate modes"):
-            await backend.breaker_admit("svc", policy, 0.0)
-
-
 @pytest.mark.parametrize("policy", ["allow", "local", "deny"])
 async def test_breakers_during_an_outage_follow_the_policy(server: Server, policy: str) -> None:
     """Redis down: "allow"/"local" decide on the process's view, "deny" rejects once the outage is seen; all recover."""

@@ -106,6 +106,28 @@ async def test_breakers_open_and_tell_the_others(backend: RedisBackend, versione
         await until(lambda: _closed(other))
 
 
+async def test_rate_breakers_count_successes_and_open_on_the_rate(backend: RedisBackend) -> None:
+    """A failure_rate breaker: successes sent with the failures' round trips, the rate judged by the script."""
+    name = f"rated-{id(backend)}"
+    breaker = CircuitBreaker(name, failure_threshold=None, failure_rate=0.5, minimum_calls=4, backend=backend)
+    await breaker.reset()
+    for fail in (False, False, True, False):
+        try:
+            async with breaker:
+                if fail:
+                    raise RuntimeError("down")
+        except RuntimeError:
+            pass
+    status = await breaker.status()
+    assert (status.state, status.calls, status.failure_rate) == (BreakerState.CLOSED, 4, 0.25)
+    for _ in range(2):
+        with pytest.raises(RuntimeError):
+            async with breaker:
+                raise RuntimeError("down")  # 2 of 5, then 3 of 6 >= 0.5
+    assert (await breaker.status()).state is BreakerState.OPEN
+    await breaker.reset()
+
+
 async def _closed(breaker: CircuitBreaker) -> bool:
     try:
         async with breaker:

@@ -200,17 +200,6 @@ async def test_a_store_without_rate_modes_refuses_them() -> None:
     CircuitBreaker("shared", failure_threshold=3, backend=CountOnlyStore())  # count mode works there
 
 
-async def test_the_redis_store_refuses_rate_modes_unless_it_implements_them() -> None:
-    """RedisBackend without supports_rate_modes: a clear ConfigurationError naming Redis, not ignored options."""
-    redis = pytest.importorskip("seawall.backends.redis")
-    backend_class = redis.RedisBackend
-    if getattr(backend_class, "supports_rate_modes", False):
-        pytest.skip("the Redis store implements the rate modes now")
-    backend = object.__new__(backend_class)
-    with pytest.raises(ConfigurationError, match="not yet supported on RedisBackend"):
-        CircuitBreaker("shared", failure_rate=0.5, backend=backend)
-
-
 async def test_a_key_on_a_store_without_rate_modes_names_the_config_path() -> None:
     """configure_protection with rate options on such a store fails with the key's full path, config untouched."""
     async with AsyncInfrastructure(backend=CountOnlyStore()) as infra:

@@ -19,7 +19,10 @@ call; the rules are in ``backends/_breaker_protocol.py``). A call is slow
 when it took ``slow_call_duration`` or longer, or ended in a
 :class:`~seawall.ProtectionTimeout` (the coordinator's deadline). A rated
 breaker takes the tracked path for every call: its closed path reads the
-clock and settles successes too.
+clock and settles successes too. On a shared store that counts successes
+in the process (Redis, :class:`~seawall.backends._breaker_protocol.LocalSuccess`)
+a closed success that was not slow is handed to it synchronously, with no
+round trip; a failure or a slow call is settled as usual.
 
 Two rules keep one call from deciding twice:
 
@@ -80,6 +83,7 @@ from seawall.backends._breaker_protocol import (
     BreakerPolicy,
     BreakerState,
     LocalAdmission,
+    LocalSuccess,
     Outcome,
     Ticket,
     Transition,
@@ -423,6 +427,7 @@ class CircuitBreaker:
         "_backend",
         "_blocks",
         "_blocks_generation",
+        "_blocks_ticket",
         "_clock",
         "_exclude",
         "_inflight",
@@ -435,6 +440,7 @@ class CircuitBreaker:
         "_record",
         "_recovery_time",
         "_slow_after",
+        "_succeed_local",
         "_threshold",
         "_unguarded_fn",
     )
@@ -497,10 +503,18 @@ class CircuitBreaker:
         # other store is asked through its async protocol on every call.
         self._record: BreakerRecord | None = backend.record(name) if isinstance(backend, MemoryBreakerBackend) else None
         # A shared store that admits a closed call from its own view (Redis):
-        # the breaker's synchronous path for it, in count mode (a rate counts successes).
+        # the breaker's synchronous path for it. A rate counts successes, so
+        # in the rate modes only on a store that counts them without an await.
+        self._succeed_local = (
+            backend.breaker_succeed_local
+            if self._record is None and self._rated and isinstance(backend, LocalSuccess)
+            else None
+        )
         self._admit_local = (
             backend.breaker_admit_local
-            if self._record is None and not self._rated and isinstance(backend, LocalAdmission)
+            if self._record is None
+            and isinstance(backend, LocalAdmission)
+            and (not self._rated or self._succeed_local is not None)
             else None
         )
         self._last_state = _CLOSED
@@ -509,6 +523,7 @@ class CircuitBreaker:
         # generation they were all admitted in (see the module docstring).
         self._blocks = 0
         self._blocks_generation = 0
+        self._blocks_ticket = Ticket(-1, None)  # (a shared store's: the ticket the counted blocks were admitted with)
         self._plain = BreakerPermit(Ticket(-1, None), shared=True)
         if BREAKER_FUSE_INSTALLED.handlers:
             BREAKER_FUSE_INSTALLED.emit(
@@ -741,12 +756,15 @@ class CircuitBreaker:
     def __aenter__(self) -> Awaitable[None]:
         record = self._record
         if record is None:
+            if self._slow_after is not None and self._admit_local is not None:
+                return self._aenter_timed()
             ticket = self._local_ticket()
             if ticket is None:
                 return self._aenter_remote()
             # Closed, decided by the store's view: counted like the in-memory fast path.
             if not self._blocks:
                 self._blocks_generation = ticket.generation
+                self._blocks_ticket = ticket
                 self._blocks = 1
             elif self._blocks_generation == ticket.generation:
                 self._blocks += 1
@@ -796,6 +814,22 @@ class CircuitBreaker:
         if ticket is not None:
             self._last_state = _CLOSED
         return ticket
+
+    def _aenter_timed(self) -> Awaitable[None]:
+        """``__aenter__`` of a slow-call breaker on a shared store: timed, admitted locally when closed."""
+        key = _task_key()
+        inflight = self._inflight
+        outer = inflight.get(key)
+        if self._covers(outer, None):
+            inflight[key] = _Inflight(None, None, outer)
+            return DONE
+        local = self._admit_local
+        ticket = None if local is None else local(self._name, self._policy)
+        if ticket is None:
+            return self._aenter_remote()
+        self._last_state = _CLOSED
+        inflight[key] = _Inflight(ticket, self._now(), outer)
+        return DONE
 
     async def _aenter_remote(self) -> None:
         key = _task_key()
@@ -858,12 +892,20 @@ class CircuitBreaker:
             if not self._blocks:
                 return DONE  # (no counted block: a tracked entry of another form ended it)
             self._blocks -= 1
+            succeed = self._succeed_local
+            if succeed is not None:
+                if exc is None:
+                    succeed(self._name, self._policy, self._blocks_ticket)  # (_end_local's common case)
+                    return DONE
+                return self._end_local(self._blocks_ticket, None, exc)
             if exc is None or self._outcome(exc) != "failure":
                 return DONE  # a closed call's success or cancellation changes nothing
             return self._aexit_remote(Ticket(self._blocks_generation, None), None, exc)
         ticket = entry.ticket
         if ticket is None:
             return DONE  # a block inside a trial of this breaker decides nothing
+        if self._succeed_local is not None and ticket.trial is None:
+            return self._end_local(ticket, entry.start, exc)
         if (
             self._admit_local is not None
             and ticket.trial is None
@@ -872,6 +914,27 @@ class CircuitBreaker:
         ):
             return DONE  # a plain success the store need not hear of
         return self._aexit_remote(ticket, entry.start, exc)
+
+    def _end_local(self, ticket: Ticket, start: float | None, exc: BaseException | None) -> Awaitable[None]:
+        """A plain call of a rated breaker on a store that counts successes locally ended.
+
+        A success that was not slow is counted by the store without an await
+        (no round trip, see :class:`LocalSuccess`); a failure or a slow call
+        is settled, so the rates are judged when it arrives.
+        """
+        outcome = "success" if exc is None else self._outcome(exc)
+        if outcome == "cancelled" and start is None:
+            return DONE  # neither success nor failure, and nobody times it
+        if outcome == "success":
+            now = self._now() if start is not None else 0.0
+            if not self._slow(start, now, exc):
+                succeed = self._succeed_local
+                assert succeed is not None
+                succeed(self._name, self._policy, ticket)
+                if start is not None:
+                    self._executed(ticket, outcome, now - start)
+                return DONE
+        return self._aexit_remote(ticket, start, exc)
 
     async def _aexit_remote(self, ticket: Ticket, start: float | None, exc: BaseException | None) -> None:
         # The block may be ending because its scope was cancelled; the store
@@ -927,6 +990,8 @@ class CircuitBreaker:
 
     async def _call_local(self, ticket: Ticket, fn: Callable[..., Awaitable[T]], args: Any, kwargs: Any) -> T:
         """call() of a closed breaker on a shared store that admitted it locally: only a failure is settled."""
+        if self._succeed_local is not None:
+            return await self._call_local_rated(ticket, fn, args, kwargs)
         try:
             return await fn(*args, **kwargs)
         except Exception as exc:
@@ -935,6 +1000,21 @@ class CircuitBreaker:
                 with anyio.CancelScope(shield=True):
                     await self._settle_remote(ticket, "failure", None, exc)
             raise
+
+    async def _call_local_rated(self, ticket: Ticket, fn: Callable[..., Awaitable[T]], args: Any, kwargs: Any) -> T:
+        """_call_local() in the rate modes: a success is counted too, by the store, without a round trip."""
+        if fn is not self._unguarded_fn:
+            if self.guards(fn):
+                return await fn(*args, **kwargs)  # its own layer counts it, successes too
+            self._unguarded_fn = fn  # (a one-entry cache: the check costs more than the call)
+        start = self._now() if self._slow_after is not None else None
+        try:
+            result = await fn(*args, **kwargs)
+        except Exception as exc:
+            await self._end_local(ticket, start, exc)
+            raise
+        await self._end_local(ticket, start, None)
+        return result
 
     def _settle_rated(self, record: BreakerRecord, generation: int, exc: Exception) -> None:
         """A plain call of a rated breaker, admitted in ``generation``, raised ``exc`` (untimed)."""

@@ -85,6 +85,14 @@ takes its synchronous path for a closed success - no coroutine, no shielded
 settle - and still awaits ``breaker_settle`` for a failure, and
 ``breaker_admit`` whenever ``breaker_admit_local`` returns ``None``.
 
+Under a rated policy a success must be counted, so the breaker uses that
+path only on a store that also implements :class:`LocalSuccess`: a
+synchronous ``breaker_succeed_local`` that counts a plain call's success
+(one that was not slow) without an await, the store promising to add it to
+the shared counts later (Redis: with the breaker's next round trip, or
+within a bounded interval). A slow success and a failure are still settled
+with ``breaker_settle``, so a rate is judged when one of them arrives.
+
 Two tickets stand outside the generations: ``ticket=None`` (a plain call a
 caller admitted without asking the store) and a ticket with a negative
 generation (what a store hands out when it admitted a call without deciding,
@@ -107,6 +115,7 @@ __all__ = [
     "BreakerSnapshot",
     "BreakerState",
     "LocalAdmission",
+    "LocalSuccess",
     "Outcome",
     "Ticket",
     "Transition",
@@ -251,4 +260,13 @@ class LocalAdmission(Protocol):
         cancellation changes nothing in count mode, so the breaker settles
         only its failure.
         """
+        ...
+
+
+@runtime_checkable
+class LocalSuccess(Protocol):
+    """The capability of a shared store to count a rated breaker's plain success without a round trip."""
+
+    def breaker_succeed_local(self, name: str, policy: BreakerPolicy, ticket: Ticket | None) -> None:
+        """Count the success (not slow) of a plain call admitted with ``ticket``; the store sends it later."""
         ...

@@ -37,6 +37,9 @@ its answer, reconnects included.
 Breakers keep a view of each breaker in the process, fed by the replies and
 by a pub/sub subscription to the prefix's channel: a closed breaker's
 successes cost no round trip, a failure one (see ``_redis_breaker.py``).
+In the rate modes a success is counted in the process, per time bucket, and
+reaches Redis with the breaker's next round trip or the backend's flush, at
+most :data:`~seawall.backends._redis_breaker.FLUSH_INTERVAL` later.
 
 redis-py's asyncio client runs on asyncio only: under trio, building a
 backend (the constructor, :meth:`RedisBackend.from_url`) and its first
@@ -85,11 +88,12 @@ except ModuleNotFoundError as exc:
     raise missing_extra(exc, __name__) from exc
 
 from seawall._checks import number
-from seawall._clock import default_clock, in_trio_task
+from seawall._clock import Clock, default_clock, in_trio_task
 from seawall._errors import CircuitOpenError, ConfigurationError, RateLimiterError
 from seawall._logging import Throttle
 from seawall._telemetry import BACKEND_ERROR, LIMITER_EXCEPTION
 from seawall.backends import _redis_breaker as breaker_wire
+from seawall.backends._breaker_memory import BreakerRecord
 from seawall.backends._breaker_protocol import (
     Admission,
     BreakerPolicy,
@@ -275,6 +279,11 @@ class RedisBackend:
             the limit during an outage: ``1 / N`` keeps the fleet's total.
         socket_timeout: Seconds a decision waits for Redis at most, queueing and
             reconnecting included; ``None`` takes the client's ``socket_timeout``.
+        clock: ``None`` (the default): breakers are timed by the server's clock,
+            so the hosts' clocks need not agree. A :class:`~seawall.Clock`
+            (such as :class:`~seawall.FakeClock`): breaker operations are timed
+            by its ``now()`` instead, for tests on virtual time; every process
+            sharing the breakers must then read the same clock.
 
     Raises:
         TypeError: ``client`` is not a redis-py asyncio client or ``prefix`` not a str.
@@ -290,18 +299,24 @@ class RedisBackend:
         "_closed",
         "_cluster",
         "_down",
+        "_flush_handle",
+        "_flushing",
         "_links",
         "_listener",
         "_live",
         "_local",
         "_local_rules",
         "_log",
+        "_now",
         "_outage_failures",
+        "_outage_records",
         "_owns_client",
         "_policies",
         "_pubsub",
         "_rules",
+        "_server_clock",
         "_single",
+        "_successes",
         "_timeout",
         "_verified",
         "_verifying",
@@ -312,6 +327,9 @@ class RedisBackend:
         "prefix",
     )
 
+    #: Breakers on Redis implement the rate modes (see ``_redis_breaker.py``).
+    supports_rate_modes = True
+
     def __init__(
         self,
         client: aioredis.Redis | RedisCluster,
@@ -320,6 +338,7 @@ class RedisBackend:
         on_error: OnError = "allow",
         local_share: float = 1.0,
         socket_timeout: float | None = None,
+        clock: Clock | None = None,
     ) -> None:
         _require_asyncio("RedisBackend()")
         if not isinstance(client, aioredis.Redis | RedisCluster):
@@ -327,6 +346,8 @@ class RedisBackend:
         share = _check_options(prefix, on_error, local_share)
         if socket_timeout is not None:
             _check_timeout(socket_timeout)
+        if clock is not None and not isinstance(clock, Clock):
+            raise ConfigurationError(f"clock must provide now() and sleep(), got {clock!r}", path="clock")
         self.client: Final = client
         self.prefix: Final = prefix
         self.on_error: Final[OnError] = on_error
@@ -357,6 +378,15 @@ class RedisBackend:
         self._pubsub: Any = None  # the subscription's redis-py PubSub while listening
         self._live = False
         self._down = False  # a breaker round trip met an outage, and none has answered since
+        # The breakers' clock: the views' times, and (a caller's clock only) the scripts' "now".
+        self._now = time.monotonic if clock is None else clock.now
+        self._server_clock = b"-" if clock is None else None  # the script's "now": "-" reads TIME
+        # Rate modes: plain successes Redis has not counted yet, per breaker, and the flush that sends them.
+        self._successes: dict[str, breaker_wire.Successes] = {}
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._flushing: asyncio.Task[None] | None = None
+        # Rate modes during an outage: the outcomes Redis could not hear, judged in the process (memory's rules).
+        self._outage_records: dict[str, BreakerRecord] = {}
 
     @classmethod
     def from_url(
@@ -368,6 +398,7 @@ class RedisBackend:
         on_error: OnError = "allow",
         local_share: float = 1.0,
         socket_timeout: float = 0.5,
+        clock: Clock | None = None,
         **client_options: Any,
     ) -> RedisBackend:
         """A backend that owns a new client for ``url`` (closed by :meth:`aclose`).
@@ -384,6 +415,7 @@ class RedisBackend:
                 on under ``on_error="local"`` (see the class).
             socket_timeout: Seconds a connect, write or read may take; a
                 decision never waits longer for Redis (the client does not retry).
+            clock: The breakers' clock (see the class); ``None``: the server's.
             **client_options: Passed on to ``Redis.from_url`` (``RedisCluster.from_url``).
 
         Raises:
@@ -404,7 +436,7 @@ class RedisBackend:
         _check_options(prefix, on_error, local_share)  # before a client exists that would need closing
         wanted = cluster or in_url
         client = RedisCluster.from_url(url, **options) if wanted else aioredis.Redis.from_url(url, **options)
-        backend = cls(client, prefix=prefix, on_error=on_error, local_share=local_share)
+        backend = cls(client, prefix=prefix, on_error=on_error, local_share=local_share, clock=clock)
         backend._owns_client = True
         return backend
 
@@ -505,7 +537,7 @@ class RedisBackend:
                 return admitted
             # Open: rejected here while the view is confirmed (a reset elsewhere would have been heard).
             if view.state is BreakerState.OPEN and view.confirmed and self._live:
-                left = view.open_until - time.monotonic()
+                left = view.open_until - self._now()
                 if left > 0.0:
                     return Admission(None, left, BreakerState.OPEN, None)
         key = self._breaker_key(name)
@@ -516,7 +548,7 @@ class RedisBackend:
             if self.on_error == "deny":
                 raise CircuitOpenError(name=name) from exc
             if view is not None and view.state is BreakerState.OPEN:
-                left = view.open_until - time.monotonic()
+                left = view.open_until - self._now()
                 if left > 0.0:
                     return Admission(None, left, BreakerState.OPEN, None)
             # A plain call of no generation: judged as current when it settles.
@@ -525,23 +557,66 @@ class RedisBackend:
         self._learn(name, facts)
         return found
 
+    def breaker_succeed_local(self, name: str, policy: BreakerPolicy, ticket: Ticket | None) -> None:
+        """Count a plain call's success (not slow) under a rated policy, without a round trip.
+
+        The success waits in the process, in its time bucket, for the
+        breaker's next round trip or the flush at most
+        :data:`~seawall.backends._redis_breaker.FLUSH_INTERVAL` later (see
+        :class:`~seawall.backends._breaker_protocol.LocalSuccess`). During an outage it is
+        judged with the process's other outcomes instead.
+        """
+        if self._down:
+            self._count_locally(name, policy, failed=False, slow=False)
+            return
+        generation = -1 if ticket is None else ticket.generation
+        successes = self._successes.get(name)
+        if successes is None or successes.generation != generation:
+            # (Successes of another period would decide nothing on the server: they are dropped.)
+            successes = self._successes[name] = breaker_wire.Successes(generation, policy.window / 10)
+            self._policies[name] = policy
+            if self._flush_handle is None and not self._closed:
+                loop = asyncio.get_running_loop()
+                self._flush_handle = loop.call_later(breaker_wire.FLUSH_INTERVAL, self._flush_soon)
+        successes.add(self._now())
+
     async def breaker_settle(
-        self, name: str, policy: BreakerPolicy, now: float, ticket: Ticket | None, outcome: Outcome
+        self,
+        name: str,
+        policy: BreakerPolicy,
+        now: float,
+        ticket: Ticket | None,
+        outcome: Outcome,
+        *,
+        slow: bool = False,
     ) -> Transition | None:
         """Record how an admitted call ended; a plain call's success costs nothing, a failure one round trip.
 
-        A Redis failure is logged, never raised over the call's result.
+        In the rate modes a plain success is counted in the process (see
+        :meth:`breaker_succeed_local`) unless it was slow: a slow call, like
+        a failure, is judged at once. A Redis failure is logged, never
+        raised over the call's result.
         """
-        if outcome != "failure" and (ticket is None or ticket.trial is None):
-            return None  # a plain call that did not fail never changes the state
+        plain = ticket is None or ticket.trial is None
+        if plain and outcome != "failure":
+            if outcome == "success" and policy.rated:
+                if not slow:
+                    self.breaker_succeed_local(name, policy, ticket)
+                    return None
+            else:
+                return None  # a plain call that did not fail never changes the state (count mode)
         key = self._breaker_key(name)
-        command = self._breaker_command(key, name, policy, b"settle", *breaker_wire.settle_arguments(ticket, outcome))
+        settled = breaker_wire.settle_arguments(ticket, outcome, slow and policy.rated)
+        command = self._breaker_command(key, name, policy, b"settle", *settled)
         try:
             reply = await self._call(key, command)
         except _BACKEND_ERRORS as exc:
             self._breaker_failed(exc, name, "settle")
-            # ("deny" rejects every call of an outage: nothing to count.)
-            return self._fail_locally(name, policy) if outcome == "failure" and self.on_error != "deny" else None
+            if self.on_error == "deny" or not plain:
+                return None  # ("deny" rejects every call of an outage: nothing to count.)
+            if policy.rated:
+                return self._count_locally(name, policy, failed=outcome == "failure", slow=slow)
+            return self._fail_locally(name, policy)
         found, facts = breaker_wire.transition(reply)
         self._learn(name, facts)
         return found
@@ -558,6 +633,7 @@ class RedisBackend:
         if state is BreakerState.HALF_OPEN:
             raise ValueError(f"a breaker can be forced to closed or open, not {state!r}")
         key = self._breaker_key(name)
+        self._successes.pop(name, None)  # a new period: they would decide nothing
         reply = await self._call(key, self._breaker_command(key, name, policy, b"force", state.value.encode()))
         found, facts = breaker_wire.transition(reply)
         self._learn(name, facts)
@@ -579,11 +655,11 @@ class RedisBackend:
             self._breaker_failed(exc, name, "snapshot")
             view = self._views.get(name)
             left = -math.inf if view is None or view.state is not BreakerState.OPEN else view.open_until
-            left -= time.monotonic()
+            left -= self._now()
             if left > 0.0:
                 return BreakerSnapshot(BreakerState.OPEN, 0, left, 0, reachable=False)
             return BreakerSnapshot(BreakerState.CLOSED, 0, 0.0, 0, reachable=False)
-        found, facts = breaker_wire.snapshot(reply)
+        found, facts = breaker_wire.snapshot(reply, policy)
         self._learn(name, facts)
         return found
 
@@ -591,7 +667,16 @@ class RedisBackend:
         return _key(f"{self.prefix}:{KEY_FORMAT}:cb:{name}")
 
     def _breaker_command(self, key: bytes, name: str, policy: BreakerPolicy, operation: bytes, *extra: bytes) -> bytes:
+        """One run of the breaker script; the breaker's waiting successes go with it (and leave the process)."""
         self._policies[name] = policy
+        clock = self._server_clock
+        now = clock if clock is not None else repr(self._now()).encode()
+        successes = b""
+        if policy.rated and operation not in (b"force", b"restore"):
+            waiting = self._successes.pop(name, None)
+            if waiting is not None:
+                # (Lost with the round trip if Redis fails: an outage judges from its own outcomes.)
+                successes = waiting.argument(self._now())
         return pack(
             b"EVALSHA",
             breaker_wire.BREAKER.sha.encode(),
@@ -601,6 +686,9 @@ class RedisBackend:
             *breaker_wire.arguments(policy),
             self._channel,
             _key(name),
+            now,
+            breaker_wire.rate_argument(policy),
+            successes,
             *extra,
         )
 
@@ -615,13 +703,36 @@ class RedisBackend:
         failures = self._outage_failures.get(name)
         if failures is None:
             failures = self._outage_failures[name] = deque()
-        now = time.monotonic()
+        now = self._now()
         failures.append(now)
         while failures and failures[0] <= now - policy.window:
             failures.popleft()
         if len(failures) < policy.failure_threshold:
             return None
         failures.clear()
+        return self._open_locally(name, policy, now)
+
+    def _count_locally(self, name: str, policy: BreakerPolicy, *, failed: bool, slow: bool) -> Transition | None:
+        """A rated breaker's plain outcome Redis could not hear, judged by memory's rules on the process's own calls.
+
+        As :meth:`_fail_locally` in count mode: the process's view opens when
+        its own calls of the outage reach a rate (or ``failure_threshold``),
+        and Redis's answer, when it comes, replaces all of it.
+        """
+        if self.on_error == "deny":
+            return None  # every call of the outage is rejected: nothing to count
+        record = self._outage_records.get(name)
+        if record is None:
+            record = self._outage_records[name] = BreakerRecord()
+        now = self._now()
+        # (succeed() is count()'s common case, with the same result)
+        transition = record.succeed(policy, now) if not (failed or slow) else record.count(policy, now, failed, slow)
+        if transition is None:
+            return None
+        del self._outage_records[name]  # the next period of the outage starts afresh
+        return self._open_locally(name, policy, now)
+
+    def _open_locally(self, name: str, policy: BreakerPolicy, now: float) -> Transition | None:
         view = self._views.get(name)
         if view is None:
             view = self._views[name] = breaker_wire.View(BreakerState.CLOSED, 0, -math.inf, False)
@@ -630,12 +741,47 @@ class RedisBackend:
         view.confirmed = False  # (an OPEN view of this process alone: admissions still try Redis first)
         return Transition(old, BreakerState.OPEN) if old is not BreakerState.OPEN else None
 
+    # -- rate modes: the successes the process counted, sent in batches --------
+
+    def _flush_soon(self) -> None:
+        self._flush_handle = None
+        if not self._closed and self._successes and self._flushing is None:
+            self._flushing = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        """Send every breaker's waiting successes, one ``add`` each (pipelined together)."""
+        try:
+            names = list(self._successes)
+            # (An error other than Redis's own, such as a failed verify(), is the next call's to raise.)
+            await asyncio.gather(*(self._add(name) for name in names), return_exceptions=True)
+        finally:
+            self._flushing = None
+        if self._successes and not self._closed and self._flush_handle is None:
+            # (Successes counted while this flush was on the wire.)
+            loop = asyncio.get_running_loop()
+            self._flush_handle = loop.call_later(breaker_wire.FLUSH_INTERVAL, self._flush_soon)
+
+    async def _add(self, name: str) -> None:
+        policy = self._policies.get(name)
+        if policy is None or name not in self._successes:
+            return
+        key = self._breaker_key(name)
+        try:
+            reply = await self._call(key, self._breaker_command(key, name, policy, b"add"))
+        except _BACKEND_ERRORS as exc:
+            self._breaker_failed(exc, name, "add")
+            return
+        except RuntimeError:
+            return  # closed meanwhile
+        self._learn(name, breaker_wire.transition(reply)[1])
+
     def _learn(self, name: str, facts: breaker_wire.Facts) -> None:
         """Take in what a reply says of breaker ``name`` (and start listening for changes made elsewhere)."""
         state, generation, left = facts
         self._down = False
         self._outage_failures.pop(name, None)  # Redis answers: its count is the one
-        now = time.monotonic()
+        self._outage_records.pop(name, None)
+        now = self._now()
         view = self._views.get(name)
         if view is None:
             view = self._views[name] = breaker_wire.View(state, generation, -math.inf, self._live)
@@ -687,12 +833,12 @@ class RedisBackend:
         name_bytes, (state, generation, left) = breaker_wire.message(raw)
         view = self._views.get(name_bytes.decode("utf-8", "surrogatepass"))
         if view is not None:
-            view.learn(state, generation, left, time.monotonic(), reply=False)
+            view.learn(state, generation, left, self._now(), reply=False)
             view.confirmed = True
 
     async def _republish(self) -> None:
         """Write the OPEN states this process knows back to a server that lost them (a restart without persistence)."""
-        now = time.monotonic()
+        now = self._now()
         for name, view in list(self._views.items()):
             left = view.open_until - now
             policy = self._policies.get(name)
@@ -789,6 +935,16 @@ class RedisBackend:
         """Finish the decisions in flight, return the connections, and close the client if it is ours."""
         if self._closed:
             return
+        # Successes the process counted and Redis has not: sent now, so a closing process loses none.
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if self._flushing is not None:
+            with contextlib.suppress(Exception):
+                await self._flushing
+        if self._successes:
+            with contextlib.suppress(Exception):
+                await asyncio.gather(*(self._add(name) for name in list(self._successes)))
         self._closed = True
         # redis-py's pub/sub read may swallow a cancellation: closing its connection ends it for sure.
         pubsub = self._pubsub
