@@ -301,7 +301,7 @@ async def _timer_lateness(ctx: BenchContext, tasks: int) -> None:
     case = f"infrastructure: timeout lateness, {tasks:,} concurrent calls (0.2 s)"
     rounds: dict[str, list[tuple[float, float]]] = {"anyio.fail_after": [], "seawall execute_protected": []}
     async with AsyncInfrastructure() as infra:
-        for _ in range(1 if ctx.quick else 3):  # interleaved rounds; the median round is reported
+        for _ in range(1 if ctx.quick else 5):  # interleaved rounds; the median round is reported
             for label in rounds:
                 seen = await _burst_lateness(tasks, 0.2, seawall=infra if label.startswith("seawall") else None)
                 rounds[label].append((_percentile(seen, 0.5), _percentile(seen, 0.99)))

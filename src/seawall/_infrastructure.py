@@ -182,7 +182,7 @@ class _Host:
         self.register = self.timer.register  # (bound once: every call registers)
         # ``anyio.CancelScope()`` dispatches on the backend at every construction;
         # while running, the backend's own class is called directly (looked up at entry).
-        self.scope_class: Callable[[], Any] = anyio.CancelScope
+        self.scope_class: type[Any] = anyio.CancelScope
         self.scope_bare = False  # (anyio.CancelScope itself must be called: its __new__ dispatches)
         self.task_group: anyio.abc.TaskGroup | None = None
         self.pools: set[ConnectionPool[Any]] = set()  # every pool started here and not yet closed

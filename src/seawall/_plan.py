@@ -33,7 +33,7 @@ class CallHost(Protocol):
     """What a protected call needs from the infrastructure that runs it."""
 
     #: Makes the call's cancel scope (the running backend's class while the infrastructure runs).
-    scope_class: Callable[[], Any]
+    scope_class: type[Any]
     #: Whether ``scope_class`` may be allocated with ``object.__new__`` and then ``__init__()``-ed (``_scopes``).
     scope_bare: bool
 
