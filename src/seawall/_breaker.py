@@ -96,6 +96,7 @@ __all__ = [
     "BreakerState",
     "BreakerStatus",
     "CircuitBreaker",
+    "Unjudged",
     "check_policy",
     "guarded_by",
     "unguarded",
@@ -180,6 +181,18 @@ class BreakerLike(Protocol):
     def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> Awaitable[bool | None]: ...
+
+
+class Unjudged(BaseException):
+    """An ending that says nothing about the dependency: a breaker hears neither a success nor a failure.
+
+    Every breaker treats a ``BaseException`` that is not an ``Exception`` as
+    it treats cancellation: no outcome, and a half-open trial slot is freed.
+    Layers above raise this one where that is the truth: the coordinator for a
+    call its concurrency limiter shed (counting an overload would let it open
+    the breaker), the FastAPI dependency for a request that failed as the
+    client's fault (a 4xx, a validation error) and catches it as it leaves.
+    """
 
 
 def _exclusions(exclude: object) -> tuple[type[Exception], ...]:

@@ -44,7 +44,9 @@ from typing import Any, Protocol, runtime_checkable
 import anyio
 import anyio.lowlevel
 
-__all__ = ["Clock", "FakeClock", "MonotonicClock", "current_clock", "default_clock", "in_trio_task"]
+from seawall._errors import ConfigurationError
+
+__all__ = ["Clock", "FakeClock", "MonotonicClock", "current_clock", "default_clock", "in_trio_task", "require_asyncio"]
 
 
 @runtime_checkable
@@ -84,6 +86,21 @@ def in_trio_task() -> bool:
     # "no asyncio loop": in trio's guest mode an asyncio loop runs the thread.)
     trio = sys.modules.get("trio")
     return trio is not None and bool(trio.lowlevel.in_trio_task())
+
+
+def require_asyncio(subject: str, operation: str, *, path: str, instead: str) -> None:
+    """Fail at once under trio for ``subject``, which runs on asyncio only.
+
+    A library built on asyncio's loop (asyncpg, redis-py, aiolimiter) would
+    otherwise fail deep inside, with "no running event loop"; this names the
+    component, the call, and what to use instead, as a ``ConfigurationError``
+    at ``path``.
+    """
+    if in_trio_task():
+        raise ConfigurationError(
+            f"{path}: {subject} runs on asyncio only, and {operation} was called under trio; {instead}",
+            path=path,
+        ) from None
 
 
 class _TrioClock:

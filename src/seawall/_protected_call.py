@@ -56,6 +56,7 @@ import anyio
 from anyio import WouldBlock
 
 from seawall._awaitables import DONE, ready
+from seawall._breaker import Unjudged
 from seawall._concurrency import ConcurrencyLimiter
 from seawall._errors import ConcurrencyLimitExceeded, ConfigurationTypeError, SeawallError
 from seawall._plan import Plan, uncount
@@ -78,15 +79,6 @@ class _Out:
 
 #: ``ProtectedCall._permit`` before the breaker admitted the call (``None`` is an admission without a permit).
 OUT = _Out()
-
-
-class _Unjudged(BaseException):
-    """What the breaker hears of a call the concurrency limiter refused: neither a success nor a failure.
-
-    Load shedding says nothing about the dependency's health (and counting it
-    would let an overload open the breaker); as a ``BaseException`` it frees a
-    half-open trial slot and counts nothing, as a cancellation does.
-    """
 
 
 def watched() -> bool:
@@ -437,7 +429,7 @@ class ProtectedCall:
             return raised
         self._permit = OUT
         if isinstance(outcome, ConcurrencyLimitExceeded):
-            outcome = _Unjudged()
+            outcome = Unjudged()  # (load shedding says nothing of the dependency's health)
         plan = self._plan
         local = plan.local_breaker
         try:

@@ -88,7 +88,7 @@ except ModuleNotFoundError as exc:
     raise missing_extra(exc, __name__) from exc
 
 from seawall._checks import number
-from seawall._clock import Clock, default_clock, in_trio_task
+from seawall._clock import Clock, default_clock, require_asyncio
 from seawall._errors import CircuitOpenError, ConfigurationError, RateLimiterError
 from seawall._logging import Throttle
 from seawall._telemetry import BACKEND_ERROR, LIMITER_EXCEPTION
@@ -1264,13 +1264,12 @@ def _check_timeout(socket_timeout: object) -> None:
 
 
 def _require_asyncio(operation: str) -> None:
-    """Fail at once under trio: redis-py's asyncio client would fail deep inside, on asyncio's missing loop."""
-    if in_trio_task():
-        raise ConfigurationError(
-            f"backend: RedisBackend runs on asyncio only (redis-py's asyncio client), and {operation} was "
-            "called under trio; under trio use the in-memory backend (backend=None)",
-            path="backend",
-        ) from None
+    require_asyncio(
+        "RedisBackend",
+        operation,
+        path="backend",
+        instead="redis-py's asyncio client needs asyncio's loop: under trio use the in-memory backend (backend=None)",
+    )
 
 
 def _check_options(prefix: object, on_error: object, local_share: object) -> float:

@@ -47,7 +47,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised in a subproce
     raise missing_extra(exc, __name__) from exc
 
 from seawall._checks import number
-from seawall._clock import in_trio_task
+from seawall._clock import require_asyncio
 from seawall._errors import ConfigurationError, ConfigurationTypeError, RateLimitExceeded
 from seawall._limiter import Admission, RateLimitStatus
 from seawall._logging import logger
@@ -64,14 +64,13 @@ _MIN_RETRY_AFTER: Final = 1e-6
 
 
 def _asyncio_only(operation: str) -> None:
-    # aiolimiter asks asyncio for the running loop; under trio there is none,
-    # and its RuntimeError would surface deep inside, as "no running event loop".
-    if in_trio_task():
-        raise ConfigurationError(
-            f"rate_limiter: an aiolimiter.AsyncLimiter runs on asyncio only, and {operation}() was called "
-            "under trio; use seawall.RateLimiter, which runs on both",
-            path="rate_limiter",
-        )
+    # aiolimiter asks asyncio for the running loop, which trio does not have.
+    require_asyncio(
+        "an aiolimiter.AsyncLimiter",
+        f"{operation}()",
+        path="rate_limiter",
+        instead="use seawall.RateLimiter, which runs on both",
+    )
 
 
 class AiolimiterAdapter:

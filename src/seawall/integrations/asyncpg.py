@@ -29,8 +29,7 @@ try:
 except ModuleNotFoundError as exc:
     raise missing_extra(exc, __name__) from exc
 
-from seawall._clock import in_trio_task
-from seawall._errors import ConfigurationError
+from seawall._clock import require_asyncio
 
 __all__ = ["AsyncpgFactory"]
 
@@ -114,10 +113,4 @@ class AsyncpgFactory:
 
 
 def _require_asyncio(operation: str) -> None:
-    """Fail at once under trio: asyncpg would fail deep inside, on asyncio's missing loop."""
-    if in_trio_task():
-        raise ConfigurationError(
-            f"factory: asyncpg runs on asyncio only, and {operation} was called under trio; "
-            "AsyncpgFactory cannot serve a pool under trio",
-            path="factory",
-        )
+    require_asyncio("asyncpg", operation, path="factory", instead="AsyncpgFactory cannot serve a pool under trio")

@@ -55,6 +55,7 @@ try:
 except ModuleNotFoundError as exc:
     raise missing_extra(exc, __name__) from exc
 
+from seawall._breaker import Unjudged
 from seawall._errors import (
     CircuitOpenError,
     ConcurrencyLimitExceeded,
@@ -516,15 +517,6 @@ async def _entity_of(entity: str | EntityFunction | None, request: Request) -> s
     return result
 
 
-class _NoOutcome(BaseException):
-    """Raised into a protected block to end it as neither a success nor a failure.
-
-    It is a ``BaseException`` that is not an ``Exception``: every breaker
-    treats those as it treats cancellation (no outcome, and a half-open trial
-    slot is freed). :func:`protect` catches it as it leaves the block.
-    """
-
-
 class _FailedResponse(Exception):
     """Raised into a protected block to end it as a failure: the route returned a 5xx response."""
 
@@ -543,7 +535,7 @@ def _is_neutral(exc: BaseException, exchange: _Exchange, key: str) -> bool:
 def _signal(thrown: BaseException | None, status: int | None) -> BaseException | None:
     """What to raise into the protected block so that its breaker hears the request's outcome."""
     if thrown is not None:
-        return _NoOutcome()  # a neutral exception (any other was re-raised as it came)
+        return Unjudged()  # a neutral exception (any other was re-raised as it came)
     if status is not None and status >= 500:
         return _FailedResponse(f"the route answered {status}")
     return None
@@ -625,7 +617,7 @@ def protect(
                 signal = _signal(thrown, exchange.status)
                 if signal is not None:
                     raise signal
-        except (_NoOutcome, _FailedResponse):
+        except (Unjudged, _FailedResponse):
             pass  # the breaker heard what the signal meant
         except SeawallError as exc:
             if exc is not thrown:  # raised by this protection itself, not by the route
