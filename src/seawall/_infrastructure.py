@@ -660,35 +660,29 @@ class AsyncInfrastructure:
         if plan.breaker is not None and getattr(fn, GUARDED_BY, None) is not None:
             fn = unguarded(plan.breaker, fn)  # ``@breaker`` of the key's own breaker: one layer counts it
         retry = self._retries.get(key) if self._retries else None
+        attempt = plan
         if retry is not None:
-            # The first attempt, taken here as a call without retries takes it; the others in _retry.
             start = retry.record()
-            attempt = plan
             if retry.attempt_timeout is not None:
                 attempt = self._first_attempt_plan(plan, retry, (rate_limiter, circuit_breaker, connection_pool))
-            try:
-                # (_attempt's dispatch written out: its frame would double what a retry section costs a success)
-                if self._hedges and key in self._hedges:
-                    return await self._attempt(
-                        attempt, fn, (rate_limiter, circuit_breaker, connection_pool, timeout), priority
-                    )
-                if attempt.direct and not priority and not ANY_HANDLER.attached:
-                    return await run_direct(attempt, fn)
-                async with ProtectedCall(attempt, priority):
-                    return await fn()
-            except Exception as exc:
-                failed = exc  # (retried outside this handler: a later attempt's error must not chain to it)
-            options = (rate_limiter, circuit_breaker, connection_pool, timeout)
-            return await self._retry(plan, fn, options, retry.retry, failed, start + plan.timeout, priority)
-        if self._hedges:
-            hedge = self._hedges.get(key)
+        try:
+            # The (first) attempt: _attempt's dispatch written out, the one copy of it. Its frame
+            # would double what a retry section costs a success, and cost every plain call too.
+            hedge = self._hedges.get(key) if self._hedges else None
             if hedge is not None:
-                options = (rate_limiter, circuit_breaker, connection_pool, timeout)
-                return await self._hedged(hedge, plan, fn, options, priority)
-        if plan.direct and not priority and not ANY_HANDLER.attached:
-            return await run_direct(plan, fn)  # the same call, its common case in one frame
-        async with ProtectedCall(plan, priority):
-            return await fn()
+                return await self._hedged(
+                    hedge, attempt, fn, (rate_limiter, circuit_breaker, connection_pool, timeout), priority
+                )
+            if attempt.direct and not priority and not ANY_HANDLER.attached:
+                return await run_direct(attempt, fn)  # the same call, its common case in one frame
+            async with ProtectedCall(attempt, priority):
+                return await fn()
+        except Exception as exc:
+            if retry is None:
+                raise
+            failed = exc  # (retried outside this handler: a later attempt's error must not chain to it)
+        options = (rate_limiter, circuit_breaker, connection_pool, timeout)
+        return await self._retry(plan, fn, options, retry.retry, failed, start + plan.timeout, priority)
 
     async def _with_fallback(
         self,
