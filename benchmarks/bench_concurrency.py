@@ -148,6 +148,16 @@ def _breaker_variants() -> dict[str, Callable[[], Awaitable[object]]]:
 
         return op
 
+    def permit_op(breaker: CircuitBreaker) -> Callable[[], Awaitable[object]]:
+        # The coordinator's form: a plain permit's success needs no settling (count mode only).
+        async def op() -> None:
+            permit = breaker.admit_nowait()
+            await noop()
+            if not permit.plain:
+                breaker.settle_nowait(permit)
+
+        return op
+
     return {
         "bare": bare,
         "seawall count mode (async with)": with_op(counting),
@@ -155,6 +165,8 @@ def _breaker_variants() -> dict[str, Callable[[], Awaitable[object]]]:
         "seawall rate + slow-call mode (async with)": with_op(slow),
         "seawall count mode (call)": call_op(counting),
         "seawall rate mode (call)": call_op(rated),
+        "seawall count mode (admit_nowait/settle_nowait)": permit_op(counting),
+        "seawall rate mode (admit_nowait/settle_nowait)": permit_op(rated),
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
@@ -225,3 +226,124 @@ async def test_breakers_sharing_a_name_each_apply_their_own_minimum_calls() -> N
 
     await eager.call(succeed)  # 4 calls, 3 failed: eager's minimum is reached and 0.75 >= 0.5
     assert eager.state is BreakerState.OPEN
+
+
+async def through(style: str, breaker: CircuitBreaker, clock: FakeClock, *, fail: bool = False) -> None:
+    """One call of 1 ms through ``style``: the permit pair, ``async with`` or ``call()`` (open: refused)."""
+
+    async def dependency() -> None:
+        clock.advance(0.001)
+        if fail:
+            raise Boom
+
+    try:
+        if style == "permit":
+            permit = breaker.admit_nowait()
+            try:
+                await dependency()
+            except Boom as exc:
+                breaker.settle_nowait(permit, exc)
+            else:
+                breaker.settle_nowait(permit)
+        elif style == "with":
+            async with breaker:
+                await dependency()
+        else:
+            await breaker.call(dependency)
+    except (Boom, CircuitOpenError):
+        pass
+
+
+STYLES = ("permit", "with", "call")
+
+
+@pytest.mark.parametrize(("minimum", "rate"), [(1, 0.5), (3, 0.25), (40, 0.05), (300, 0.02), (700, 0.02)])
+async def test_every_closed_success_path_counts_alike(minimum: int, rate: float) -> None:
+    """BreakerRecord.count (a timed permit), SuccessLane.succeed (permit, async with) and call()'s inline copy agree."""
+    rng = random.Random(minimum)
+    steps = []
+    for _ in range(2_500):
+        roll = rng.random()
+        if roll < 0.004:
+            steps.append(("advance", rng.choice([0.5, 1.0, 3.0, 11.0])))  # within a bucket, across, past the window
+        elif roll < 0.03:
+            steps.append(("failure", 0.0))
+        else:
+            steps.append(("success", 0.0))
+    # "timed": a breaker that times its calls for a slow-call mode no call
+    # reaches gets single-use permits, whose settling is BreakerRecord.count.
+    variants = (*STYLES, "timed")
+    clocks = {variant: FakeClock(1000.0) for variant in variants}
+    breakers = {
+        variant: CircuitBreaker(
+            variant,
+            failure_rate=rate,
+            failure_threshold=None,
+            minimum_calls=minimum,
+            window=10.0,
+            recovery_time=2.0,
+            clock=clocks[variant],
+            **({"slow_call_duration": 1e6, "slow_call_rate": 1.0} if variant == "timed" else {}),
+        )
+        for variant in variants
+    }
+    for index, (kind, seconds) in enumerate(steps):
+        for variant in variants:
+            if kind == "advance":
+                clocks[variant].advance(seconds)
+            else:
+                style = "permit" if variant == "timed" else variant
+                await through(style, breakers[variant], clocks[variant], fail=kind == "failure")
+        assert len({breaker.state for breaker in breakers.values()}) == 1, (index, kind)
+        if index % 397 == 0:  # (seldom: status() takes a lane's credit back, and credit is what is under test)
+            statuses = [await breaker.status() for breaker in breakers.values()]
+            assert len({(s.state, s.calls, s.failure_rate) for s in statuses}) == 1, (index, kind, statuses)
+
+
+@pytest.mark.parametrize("style", STYLES)
+async def test_the_success_that_reaches_a_large_minimum_calls_opens(style: str) -> None:
+    """minimum_calls=600, 10 failures first: the 600th call, a success, opens (10/600 >= 0.016), not the 599th."""
+    clock = FakeClock()
+    breaker = CircuitBreaker(
+        "large", failure_rate=0.016, failure_threshold=None, minimum_calls=600, window=60.0, clock=clock
+    )
+    for _ in range(10):
+        await through(style, breaker, clock, fail=True)
+    for _ in range(589):
+        await through(style, breaker, clock)
+    assert breaker.state is BreakerState.CLOSED  # (not status(): it would take a lane's credit back)
+    await through(style, breaker, clock)
+    assert breaker.state is BreakerState.OPEN
+    assert (await breaker.status()).calls == 600
+
+
+async def test_a_clock_reading_below_zero_counts_like_any_other() -> None:
+    """The clock's epoch is arbitrary: at -1000 s, calls in two buckets all count (they were dropped)."""
+    clock = FakeClock(-1000.0)
+    breaker = CircuitBreaker(
+        "negative", failure_rate=0.5, failure_threshold=None, minimum_calls=4, window=10.0, clock=clock
+    )
+    await run(breaker, clock, fail=True)
+    await run(breaker, clock, fail=True)
+    clock.advance(1.5)  # the next bucket (each 1 s wide)
+    await run(breaker, clock)
+    status = await breaker.status()
+    assert (status.calls, status.failure_rate) == (3, None)
+    await run(breaker, clock)  # 2 of 4 failed
+    assert breaker.state is BreakerState.OPEN
+
+
+async def test_a_rated_closed_permit_is_shared_and_settled_on_success() -> None:
+    """Rate mode: admit_nowait() gives the shared permit, not plain (a success counts); a stale one counts nothing."""
+    clock = FakeClock()
+    breaker = CircuitBreaker("shared", failure_rate=0.5, failure_threshold=None, minimum_calls=100, clock=clock)
+    permit = breaker.admit_nowait()
+    assert breaker.admit_nowait() is permit
+    assert not permit.plain
+    breaker.settle_nowait(permit)
+    breaker.settle_nowait(permit)
+    assert (await breaker.status()).calls == 2
+    await breaker.reset()
+    breaker.settle_nowait(permit)  # admitted before reset(): it decides nothing
+    breaker.settle_nowait(permit, Boom())
+    assert (await breaker.status()).calls == 0

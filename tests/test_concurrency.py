@@ -404,6 +404,26 @@ async def test_aimd_backs_off_on_a_drop() -> None:
     assert limiter.limit == 90
 
 
+async def test_aimd_backs_off_on_a_call_slower_than_its_timeout() -> None:
+    """As Netflix's AIMDLimit (timeout 5 s): a window with a 5.1 s call and no drop shrinks the limit by 10%."""
+    clock = FakeClock()
+    slow = ConcurrencyLimiter(algorithm="aimd", initial_limit=100, window=1.0, clock=clock)
+    within = ConcurrencyLimiter(algorithm="aimd", initial_limit=100, window=1.0, clock=clock)
+    tickets = [(slow.acquire_nowait(), within.acquire_nowait())]
+    clock.advance(4.9)
+    tickets.append((slow.acquire_nowait(), within.acquire_nowait()))
+    within.release(tickets[0][1])  # 4.9 s: within the timeout
+    within.release(tickets[1][1])
+    clock.advance(0.2)
+    slow.release(tickets[0][0])  # 5.1 s
+    slow.release(tickets[1][0])
+    for limiter in (slow, within):
+        for _ in range(9):
+            limiter.release(limiter.acquire_nowait())
+    assert slow.limit == 90
+    assert within.limit == 100  # no drop; (the window barely used the limit: no growth either)
+
+
 async def test_the_adaptive_limit_stays_in_its_bounds() -> None:
     """However the upstream behaves, the limit stays within [min_limit, max_limit] outside a probe."""
     clock = FakeClock()

@@ -77,7 +77,7 @@ from seawall._telemetry import (
     BREAKER_FUSE_INSTALLED,
     BREAKER_STATE_CHANGED,
 )
-from seawall.backends._breaker_memory import BreakerRecord, MemoryBreakerBackend
+from seawall.backends._breaker_memory import BreakerRecord, MemoryBreakerBackend, SuccessLane
 from seawall.backends._breaker_protocol import (
     BreakerBackend,
     BreakerPolicy,
@@ -298,9 +298,10 @@ class BreakerPermit:
     Opaque. It carries what the breaker must know when the call ends: the
     generation the call was admitted in, a half-open trial's slot, the start
     time for telemetry. A closed call nobody times gets the breaker's shared
-    permit of the current generation (:attr:`plain`): made once per
-    generation, settled any number of times, and a success need not be
-    settled at all. Any other permit is single use.
+    permit of the current generation: made once per generation, settled any
+    number of times, and (:attr:`plain`, unless a rate mode counts
+    successes) a success need not be settled at all. Any other permit is
+    single use.
     """
 
     __slots__ = ("_entry", "_generation", "_key", "_settled", "_start", "_ticket", "plain")
@@ -311,6 +312,7 @@ class BreakerPermit:
         start: float | None = None,
         *,
         shared: bool = False,
+        counts_successes: bool = False,
         key: object = None,
         entry: _Inflight | None = None,
     ) -> None:
@@ -320,9 +322,10 @@ class BreakerPermit:
         self._start = start
         # ``None`` marks the shared permit, which is never used up.
         self._settled: bool | None = None if shared else False
-        #: Whether this is a closed call's shared permit: a success changes nothing and needs no
-        #: settling. (An attribute, not a property: hot paths read it on every success.)
-        self.plain: bool = shared
+        #: Whether this is a closed call's shared permit whose success changes nothing and needs no
+        #: settling (not under a rate mode: it counts successes). (An attribute, not a property: hot
+        #: paths read it on every success.)
+        self.plain: bool = shared and not counts_successes
         # Where a trial's registration lives (see CircuitBreaker._register).
         self._key = key
         self._entry = entry
@@ -444,6 +447,7 @@ class CircuitBreaker:
         "_clock",
         "_exclude",
         "_inflight",
+        "_lane",
         "_last_state",
         "_name",
         "_now",
@@ -515,6 +519,11 @@ class CircuitBreaker:
         # The in-memory store is read synchronously (the fast paths); any
         # other store is asked through its async protocol on every call.
         self._record: BreakerRecord | None = backend.record(name) if isinstance(backend, MemoryBreakerBackend) else None
+        # A rated breaker's fast path for its closed successes into its record
+        # (set exactly when both are: the in-memory paths test it for "rated").
+        self._lane: SuccessLane | None = (
+            self._record.lane(self._policy) if self._record is not None and self._rated else None
+        )
         # A shared store that admits a closed call from its own view (Redis):
         # the breaker's synchronous path for it. A rate counts successes, so
         # in the rate modes only on a store that counts them without an await.
@@ -537,7 +546,7 @@ class CircuitBreaker:
         self._blocks = 0
         self._blocks_generation = 0
         self._blocks_ticket = Ticket(-1, None)  # (a shared store's: the ticket the counted blocks were admitted with)
-        self._plain = BreakerPermit(Ticket(-1, None), shared=True)
+        self._plain = BreakerPermit(Ticket(-1, None), shared=True, counts_successes=self._rated)
         if BREAKER_FUSE_INSTALLED.handlers:
             BREAKER_FUSE_INSTALLED.emit(
                 {},
@@ -689,9 +698,11 @@ class CircuitBreaker:
         Returns:
             A :class:`BreakerPermit` naming the generation the call was
             admitted in. When the breaker is closed and nobody listens to
-            ``call_executed`` it is the breaker's shared permit of the
-            current generation (:attr:`BreakerPermit.plain`, nothing is
-            allocated): a success need not be settled, a failure must be.
+            ``call_executed`` (nor times calls for ``slow_call_duration``)
+            it is the breaker's shared permit of the current generation
+            (nothing is allocated): a failure must be settled, and a success
+            too under a rate mode (otherwise :attr:`BreakerPermit.plain`: a
+            success need not be).
             Any other permit - a half-open trial, a call timed for telemetry,
             a call made inside a trial of this breaker - must be settled
             exactly once, whatever the outcome, in the task that admitted it,
@@ -705,11 +716,13 @@ class CircuitBreaker:
         if record is None:
             raise WouldBlock
         state = record.state
-        if state is _CLOSED and not BREAKER_CALL_EXECUTED.handlers and not self._rated:
+        if state is _CLOSED and not BREAKER_CALL_EXECUTED.handlers and self._slow_after is None:
             permit = self._plain
             if permit._generation != record.generation:
                 # The first closed call of a new generation: the only allocation.
-                permit = self._plain = BreakerPermit(Ticket(record.generation, None), shared=True)
+                permit = self._plain = BreakerPermit(
+                    Ticket(record.generation, None), shared=True, counts_successes=self._rated
+                )
             return permit
         if state is _OPEN:
             self._reject_while_open(record)
@@ -746,7 +759,7 @@ class CircuitBreaker:
             raise WouldBlock
         if permit is None or shared:
             if self._rated:
-                self._settle(record, None, self._outcome(exc), None, exc)
+                self._settle_shared_rated(record, -1 if permit is None else permit._generation, exc)
             elif self._outcome(exc) == "failure":
                 self._fail_plain(record, -1 if permit is None else permit._generation)
             return
@@ -887,9 +900,9 @@ class CircuitBreaker:
                 return DONE
         self._blocks -= 1
         if exc_type is None:
-            if self._rated and self._blocks_generation == record.generation:
+            if self._lane is not None and self._blocks_generation == record.generation:
                 # A rate counts successes too (a counted block is never timed: no slow-call mode here).
-                transition = record.succeed(self._policy, self._now())
+                transition = self._lane.succeed(self._now())
                 if transition is not None:
                     self._changed(transition)
         elif self._outcome(exc) == "failure":
@@ -970,7 +983,7 @@ class CircuitBreaker:
             state = record.state
             if state is _CLOSED and not BREAKER_CALL_EXECUTED.handlers:
                 generation = record.generation
-                if self._rated:
+                if self._lane is not None:  # rated
                     if fn is not self._unguarded_fn:
                         if self._slow_after is not None or getattr(fn, GUARDED_BY, None) is not None:
                             # Timed, or guarded by a layer that counts it itself (successes too).
@@ -982,9 +995,16 @@ class CircuitBreaker:
                         self._settle_rated(record, generation, exc)
                         raise
                     if generation == record.generation:
-                        transition = record.succeed(self._policy, self._now())
-                        if transition is not None:
-                            self._changed(transition)
+                        # SuccessLane.succeed's common case, inline: its frame would
+                        # cost a fifth of what counting the success adds (see there).
+                        lane = self._lane
+                        now = self._now()
+                        if now < lane.until and lane.left > 1:
+                            lane.left -= 1
+                        else:
+                            transition = lane.succeed(now)
+                            if transition is not None:
+                                self._changed(transition)
                     return result
                 try:
                     return await fn(*args, **kwargs)
@@ -1029,6 +1049,17 @@ class CircuitBreaker:
         await self._end_local(ticket, start, None)
         return result
 
+    def _settle_shared_rated(self, record: BreakerRecord, generation: int, exc: BaseException | None) -> None:
+        """A rated breaker's shared permit of ``generation`` (negative: unknown) was settled with ``exc``."""
+        if generation >= 0 and generation != record.generation:
+            return  # admitted before the breaker last changed state: it decides nothing
+        if exc is None and self._lane is not None:
+            transition = self._lane.succeed(self._now())  # (a closed state is the lane's to check)
+            if transition is not None:
+                self._changed(transition)
+        else:
+            self._settle(record, None, self._outcome(exc), None, exc)
+
     def _settle_rated(self, record: BreakerRecord, generation: int, exc: Exception) -> None:
         """A plain call of a rated breaker, admitted in ``generation``, raised ``exc`` (untimed)."""
         if generation == record.generation:
@@ -1053,8 +1084,8 @@ class CircuitBreaker:
             end = now()
             if slow_after is not None and end - start >= slow_after:
                 self._settle(record, None, "success", start)
-            else:
-                transition = record.succeed(self._policy, end)
+            elif self._lane is not None:  # (always: the closed in-memory path of a rated breaker)
+                transition = self._lane.succeed(end)
                 if transition is not None:
                     self._changed(transition)
         return result

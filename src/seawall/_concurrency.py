@@ -11,6 +11,9 @@ from TCP congestion control):
 ``aimd``
     Additive increase, multiplicative decrease: ``+1`` per window that saw
     no drop while the limit was used, ``x0.9`` per window that saw a drop.
+    As in Netflix's ``AIMDLimit``, a call that took longer than 5 s (its
+    default ``timeout``) counts as a drop, so an upstream that turns slow
+    without failing still brings the limit down.
 ``vegas``
     TCP Vegas's queue estimate ``limit * (1 - no_load_latency / latency)``
     with Netflix's ``VegasLimit`` thresholds (``alpha = 3 log10 limit``,
@@ -100,6 +103,8 @@ _PROBE_EVERY: Final = 60
 _PROBE_SAMPLES: Final = 5
 #: The limit during a probe (at least ``min_limit``).
 _PROBE_LIMIT: Final = 3
+#: Seconds of latency from which an ``aimd`` sample counts as a drop (Netflix AIMDLimit's default timeout).
+_AIMD_DROP_LATENCY: Final = 5.0
 
 # The states of a waiter.
 _WAITING, _GRANTED, _SHED, _GONE = range(4)
@@ -203,6 +208,7 @@ class ConcurrencyLimiter:
         "_algorithm",
         "_ceilings",
         "_clock",
+        "_drop_latency",
         "_latency",
         "_limit",
         "_limit_f",
@@ -313,6 +319,8 @@ class ConcurrencyLimiter:
         self._w_drops = 0
         self._w_peak = 0
         self._w_end = self._now() + self._window if self._adaptive else math.inf
+        # A sample slower than this counts as a drop (aimd only: vegas and gradient2 read the latency itself).
+        self._drop_latency = _AIMD_DROP_LATENCY if algorithm == "aimd" else math.inf
         self._latency: float | None = None
         self._long: float | None = None
         # The no-load latency and its probe (vegas, gradient2).
@@ -410,7 +418,8 @@ class ConcurrencyLimiter:
                 without a latency sample (a cancelled call, or one whose
                 latency says nothing about the upstream).
             dropped: The call failed in a way that means overload (it timed
-                out): ``aimd`` and ``vegas`` shrink the limit on drops.
+                out): ``aimd`` and ``vegas`` shrink the limit on drops
+                (``aimd`` counts a call slower than 5 s as one too).
 
         Raises:
             RuntimeError: Nothing is in flight.
@@ -570,7 +579,7 @@ class ConcurrencyLimiter:
             self._w_min = latency
         if in_flight > self._w_peak:
             self._w_peak = in_flight
-        if dropped:
+        if dropped or latency > self._drop_latency:
             self._w_drops += 1
         if now >= self._w_end and self._w_count >= _MIN_SAMPLES:
             self._close_window(now)

@@ -13,11 +13,16 @@ Rate modes count in :class:`_Buckets`: the current bucket's counts as three
 integers and the 10 buckets before it in a ring, with running totals, so a
 call costs an index computation and a few additions (a bucket that falls out
 of the window is subtracted once, when time moves past it).
+
+A plain closed success - the common call of a rated breaker - goes through a
+:class:`SuccessLane` instead, the breaker's own: one comparison with the
+current bucket's end and one integer decrement (see :meth:`SuccessLane.succeed`).
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections import deque
 
 from seawall.backends._breaker_protocol import (
@@ -30,10 +35,15 @@ from seawall.backends._breaker_protocol import (
     Transition,
 )
 
-__all__ = ["BreakerRecord", "MemoryBreakerBackend"]
+__all__ = ["BreakerRecord", "MemoryBreakerBackend", "SuccessLane"]
 
 #: Buckets per window (each ``window / 10`` wide); the window is the current one and this many before it.
 BUCKETS = 10
+
+#: The most successes a :class:`SuccessLane` counts before it asks the record
+#: again: CPython keeps the integers up to 256 preallocated, so its countdown
+#: allocates nothing (a growing count allocates an int per call past 256).
+CREDIT = 256
 
 _CLOSED = BreakerState.CLOSED
 _OPEN = BreakerState.OPEN
@@ -49,7 +59,6 @@ class _Buckets:
         "head",
         "policy",
         "ring",
-        "since",
         "slow",
         "total_calls",
         "total_failures",
@@ -62,21 +71,23 @@ class _Buckets:
     def __init__(self, policy: BreakerPolicy) -> None:
         self.width = policy.window / BUCKETS
         # The policy ``trigger`` was computed for: the value of ``calls`` at which
-        # the window holds exactly ``minimum_calls`` calls, so that a success
-        # needs one comparison of two integers to know whether a rate can be reached.
+        # the window holds exactly ``minimum_calls`` calls, where a success
+        # lane's credit ends (see BreakerRecord._arm): in the current bucket no
+        # other success can make a rate reachable.
         self.policy = policy
         self.trigger = policy.minimum_calls
-        self.head = -1  # the absolute index of the current bucket (floor(now / width))
-        # The current bucket's time span, [since, until): a reading inside it needs no division.
-        self.since = self.until = 0.0
+        # The absolute index of the current bucket (floor(now / width)); None
+        # before the first call (any int can be an index: the clock's epoch is arbitrary).
+        self.head: int | None = None
+        self.until = -math.inf  # the current bucket's end: a reading before it counts in it, with no division
         self.calls = self.failures = self.slow = 0  # the current bucket
         # The BUCKETS buckets before the current one, by absolute index modulo BUCKETS+1.
         self.ring = [(0, 0, 0)] * (BUCKETS + 1)
         self.total_calls = self.total_failures = self.total_slow = 0  # the ring's sums
 
     def clear(self) -> None:
-        self.head = -1
-        self.since = self.until = 0.0
+        self.head = None
+        self.until = -math.inf
         self.calls = self.failures = self.slow = 0
         self.ring = [(0, 0, 0)] * (BUCKETS + 1)
         self.total_calls = self.total_failures = self.total_slow = 0
@@ -90,7 +101,7 @@ class _Buckets:
     def move(self, index: int) -> None:
         """Make ``index`` the current bucket: the old current one joins the ring, expired ones leave it."""
         head = self.head
-        if head < 0 or index - head > BUCKETS:
+        if head is None or index - head > BUCKETS:
             self.clear()  # nothing counted so far is in the window any more
         else:
             ring = self.ring
@@ -110,14 +121,14 @@ class _Buckets:
             self.calls = self.failures = self.slow = 0
             self.trigger = self.policy.minimum_calls - self.total_calls
         self.head = index
-        self.since = index * self.width
         self.until = (index + 1) * self.width
 
     def count(self, now: float, failed: bool, slow: bool) -> None:
         index = int(now // self.width)
-        if index != self.head:
-            if index < self.head:
-                index = self.head  # a reading from before the current bucket counts in it
+        head = self.head
+        if index != head:
+            if head is not None and index < head:
+                index = head  # a reading from before the current bucket counts in it
             else:
                 self.move(index)
         self.calls += 1
@@ -130,7 +141,7 @@ class _Buckets:
         """Calls, failures and slow calls in the window at ``now`` (without moving the buckets)."""
         index = int(now // self.width)
         head = self.head
-        if head < 0 or index - head > BUCKETS:
+        if head is None or index - head > BUCKETS:
             return 0, 0, 0
         calls = self.total_calls + self.calls
         failures = self.total_failures + self.failures
@@ -156,7 +167,7 @@ class BreakerRecord:
             hands it back with its failure needs no ticket object.
     """
 
-    __slots__ = ("_slot_ids", "buckets", "failures", "generation", "opened_at", "state", "trials")
+    __slots__ = ("_slot_ids", "armed", "buckets", "failures", "generation", "opened_at", "state", "trials")
 
     def __init__(self) -> None:
         self.state = _CLOSED
@@ -170,10 +181,13 @@ class BreakerRecord:
         self._slot_ids = itertools.count(1)
         # The rate modes' counters, made by the first rated call (see count()).
         self.buckets: _Buckets | None = None
+        # The lane whose successes are counted ahead in the current bucket (see _arm()).
+        self.armed: SuccessLane | None = None
 
     def _renew(self) -> None:
         # A new period: every call admitted before it is stale, and the trial
         # slots belonged to the old half-open episode.
+        self._disarm()  # (before anything clears the buckets: the lane's credit is in them)
         self.generation += 1
         self.trials.clear()
 
@@ -188,10 +202,11 @@ class BreakerRecord:
         return self._move(_OPEN)
 
     def _close(self) -> Transition:
+        transition = self._move(_CLOSED)
         self.failures.clear()
         if self.buckets is not None:
             self.buckets.clear()
-        return self._move(_CLOSED)
+        return transition
 
     @staticmethod
     def _prune(failures: deque[float], cutoff: float) -> None:
@@ -269,28 +284,60 @@ class BreakerRecord:
             return None if outcome == "cancelled" else self.count(policy, now, outcome == "failure", slow)
         return self.fail(policy, now) if outcome == "failure" else None
 
-    def succeed(self, policy: BreakerPolicy, now: float) -> Transition | None:
-        """Count a plain call's fast success under a rated policy: :meth:`count`'s common case, inline.
+    def lane(self, policy: BreakerPolicy) -> SuccessLane:
+        """A fast path for the plain closed successes of one breaker (of ``policy``) into this record."""
+        return SuccessLane(self, policy)
 
-        The caller admitted the call closed in the current generation, so
-        the state is still CLOSED (every state change moves the generation).
-        A reading before the current bucket counts in it (as in
-        :meth:`_Buckets.count`), so only its end is compared. In the current
-        bucket a success only lowers the rates, so nothing can open unless
-        this call brings the window to ``minimum_calls`` (``trigger``).
+    def _arm(self, lane: SuccessLane, buckets: _Buckets) -> None:
+        """Let ``lane`` count the next successes in the current bucket itself (the record is CLOSED).
+
+        The credit is added to the bucket's calls ahead, and the lane counts
+        it down: the bucket holds ``calls - lane.left`` calls. It ends when
+        the call that brings the window to ``minimum_calls`` (``trigger``) is
+        counted, so that call is checked as :meth:`count` would check it; in
+        the current bucket no other success can open the breaker.
         """
-        buckets = self.buckets
-        if buckets is not None and now < buckets.until and buckets.policy is policy:
-            buckets.calls += 1
-            if buckets.calls != buckets.trigger:
-                return None
-            return self.count_checked(policy, now, buckets)
-        return self.count(policy, now, False, False)
+        gap = buckets.trigger - buckets.calls
+        credit = gap if 0 < gap < CREDIT else CREDIT
+        buckets.calls += credit
+        lane.left = credit
+        lane.until = buckets.until
+        self.armed = lane
 
-    def count(self, policy: BreakerPolicy, now: float, failed: bool, slow: bool) -> Transition | None:
-        """Count a plain call's outcome under a rated policy (the caller checked the generation)."""
+    def _disarm(self) -> None:
+        """Give the armed lane's unused credit back: the buckets hold the calls counted so far."""
+        lane = self.armed
+        if lane is not None:
+            self.armed = None
+            if self.buckets is not None:
+                self.buckets.calls -= lane.left
+            lane.left = 0
+            lane.until = -math.inf
+
+    def replenish(self, lane: SuccessLane, now: float) -> Transition | None:
+        """``lane`` counted the last success of its credit at ``now``: check it, and arm the lane again."""
+        self._disarm()
+        buckets = self.buckets
+        if buckets is None:  # (an armed lane has buckets)
+            return None
+        if buckets.calls == buckets.trigger:
+            transition = self.count_checked(lane.policy, now, buckets)
+            if transition is not None:
+                return transition
+        self._arm(lane, buckets)
+        return None
+
+    def count(
+        self, policy: BreakerPolicy, now: float, failed: bool, slow: bool, lane: SuccessLane | None = None
+    ) -> Transition | None:
+        """Count a plain call's outcome under a rated policy (the caller checked the generation).
+
+        ``lane``: the call is a success on that lane, which is armed again
+        if the breaker stays closed.
+        """
         if self.state is not _CLOSED:
             return None
+        self._disarm()
         buckets = self.buckets
         if buckets is None or buckets.width != policy.window / BUCKETS:
             buckets = self.buckets = _Buckets(policy)
@@ -301,7 +348,10 @@ class BreakerRecord:
             transition = self.fail(policy, now)  # failure_threshold applies as well
             if transition is not None:
                 return transition
-        return self.count_checked(policy, now, buckets)
+        transition = self.count_checked(policy, now, buckets)
+        if transition is None and lane is not None:
+            self._arm(lane, buckets)
+        return transition
 
     def count_checked(self, policy: BreakerPolicy, now: float, buckets: _Buckets) -> Transition | None:
         """Open if a rate is reached over the window (a call was just counted in ``buckets``)."""
@@ -332,10 +382,10 @@ class BreakerRecord:
         """Force the state to CLOSED (failures cleared) or OPEN (fresh recovery time); a new period either way."""
         if state is _CLOSED:
             if self.state is _CLOSED:
+                self._renew()
                 self.failures.clear()
                 if self.buckets is not None:
                     self.buckets.clear()
-                self._renew()
                 return None
             return self._close()
         if state is _OPEN:
@@ -350,6 +400,7 @@ class BreakerRecord:
         """Calls in the window and the failure and slow-call rates (``None`` below ``minimum_calls``)."""
         if not policy.rated or self.buckets is None:
             return 0, None, None
+        self._disarm()  # (so that the buckets hold what was counted; the next success arms the lane again)
         calls, failures, slow = self.buckets.totals(now)
         if calls < policy.minimum_calls or calls == 0:
             return calls, None, None
@@ -376,6 +427,49 @@ class BreakerRecord:
             f"BreakerRecord(state={self.state.value!r}, failures={len(self.failures)}, "
             f"trials={len(self.trials)}, generation={self.generation})"
         )
+
+
+class SuccessLane:
+    """One breaker's fast path for its plain closed successes into a :class:`BreakerRecord` (rate modes).
+
+    :meth:`succeed` is :meth:`BreakerRecord.count`'s common case, a success
+    in the current bucket, done with a credit the record grants (see
+    ``BreakerRecord._arm``): at most one lane of a record holds one at a
+    time, and every change of the record's state or counts other than the
+    lane's own successes takes it back first. A lane of another policy, or
+    one past its bucket's end, finds no credit (``until`` is -inf) and
+    counts through :meth:`BreakerRecord.count`.
+
+    ``CircuitBreaker.call`` does the commonest case inline - a success with
+    more than one unit of credit left is ``left -= 1`` - and calls
+    :meth:`succeed` for the rest: the frame costs about a fifth of what
+    counting a success adds to ``call()`` (benchmarks/bench_concurrency.py).
+    ``tests/test_breaker_rates.py`` runs the permit pair (:meth:`BreakerRecord.count`),
+    ``async with`` (this method) and ``call()`` on the same cases.
+    """
+
+    __slots__ = ("left", "policy", "record", "until")
+
+    def __init__(self, record: BreakerRecord, policy: BreakerPolicy) -> None:
+        self.record = record
+        self.policy = policy
+        self.until = -math.inf  # the end of the credited bucket; -inf: no credit
+        self.left = 0  # the credit left: successes this lane may still count
+
+    def succeed(self, now: float) -> Transition | None:
+        """Count a plain call's fast success at ``now``, admitted closed in the record's current generation."""
+        # A reading before the current bucket counts in it (as in
+        # _Buckets.count), so only its end is compared. The success was
+        # counted in the bucket when the credit was granted.
+        if now < self.until:
+            self.left -= 1
+            if self.left:
+                return None
+            return self.record.replenish(self, now)
+        return self.record.count(self.policy, now, False, False, self)
+
+    def __repr__(self) -> str:
+        return f"SuccessLane(left={self.left}, until={self.until})"
 
 
 class MemoryBreakerBackend:

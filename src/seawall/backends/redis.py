@@ -725,8 +725,7 @@ class RedisBackend:
         if record is None:
             record = self._outage_records[name] = BreakerRecord()
         now = self._now()
-        # (succeed() is count()'s common case, with the same result)
-        transition = record.succeed(policy, now) if not (failed or slow) else record.count(policy, now, failed, slow)
+        transition = record.count(policy, now, failed, slow)
         if transition is None:
             return None
         del self._outage_records[name]  # the next period of the outage starts afresh
