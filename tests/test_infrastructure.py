@@ -677,6 +677,40 @@ async def test_entity_plans_follow_the_key(use_protect: bool, monkeypatch: pytes
         assert [await call("frank") for _ in range(4)] == ["ok"] * 3 + ["denied api:frank"]
 
 
+@pytest.mark.parametrize("configured", [True, False])
+async def test_per_call_timeouts_keep_their_plans_and_each_its_own_deadline(configured: bool) -> None:
+    """A per-call timeout's plan is kept on the key (an unconfigured key's too); each value times out at its own."""
+    clock = FakeClock()
+    timed_out: list[float] = []
+
+    async def call(seconds: float, entity: str | None = None) -> None:
+        try:
+            await infra.execute_protected("api", anyio.sleep_forever, timeout=seconds, rate_limiter=entity)
+        except ProtectionTimeout as exc:
+            timed_out.append(exc.timeout)
+
+    async with AsyncInfrastructure(clock=clock) as infra:
+        if configured:
+            await infra.configure_protection("api", {"rate_limiter": {"limit": 100, "window": 60}})
+        for _ in range(2):  # the second round finds the kept plans
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call, 1.0)
+                tg.start_soon(call, 3.0)
+                if configured:
+                    tg.start_soon(call, 2.0, "alice")
+                await anyio.wait_all_tasks_blocked()
+                clock.advance(0.999)
+                await anyio.wait_all_tasks_blocked()
+                assert timed_out == []
+                for _ in range(3):
+                    clock.advance(1.0)
+                    await anyio.wait_all_tasks_blocked()
+            assert timed_out == ([1.0, 2.0, 3.0] if configured else [1.0, 3.0])
+            timed_out.clear()
+        if configured:
+            assert infra.statistics().key("api").entity_plans == 3  # (None, 1.0), (None, 3.0), ("alice", 2.0)
+
+
 async def test_bad_call_options() -> None:
     """Invalid options and unknown names raise at once, naming the problem."""
     async with AsyncInfrastructure() as infra:

@@ -112,7 +112,7 @@ class KeyStatistics:
         inflight: Calls that awaited before their checkout and are not done (a replaced pool waits for them).
         breaker_state: The state of its breaker as this process knows it (``None``: no breaker).
         pool: Its pool's counts (``None``: no pool).
-        entity_plans: Entities whose calls have a plan kept on the key.
+        entity_plans: Call options (an entity, a timeout, or both) with a plan kept on the key.
         concurrency: Its concurrency limiter's figures (``None``: no concurrency layer).
     """
 
@@ -815,13 +815,16 @@ class AsyncInfrastructure:
             raise ConfigurationTypeError(f"a protection key must be a str, got {key!r}", path="key")
         if base is None and options == (None, None, None, None):
             return self._adhoc_plan(key)
-        # A bucket per entity (per user, per client address) is the commonest
-        # call option: its plan is kept on the key's plan, so that the entity's
-        # next call finds its bucket handle ready. A reconfigured key drops
-        # them with its old plan.
-        kept_entity = rate_limiter if isinstance(rate_limiter, str) and options[1:] == (None, None, None) else None
-        if base is not None and kept_entity is not None:
-            kept = base.entities.get(kept_entity)
+        # A bucket per entity (per user, per client address) and a timeout per
+        # call are the commonest call options: their plans are kept on the
+        # key's plan (an unconfigured key's: its timeout-only plan), so that the
+        # next such call finds its plan, and its bucket handle, ready. A
+        # reconfigured key drops them with its old plan.
+        kept_as = self._kept_as(key, options)
+        if kept_as is not None:
+            if base is None:
+                base = self._adhoc_plan(key)  # (the same layers as none: a timeout alone)
+            kept = base.entities.get(kept_as)
             if kept is not None:
                 return kept
         limiter, bucket = self._bucket_for(key, base, rate_limiter)
@@ -846,17 +849,34 @@ class AsyncInfrastructure:
             breaker,
             pool,
             seconds,
-            one_call=kept_entity is None,
+            one_call=kept_as is None,
             chaos=chaos,
             concurrency=base.concurrency if base is not None else None,
         )
         if base is not None:
             plan.owner = base  # the call counts against the key's plan, whose pool it may use
-            if kept_entity is not None:
+            if kept_as is not None:
                 if len(base.entities) >= _MAX_ENTITY_PLANS:
-                    base.entities.clear()  # many entities: start over rather than grow
-                base.entities[kept_entity] = plan
+                    base.entities.clear()  # many entities or timeouts: start over rather than grow
+                base.entities[kept_as] = plan
         return plan
+
+    @staticmethod
+    def _kept_as(key: str, options: _Options) -> str | tuple[str | None, float] | None:
+        """What a call's plan is kept under on its key's plan (``None``: built for the one call).
+
+        Options naming only an entity are kept under the entity, with a
+        timeout under ``(entity or None, seconds)``; a breaker or pool option
+        is never kept, since what it names can be replaced in its registry.
+        """
+        rate_limiter, circuit_breaker, connection_pool, timeout = options
+        if circuit_breaker is not None or connection_pool is not None:
+            return None
+        if rate_limiter is not None and not isinstance(rate_limiter, str):
+            return None
+        if timeout is None:
+            return rate_limiter
+        return rate_limiter, check_seconds(timeout, f"{key}.timeout")
 
     def _adhoc_plan(self, key: str) -> Plan:
         """The kept timeout-only plan of an unconfigured key."""

@@ -80,7 +80,8 @@ class Plan:
         chaos: The key's fault injector (game days), or ``None``.
         owner: The key's plan, which counts the calls in flight (``inflight``)
             that awaited before their checkout: a replaced pool stays open for them.
-        entities: A kept plan's plans for calls that name only their entity.
+        entities: A kept plan's plans for calls that name only their entity
+            (by the entity), or a timeout (by ``(entity or None, seconds)``).
     """
 
     __slots__ = (
@@ -132,7 +133,7 @@ class Plan:
         self.owner: Plan = self
         self.inflight = 0
         self.drained: anyio.Event | None = None
-        self.entities: dict[str, Plan] = {}
+        self.entities: dict[str | tuple[str | None, float], Plan] = {}
         # Each primitive owns its non-waiting decision; the plan only learns, once,
         # whether that decision is available (the state is in this process).
         self.acquire: Callable[[], None] | None = None
