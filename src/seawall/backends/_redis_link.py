@@ -22,6 +22,10 @@ timer runs per batch.
 
 A ``NOSCRIPT`` reply (the server lost its scripts: a restart, ``SCRIPT
 FLUSH``) loads the scripts on that connection and sends the command once more.
+
+``call(..., asking=True)`` sends ``ASKING`` right before the command, in the
+same write on the same connection (the permission lasts one command): how a
+cluster client follows an ``ASK`` redirect to the node importing a slot.
 """
 
 from __future__ import annotations
@@ -40,8 +44,9 @@ __all__ = ["Link", "pack"]
 #: Commands sent in one write at most; a larger queue goes out in several.
 _MAX_BATCH: Final = 1024
 
-#: A queued command: its wire bytes, the caller's future and the caller's deadline (loop time, or inf).
-Item = tuple[bytes, "asyncio.Future[Any]", float]
+#: A queued command: its wire bytes, the caller's future, the caller's deadline (loop time, or inf) and
+#: whether its bytes start with an ``ASKING`` (whose reply is read and dropped before the command's).
+Item = tuple[bytes, "asyncio.Future[Any]", float, bool]
 
 
 def _bulk(data: bytes) -> bytes:
@@ -51,6 +56,9 @@ def _bulk(data: bytes) -> bytes:
 def pack(*args: bytes) -> bytes:
     """One command in the wire format: packed here, since redis-py's packer is a quarter of the client's work."""
     return b"*%d\r\n" % len(args) + b"".join(map(_bulk, args))
+
+
+_ASKING: Final = pack(b"ASKING")
 
 
 class Link:
@@ -104,10 +112,15 @@ class Link:
         """The deadline of a caller asking now."""
         return math.inf if self.timeout is None else loop.time() + self.timeout
 
-    async def call(self, command: bytes, deadline: float, loop: asyncio.AbstractEventLoop) -> Any:
-        """Queue ``command`` for the next batch and wait for its reply (an error reply is raised)."""
+    async def call(
+        self, command: bytes, deadline: float, loop: asyncio.AbstractEventLoop, *, asking: bool = False
+    ) -> Any:
+        """Queue ``command`` for the next batch and wait for its reply (an error reply is raised).
+
+        With ``asking``, an ``ASKING`` goes just before it (a slot being imported by this node).
+        """
         future: asyncio.Future[Any] = loop.create_future()
-        item = (command, future, deadline)
+        item = (_ASKING + command, future, deadline, True) if asking else (command, future, deadline, False)
         if self._sending:
             # Someone is on the wire: go out with the next batch (its deadline bounds this wait).
             self._queue.append(item)
@@ -210,6 +223,10 @@ async def _read_replies(connection: AbstractConnection, batch: list[Item], missi
     for item in batch:
         future = item[1]
         try:
+            if item[3]:
+                # ASKING's +OK. (Were it refused, the command's own reply says what became of it: MOVED back.)
+                with contextlib.suppress(ResponseError):
+                    await connection.read_response(timeout=math.inf)
             reply = await connection.read_response(timeout=math.inf)
         except NoScriptError as exc:
             if missing is not None:
