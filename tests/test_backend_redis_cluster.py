@@ -302,9 +302,13 @@ async def test_a_slot_migrated_under_load_keeps_limits_exact(nodes: list[Server]
                 # Handed over: MOVED, then the new slot map.
                 await reshard.finish(reshard.target)
                 assert await _hits(gcra, one) == 0
+                moved = await reshard.errors(source, "MOVED")
+                assert moved > 0
                 assert await _hits(fixed, other) == 0
                 assert await _hits(multi, both) == 0
                 await _fail(breaker)
+                # The slot map was refreshed once: no decision goes to the old owner any more.
+                assert await reshard.errors(source, "MOVED") == moved
                 assert (await breaker.status()).state is BreakerState.OPEN
                 assert (await CircuitBreaker(breaker.name, backend=newcomer).status()).state is BreakerState.OPEN
             assert [event.event for event in events if event.event[1] == "backend"] == []
@@ -354,6 +358,9 @@ async def test_a_slot_migrated_to_a_new_node_is_followed(nodes: list[Server], tm
                     assert await _hits(limiter, "k") == 10  # ASK: to a node the client did not know
                     await reshard.finish(reshard.target)
                     assert await _hits(limiter, "k") == 0  # MOVED: the new slot map has the new node
+                    moved = await reshard.errors(source, "MOVED")
+                    assert await _hits(limiter, "k") == 0
+                    assert await reshard.errors(source, "MOVED") == moved  # (refreshed: no more redirects)
                 assert [event.event for event in events if event.event[1] == "backend"] == []
                 assert await reshard.errors(source, "ASK") > 0
                 assert await reshard.errors(source, "MOVED") > 0

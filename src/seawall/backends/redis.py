@@ -938,12 +938,12 @@ class RedisBackend:
         for _ in range(_REDIRECTS - 1):
             try:
                 return await self._node_link(node).call(command, deadline, loop, asking=asking)
+            except MovedError:  # (before AskError: redis-py's MovedError is one)
+                async with asyncio.timeout_at(None if deadline == math.inf else deadline):
+                    await manager.initialize()
             except AskError as exc:
                 node, asking = self._asked_node(cluster, exc), True
                 continue
-            except MovedError:
-                async with asyncio.timeout_at(None if deadline == math.inf else deadline):
-                    await manager.initialize()
             except TryAgainError:
                 if loop.time() + pause >= deadline:
                     raise
