@@ -121,10 +121,11 @@ _BACKEND_ERRORS: Final = (RedisError, OSError)
 _SCRIPTS: Final = (GCRA.source, FIXED_WINDOW.source, MULTI.source, breaker_wire.BREAKER.source, PROBE.source)
 #: Seconds verify() may take when the client sets no socket timeout.
 _VERIFY_TIMEOUT: Final = 5.0
-#: Sends one cluster decision may take, redirects followed (redis-py's cluster client allows 16 too).
+#: ASK and MOVED redirects one cluster decision may follow (redis-py's cluster client allows 16 too).
 _REDIRECTS: Final = 16
-#: Seconds before a decision answered TRYAGAIN (keys split by a migration) is sent again: first, at most (doubling).
-_TRY_AGAIN: Final = (0.002, 0.1)
+#: A decision answered TRYAGAIN (its keys split by a migration) is sent again after a pause, in seconds:
+#: the first, the longest (doubling), and the most paused in all (within the deadline too).
+_TRY_AGAIN: Final = (0.002, 0.1, 5.0)
 #: Slots verify() probes on one cluster node at most while the probed ones are being migrated.
 _PROBES: Final = 4
 #: Seconds between two attempts to subscribe to the breaker channel again (doubling, at most the second value).
@@ -926,7 +927,8 @@ class RedisBackend:
         map stays as it is), and ``TRYAGAIN`` to a script whose keys are split
         between the two (the rest of them are on their way: wait a little and
         start over). Once the slot is handed over, ``MOVED`` refreshes the
-        slot map. At most ``_REDIRECTS`` sends, and never past the deadline.
+        slot map. At most ``_REDIRECTS`` redirects, ``TRYAGAIN`` for at most
+        ``_TRY_AGAIN[2]`` seconds of pauses, and never past the deadline.
         """
         cluster = self._cluster
         assert cluster is not None
@@ -934,23 +936,31 @@ class RedisBackend:
         slot = key_slot(key)
         node = manager.get_node_from_slot(slot)
         asking = False
-        pause = _TRY_AGAIN[0]
-        for _ in range(_REDIRECTS - 1):
+        redirects = 0
+        pause, waited = _TRY_AGAIN[0], 0.0
+        while True:
             try:
                 return await self._node_link(node).call(command, deadline, loop, asking=asking)
             except MovedError:  # (before AskError: redis-py's MovedError is one)
+                redirects += 1
+                if redirects >= _REDIRECTS:
+                    raise
                 async with asyncio.timeout_at(None if deadline == math.inf else deadline):
                     await manager.initialize()
             except AskError as exc:
+                redirects += 1
+                if redirects >= _REDIRECTS:
+                    raise
                 node, asking = self._asked_node(cluster, exc), True
                 continue
             except TryAgainError:
-                if loop.time() + pause >= deadline:
+                # (Its own bound: a MIGRATE of many keys may take longer than sixteen quick tries.)
+                if waited + pause > _TRY_AGAIN[2] or loop.time() + pause >= deadline:
                     raise
                 await asyncio.sleep(pause)
+                waited += pause
                 pause = min(pause * 2, _TRY_AGAIN[1])
             node, asking = manager.get_node_from_slot(slot), False
-        return await self._node_link(node).call(command, deadline, loop, asking=asking)
 
     def _asked_node(self, cluster: RedisCluster, exc: AskError) -> ClusterNode:
         """The node an ``ASK`` names: a known one, or (a node joining the cluster to take slots) a new one."""
