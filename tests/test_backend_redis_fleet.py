@@ -240,11 +240,12 @@ async def test_a_decision_outliving_an_earlier_deadline_is_not_cut_short(server:
     async with RedisBackend.from_url(server.url, prefix="watch", on_error="deny", socket_timeout=TIMEOUT) as backend:
         limiter = RateLimiter(10**6, 60.0, backend=backend)
         await limiter.hit("warm")
+        first = time.monotonic()
         await limiter.hit("first")  # the timer is set for its deadline, TIMEOUT from now
-        await asyncio.sleep(TIMEOUT * 0.6)
+        await asyncio.sleep(TIMEOUT / 2)
         server.freeze()
-        slow = asyncio.ensure_future(limiter.hit("slow"))  # its deadline: 1.6 TIMEOUT from the first
-        await asyncio.sleep(TIMEOUT * 0.7)  # past the first one's deadline
+        slow = asyncio.ensure_future(limiter.hit("slow"))  # its deadline: 1.5 TIMEOUT from the first
+        await asyncio.sleep(first + TIMEOUT + 0.05 - time.monotonic())  # just past the first one's deadline
         server.thaw()
         await slow  # (a timeout would raise RateLimiterError under "deny")
 
