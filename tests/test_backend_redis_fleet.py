@@ -235,6 +235,21 @@ async def test_every_caller_returns_within_the_socket_timeout_during_a_hang(serv
         assert await _hit(limiter, "after")
 
 
+async def test_a_decision_outliving_an_earlier_deadline_is_not_cut_short(server: Server) -> None:
+    """A link's one timer fires at an earlier decision's deadline, and lets the one on the wire run to its own."""
+    async with RedisBackend.from_url(server.url, prefix="watch", on_error="deny", socket_timeout=TIMEOUT) as backend:
+        limiter = RateLimiter(10**6, 60.0, backend=backend)
+        await limiter.hit("warm")
+        first = time.monotonic()
+        await limiter.hit("first")  # the timer is set for its deadline, TIMEOUT from now
+        await asyncio.sleep(TIMEOUT / 2)
+        server.freeze()
+        slow = asyncio.ensure_future(limiter.hit("slow"))  # its deadline: 1.5 TIMEOUT from the first
+        await asyncio.sleep(first + TIMEOUT + 0.05 - time.monotonic())  # just past the first one's deadline
+        server.thaw()
+        await slow  # (a timeout would raise RateLimiterError under "deny")
+
+
 async def test_the_first_decision_on_a_frozen_server_is_bounded_too(server: Server) -> None:
     """The first use verifies, reconnects and decides, all under the caller's one deadline."""
     async with RedisBackend.from_url(server.url, prefix="hang", socket_timeout=TIMEOUT) as backend:

@@ -722,16 +722,20 @@ class RateLimiter:
             self._deny(key, cost, decision.retry_after)
         if LIMITER_REQUEST_ALLOWED.handlers:
             self._emit_allowed(key, cost)
-        return RateLimitStatus(
-            key,
-            decision.next_after == 0.0,
-            decision.current_count,
-            self.limit,
-            self.window,
-            decision.remaining,
-            decision.next_after,
-            decision.reset_after,
-        )
+        # Filled through the slots' setters: the frozen dataclass's __init__ (object.__setattr__ per field)
+        # is 4% of a sequential Redis decision's client instructions.
+        status = _new(RateLimitStatus)
+        set_key, set_allowed, set_count, set_limit, set_window, set_remaining, set_retry, set_reset = _SETTERS
+        next_after = decision.next_after
+        set_key(status, key)
+        set_allowed(status, next_after == 0.0)
+        set_count(status, decision.current_count)
+        set_limit(status, self.limit)
+        set_window(status, self.window)
+        set_remaining(status, decision.remaining)
+        set_retry(status, next_after)
+        set_reset(status, decision.reset_after)
+        return status
 
     async def _try_take(self, key: str, cost: float) -> float | None:
         """Ask the (remote) backend to take ``cost``; return ``None``, else the seconds to wait."""

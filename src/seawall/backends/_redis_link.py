@@ -18,10 +18,14 @@ it was, and however many reconnects the server's hang costs: the failure of
 a batch on the wire never adds a timeout of its own to the callers behind it
 (that was the doubled wait of a frozen server: each batch timed its reads
 from when *it* was sent, and its reconnect was not timed at all). Only one
-timer runs per batch.
+timer runs per link (see ``Link._watch_until``).
 
 A ``NOSCRIPT`` reply (the server lost its scripts: a restart, ``SCRIPT
 FLUSH``) loads the scripts on that connection and sends the command once more.
+
+``call(..., asking=True)`` sends ``ASKING`` right before the command, in the
+same write on the same connection (the permission lasts one command): how a
+cluster client follows an ``ASK`` redirect to the node importing a slot.
 """
 
 from __future__ import annotations
@@ -40,8 +44,9 @@ __all__ = ["Link", "pack"]
 #: Commands sent in one write at most; a larger queue goes out in several.
 _MAX_BATCH: Final = 1024
 
-#: A queued command: its wire bytes, the caller's future and the caller's deadline (loop time, or inf).
-Item = tuple[bytes, "asyncio.Future[Any]", float]
+#: A queued command: its wire bytes, the caller's future, the caller's deadline (loop time, or inf) and
+#: whether its bytes start with an ``ASKING`` (whose reply is read and dropped before the command's).
+Item = tuple[bytes, "asyncio.Future[Any]", float, bool]
 
 
 def _bulk(data: bytes) -> bytes:
@@ -51,6 +56,9 @@ def _bulk(data: bytes) -> bytes:
 def pack(*args: bytes) -> bytes:
     """One command in the wire format: packed here, since redis-py's packer is a quarter of the client's work."""
     return b"*%d\r\n" % len(args) + b"".join(map(_bulk, args))
+
+
+_ASKING: Final = pack(b"ASKING")
 
 
 class Link:
@@ -66,13 +74,17 @@ class Link:
     __slots__ = (
         "_acquire",
         "_connection",
+        "_due",
+        "_expired",
         "_flusher",
         "_idle",
         "_queue",
         "_release",
         "_scripts",
+        "_sender",
         "_sending",
         "_socket_timeout",
+        "_watch",
         "timeout",
     )
 
@@ -94,6 +106,12 @@ class Link:
         self._sending = False  # a caller or the flusher is sending: one at a time uses the connection
         self._idle = asyncio.Event()  # set while nobody is sending (aclose waits for it)
         self._idle.set()
+        # The watchdog (see _watch_until): the task sending a batch, that batch's deadline, the timer, and the
+        # sender it cancelled.
+        self._sender: asyncio.Task[Any] | None = None
+        self._due = math.inf
+        self._watch: asyncio.TimerHandle | None = None
+        self._expired: asyncio.Task[Any] | None = None
 
     @property
     def queued(self) -> int:
@@ -104,10 +122,15 @@ class Link:
         """The deadline of a caller asking now."""
         return math.inf if self.timeout is None else loop.time() + self.timeout
 
-    async def call(self, command: bytes, deadline: float, loop: asyncio.AbstractEventLoop) -> Any:
-        """Queue ``command`` for the next batch and wait for its reply (an error reply is raised)."""
+    async def call(
+        self, command: bytes, deadline: float, loop: asyncio.AbstractEventLoop, *, asking: bool = False
+    ) -> Any:
+        """Queue ``command`` for the next batch and wait for its reply (an error reply is raised).
+
+        With ``asking``, an ``ASKING`` goes just before it (a slot being imported by this node).
+        """
         future: asyncio.Future[Any] = loop.create_future()
-        item = (command, future, deadline)
+        item = (_ASKING + command, future, deadline, True) if asking else (command, future, deadline, False)
         if self._sending:
             # Someone is on the wire: go out with the next batch (its deadline bounds this wait).
             self._queue.append(item)
@@ -152,24 +175,8 @@ class Link:
 
     async def _send(self, batch: list[Item], *, retry_scripts: bool) -> None:
         missing: list[Item] = []
-        # Items queue in arrival order: the first one's deadline is the earliest.
-        deadline = batch[0][2]
         try:
-            async with asyncio.timeout_at(None if deadline == math.inf else deadline):
-                connection = self._connection
-                if connection is None:
-                    connection = await self._acquire()
-                    # This deadline bounds the writes: redis-py's own write timeout would start a task
-                    # per write (asyncio.wait_for), a fifth of a lone decision's client time. Given back on release.
-                    self._socket_timeout = connection.socket_timeout
-                    connection.socket_timeout = None
-                    self._connection = connection
-                await connection.send_packed_command(b"".join([item[0] for item in batch]), check_health=False)
-                await _read_replies(connection, batch, missing if retry_scripts else None)
-                if missing:
-                    await connection.send_packed_command(b"".join(self._scripts))
-                    for _ in self._scripts:
-                        await connection.read_response(timeout=math.inf)
+            await self._exchange(batch, missing if retry_scripts else None)
         except BaseException as exc:
             # The connection is in an unknown state: drop it, fail everything still waiting.
             for item in (*batch, *missing):
@@ -186,6 +193,73 @@ class Link:
         if missing:
             await self._send(missing, retry_scripts=False)
 
+    async def _exchange(self, batch: list[Item], missing: list[Item] | None) -> None:
+        """Write ``batch`` and read its replies (loading the scripts for ``missing``), by the batch's deadline."""
+        # Items queue in arrival order: the first one's deadline is the earliest.
+        deadline = batch[0][2]
+        task = asyncio.current_task()
+        assert task is not None
+        cancelling = task.cancelling()
+        self._sender, self._due = task, deadline
+        if deadline != math.inf:
+            self._watch_until(deadline)
+        expired = False
+        try:
+            connection = self._connection
+            if connection is None:
+                connection = await self._acquire()
+                # This deadline bounds the writes: redis-py's own write timeout would start a task
+                # per write (asyncio.wait_for), a fifth of a lone decision's client time. Given back on release.
+                self._socket_timeout = connection.socket_timeout
+                connection.socket_timeout = None
+                self._connection = connection
+            await connection.send_packed_command(b"".join([item[0] for item in batch]), check_health=False)
+            await _read_replies(connection, batch, missing)
+            if missing:
+                await connection.send_packed_command(b"".join(self._scripts))
+                for _ in self._scripts:
+                    await connection.read_response(timeout=math.inf)
+        except asyncio.CancelledError:
+            # asyncio.timeout's rule: our cancellation becomes a TimeoutError unless the task is cancelled too.
+            if self._expired is task:
+                expired = True
+                if task.uncancel() <= cancelling:
+                    raise TimeoutError("Redis did not answer within the socket timeout") from None
+            raise
+        finally:
+            if self._expired is task and not expired:
+                task.uncancel()  # (our cancellation was swallowed on the way: no trace of it may stay)
+            self._sender = self._expired = None
+
+    def _watch_until(self, deadline: float) -> None:
+        """Have the watchdog fire by ``deadline``.
+
+        One timer per link, not one per batch: a batch only moves the time it
+        checks (``_due``), and the timer, when it fires before that time, sets
+        itself again for it. Sequential callers, each with a deadline a
+        ``timeout`` after the last one's, so cost one timer a ``timeout``
+        instead of an ``asyncio.timeout`` each (a sixth of a lone decision's
+        client time).
+        """
+        watch = self._watch
+        if watch is None or watch.when() > deadline:
+            if watch is not None:
+                watch.cancel()
+            self._watch = asyncio.get_running_loop().call_at(deadline, self._expire)
+
+    def _expire(self) -> None:
+        """The watchdog: cancel the sender whose batch's deadline passed (a TimeoutError in ``_exchange``)."""
+        self._watch = None
+        task = self._sender
+        if task is None:
+            return  # nothing on the wire: the next batch sets the timer again
+        loop = asyncio.get_running_loop()
+        if self._due > loop.time():
+            self._watch = loop.call_at(self._due, self._expire)
+            return
+        self._expired = task
+        task.cancel()
+
     async def drop(self, *, broken: bool = False) -> None:
         """Give the connection back (closed first when ``broken``)."""
         connection = self._connection
@@ -198,6 +272,9 @@ class Link:
     async def aclose(self) -> None:
         """Wait for the batch on the wire (and those queued behind it), then give the connection back."""
         await self._idle.wait()
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         await self.drop()
 
 
@@ -210,6 +287,10 @@ async def _read_replies(connection: AbstractConnection, batch: list[Item], missi
     for item in batch:
         future = item[1]
         try:
+            if item[3]:
+                # ASKING's +OK. (Were it refused, the command's own reply says what became of it: MOVED back.)
+                with contextlib.suppress(ResponseError):
+                    await connection.read_response(timeout=math.inf)
             reply = await connection.read_response(timeout=math.inf)
         except NoScriptError as exc:
             if missing is not None:

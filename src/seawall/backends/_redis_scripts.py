@@ -52,7 +52,8 @@ GCRA = Script(
     """
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local micros = t[2]
+local now = tonumber(t[1]) * 1000000 + tonumber(micros)
 local backlog = 0
 local stored = redis.call('GET', KEYS[1])
 if stored then
@@ -66,8 +67,11 @@ end
 if ARGV[4] == '1' then
   local after = backlog + tonumber(ARGV[3]) * tonumber(ARGV[2])
   if after <= tonumber(ARGV[1]) then
-    redis.call('SET', KEYS[1], string.format('%.17g %.17g', after, now), 'PX', math.ceil(after * 1000) + 1)
-    return string.format('1 %.17g', after)
+    local text = string.format('%.17g', after)
+    -- now as TIME's digits, zero-padded: what %.17g prints of that integer, without formatting a float
+    local stamp = t[1] .. string.sub('00000', #micros) .. micros
+    redis.call('SET', KEYS[1], text .. ' ' .. stamp, 'PX', math.ceil(after * 1000) + 1)
+    return '1 ' .. text
   end
 end
 return string.format('0 %.17g', backlog)
@@ -102,8 +106,9 @@ local left = string.format('%.17g', (ends - now) / 1000000)
 if ARGV[4] == '1' then
   local after = count + tonumber(ARGV[3])
   if after <= tonumber(ARGV[2]) then
-    redis.call('SET', KEYS[1], string.format('%.17g %.17g', after, index), 'PX', math.ceil((ends - now) / 1000))
-    return string.format('1 %.17g ', after) .. left
+    local text = string.format('%.17g', after)
+    redis.call('SET', KEYS[1], text .. string.format(' %.17g', index), 'PX', math.ceil((ends - now) / 1000))
+    return '1 ' .. text .. ' ' .. left
   end
 end
 return string.format('0 %.17g ', count) .. left

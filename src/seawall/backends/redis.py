@@ -11,7 +11,10 @@ Decisions are *pipelined automatically*, per server (``_redis_link.py``): a
 decision asked for while another is on the wire goes out with every other
 decision that queued meanwhile, as one write and one read on one connection.
 With a ``redis.asyncio.RedisCluster`` each primary gets its own pipeline;
-every bucket and every breaker is one key, so one hash slot.
+every bucket and every breaker is one key, so one hash slot. During a
+resharding a decision follows ``ASK`` (with ``ASKING``, that decision only),
+``TRYAGAIN`` (sent again shortly) and ``MOVED`` (a new slot map), within its
+deadline: see :meth:`RedisBackend._cluster_call`.
 
 Outage or misconfiguration. :meth:`RedisBackend.verify` (run by
 ``AsyncInfrastructure.__aenter__`` and before the first decision) checks that
@@ -21,7 +24,7 @@ client's mode (cluster or not) and speaks the client's protocol, and raises
 that does not answer is an outage: decisions follow ``on_error`` and the
 check runs again when it answers. At run time, an outage (refused
 connection, timeout, a server loading its data) logs a warning at most once
-a second, and an *error reply* (``READONLY`` after a failover, ``MOVED``,
+a second, and an *error reply* (``READONLY`` after a failover, ``MOVED`` to a plain client,
 ``WRONGTYPE``, ``OOM``...) logs at error level, each reason at most once a
 second with the count of the others; both follow ``on_error`` and emit the
 ``("seawall", "backend", "error")`` event with their ``reason`` every time.
@@ -52,6 +55,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import math
 import time
 from collections import deque
@@ -68,6 +72,7 @@ try:
     from redis.asyncio.connection import AbstractConnection, Connection
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
+    from redis.cluster import PRIMARY
     from redis.crc import key_slot
     from redis.exceptions import (
         AskError,
@@ -120,6 +125,13 @@ _BACKEND_ERRORS: Final = (RedisError, OSError)
 _SCRIPTS: Final = (GCRA.source, FIXED_WINDOW.source, MULTI.source, breaker_wire.BREAKER.source, PROBE.source)
 #: Seconds verify() may take when the client sets no socket timeout.
 _VERIFY_TIMEOUT: Final = 5.0
+#: ASK and MOVED redirects one cluster decision may follow (redis-py's cluster client allows 16 too).
+_REDIRECTS: Final = 16
+#: A decision answered TRYAGAIN (its keys split by a migration) is sent again after a pause, in seconds:
+#: the first, the longest (doubling), and the most paused in all (within the deadline too).
+_TRY_AGAIN: Final = (0.002, 0.1, 5.0)
+#: Slots verify() probes on one cluster node at most while the probed ones are being migrated.
+_PROBES: Final = 4
 #: Seconds between two attempts to subscribe to the breaker channel again (doubling, at most the second value).
 _RESUBSCRIBE: Final = (0.05, 1.0)
 
@@ -219,6 +231,8 @@ def _reply_reason(exc: ResponseError) -> tuple[str, bool]:
     if isinstance(exc, ClusterDownError | TryAgainError):
         return "cluster_down", False
     if isinstance(exc, AskError):  # MovedError too
+        # A cluster client follows redirects (RedisBackend._cluster_call): one that reaches here is a plain
+        # client on a cluster node, or a cluster decision past its redirect bound.
         return "cluster", True
     if isinstance(exc, NoPermissionError):
         return "permission", True
@@ -912,21 +926,33 @@ class RedisBackend:
         except RedisClusterException as exc:
             raise _misconfigured("cluster", exc, "connect") from exc
         for node in cluster.get_primaries():
-            connection = await _node_connection(node)
-            broken = True
-            try:
-                await _probe(connection, self._probe_key(cluster, node), cluster=True)
-                broken = False
-            finally:
-                await _release_node(node, connection, broken)
+            for probe_key in itertools.islice(self._probe_keys(cluster, node), _PROBES):
+                connection = await _node_connection(node)
+                broken = True
+                try:
+                    await _probe(connection, probe_key, cluster=True)
+                    broken = False
+                except (AskError, TryAgainError):
+                    # The probe key's slot is being migrated (or has just moved): its script ran nowhere,
+                    # every other check passed. Probe another slot of this node.
+                    broken = False
+                    continue
+                finally:
+                    await _release_node(node, connection, broken)
+                break
+            # (A node whose every probed slot is moving - being drained - has passed the other checks.)
 
-    def _probe_key(self, cluster: RedisCluster, node: ClusterNode) -> bytes:
-        """A probe key of this prefix in a slot that ``node`` serves."""
+    def _probe_keys(self, cluster: RedisCluster, node: ClusterNode) -> Iterator[bytes]:
+        """Probe keys of this prefix, each in another slot that ``node`` serves."""
+        seen: set[int] = set()
         for attempt in range(100_000):
             key = _key(f"{self.prefix}:{KEY_FORMAT}:probe:{attempt}")
-            if cluster.nodes_manager.get_node_from_slot(key_slot(key)).name == node.name:
-                return key
-        raise _misconfigured("cluster", None, node.name)  # pragma: no cover - a node serving no slot
+            slot = key_slot(key)
+            if slot not in seen and cluster.nodes_manager.get_node_from_slot(slot).name == node.name:
+                seen.add(slot)
+                yield key
+        if not seen:  # pragma: no cover - a node serving no slot
+            raise _misconfigured("cluster", None, node.name)
 
     # -- lifetime ---------------------------------------------------------
 
@@ -1048,17 +1074,58 @@ class RedisBackend:
         return await self._cluster_call(key, command, deadline, loop)
 
     async def _cluster_call(self, key: bytes, command: bytes, deadline: float, loop: asyncio.AbstractEventLoop) -> Any:
+        """Send ``command`` to the primary of ``key``'s slot, following the cluster's redirects within ``deadline``.
+
+        A resharding moves a slot in steps: while its keys are being migrated
+        the old primary answers ``ASK`` for a key it no longer holds (this
+        command only goes to the importing node, after ``ASKING``; the slot
+        map stays as it is), and ``TRYAGAIN`` to a script whose keys are split
+        between the two (the rest of them are on their way: wait a little and
+        start over). Once the slot is handed over, ``MOVED`` refreshes the
+        slot map. At most ``_REDIRECTS`` redirects, ``TRYAGAIN`` for at most
+        ``_TRY_AGAIN[2]`` seconds of pauses, and never past the deadline.
+        """
         cluster = self._cluster
         assert cluster is not None
-        node = cluster.nodes_manager.get_node_from_slot(key_slot(key))
-        try:
-            return await self._node_link(node).call(command, deadline, loop)
-        except MovedError:
-            # The slot moved (a resharding, a failover): learn the new layout and ask its node, once.
-            async with asyncio.timeout_at(None if deadline == math.inf else deadline):
-                await cluster.nodes_manager.initialize()
-            node = cluster.nodes_manager.get_node_from_slot(key_slot(key))
-            return await self._node_link(node).call(command, deadline, loop)
+        manager = cluster.nodes_manager
+        slot = key_slot(key)
+        node = manager.get_node_from_slot(slot)
+        asking = False
+        redirects = 0
+        pause, waited = _TRY_AGAIN[0], 0.0
+        while True:
+            try:
+                return await self._node_link(node).call(command, deadline, loop, asking=asking)
+            except MovedError:  # (before AskError: redis-py's MovedError is one)
+                redirects += 1
+                if redirects >= _REDIRECTS:
+                    raise
+                async with asyncio.timeout_at(None if deadline == math.inf else deadline):
+                    await manager.initialize()
+            except AskError as exc:
+                redirects += 1
+                if redirects >= _REDIRECTS:
+                    raise
+                node, asking = self._asked_node(cluster, exc), True
+                continue
+            except TryAgainError:
+                # (Its own bound: a MIGRATE of many keys may take longer than sixteen quick tries.)
+                if waited + pause > _TRY_AGAIN[2] or loop.time() + pause >= deadline:
+                    raise
+                await asyncio.sleep(pause)
+                waited += pause
+                pause = min(pause * 2, _TRY_AGAIN[1])
+            node, asking = manager.get_node_from_slot(slot), False
+
+    def _asked_node(self, cluster: RedisCluster, exc: AskError) -> ClusterNode:
+        """The node an ``ASK`` names: a known one, or (a node joining the cluster to take slots) a new one."""
+        manager = cluster.nodes_manager
+        found = manager.get_node(host=exc.host, port=int(exc.port))
+        if found is None:
+            # Added to the client's nodes, so the client's aclose() closes its connections.
+            found = ClusterNode(exc.host, int(exc.port), PRIMARY, **manager.connection_kwargs)
+            manager.set_nodes(manager.nodes_cache, {found.name: found})
+        return found
 
     async def _first_use(self, deadline: float, loop: asyncio.AbstractEventLoop) -> None:
         """Verify the server before the first decision; concurrent first callers share one check."""
@@ -1226,6 +1293,8 @@ async def _probe(connection: AbstractConnection, probe_key: bytes, *, cluster: b
             reason, misconfigured = classify(loaded)
             raise _misconfigured(reason if misconfigured else "scripts", loaded, where)
     if isinstance(probe, ResponseError):
+        if cluster and isinstance(probe, AskError | TryAgainError):  # (MovedError is an AskError)
+            raise probe  # the probe key's slot is moving: the caller probes another
         reason, misconfigured = classify(probe)
         if misconfigured:
             raise _misconfigured(reason, probe, where)
