@@ -60,13 +60,14 @@ def _cluster(directory: Path) -> Iterator[list[int]]:
             check=True,
             timeout=60,
         )
-        for _ in range(400):
-            info = subprocess.run(
-                [cli, "-p", str(ports[0]), "cluster", "info"], capture_output=True, text=True, check=False
-            )
-            if "cluster_state:ok" in info.stdout:
-                break
-            time.sleep(0.05)
+        for port in ports:  # every node must see the cluster up, not only the first
+            for _ in range(400):
+                info = subprocess.run(
+                    [cli, "-p", str(port), "cluster", "info"], capture_output=True, text=True, check=False
+                )
+                if "cluster_state:ok" in info.stdout:
+                    break
+                time.sleep(0.05)
         yield ports
 
 
