@@ -61,6 +61,19 @@ def test_unlisted_case_compares_peers_with_its_first_seawall_variant() -> None:
     assert _report.ratios(report) == [("limiter: x", "seawall a", "peer", pytest.approx(3.0))]
 
 
+def test_a_case_timed_over_a_seawall_baseline_compares_whole_calls() -> None:
+    """What a retry section adds to seawall's chain is not set against a peer's whole chain: the totals are."""
+    rows = [
+        {"case": "retry: x", "label": "seawall key without retry", "median_ns": 3500.0, "overhead_ns": 0.0},
+        {"case": "retry: x", "label": "seawall key with retry", "median_ns": 3700.0, "overhead_ns": 200.0},
+        {"case": "retry: x", "label": "peers' chain in stamina.retry", "median_ns": 29600.0, "overhead_ns": 26100.0},
+    ]
+    report = {"modules": {"bench_x": {"per_call": rows}}}
+    assert _report.ratios(report) == [
+        ("retry: x", "seawall key with retry", "peers' chain in stamina.retry", pytest.approx(8.0))
+    ]
+
+
 def test_listed_case_leaves_out_a_peer_without_a_counterpart() -> None:
     """A new peer in a multi-layer case is not silently divided by another layer's figure."""
     report = _report_of(EACH_LAYER, {"bare": 0.0, "seawall RateLimiter.hit": 10.0, "some new peer": 30.0})
