@@ -212,6 +212,62 @@ def test_verdict_demands_every_part_of_the_story() -> None:
     assert failed["the breaker opened during the outage"] is False
 
 
+def test_breaker_series_steps_through_every_transition() -> None:
+    """The chart's breaker line is the transitions over real time, from 0 to the end of the run."""
+    from seawall._demo._chart import breaker_series
+
+    story = [(3.0, "closed", "open"), (4.0, "open", "half_open"), (4.002, "half_open", "open")]
+    assert breaker_series(_recorder_with(story, "open")) == ([0.0, 3.0, 4.0, 4.002, 10.0], [0, 2, 1, 2, 2])
+    assert breaker_series(_recorder_with([], "closed")) == ([0.0, 10.0], [0, 0])
+
+
+def _half_open_trials(seconds: list[float], levels: list[int], start: float, end: float) -> list[float]:
+    """When the line dips from open to half open and back to open (a failed trial) within [start, end)."""
+    return [
+        seconds[i]
+        for i in range(1, len(levels) - 1)
+        if levels[i - 1 : i + 2] == [2, 1, 2] and start <= seconds[i] < end
+    ]
+
+
+def test_chart_shows_each_failed_half_open_trial_of_the_outage() -> None:
+    """Through the outage the chart's breaker line dips to half open about once per recovery time.
+
+    A tick is as long as the recovery time, so each tick of the outage holds an
+    ``open``: a line of per-tick states showed one solid "open" here.
+    """
+    import matplotlib.pyplot as plt
+
+    from seawall._demo._chart import breaker_series, build_figure
+    from seawall._demo._scenario import run_scenario
+
+    plan = Plan.build(4, 1)
+    recorder = Recorder(plan)
+    anyio.run(run_scenario, recorder, lambda tick: None, lambda url: None, None)
+    seconds, levels = breaker_series(recorder)
+    failing, slow = plan.phase_start("failing"), plan.phase_start("slow")
+    trials = _half_open_trials(seconds, levels, failing, slow)
+    assert len(trials) >= int((slow - failing) / (2 * plan.recovery_time)), (seconds, levels)
+    opened = next(at for at, level in zip(seconds, levels, strict=True) if level == 2)
+    # Each trial comes a recovery time after the breaker opened again, give or take the next request.
+    gaps = [later - earlier for earlier, later in zip([opened, *trials], trials, strict=False)]
+    assert all(0.9 * plan.recovery_time <= gap <= 2 * plan.recovery_time for gap in gaps), gaps
+    # The per-tick figures name the trial too: "open/half_open" in the plain lines.
+    assert any(tick.states_seen == "open/half_open" for tick in recorder.ticks if tick.phase == "failing")
+    figure = build_figure(recorder)
+    try:
+        state = figure.axes[1]
+        line = state.get_lines()[0]
+        assert (list(line.get_xdata()), list(line.get_ydata())) == (seconds, levels)
+        legend = state.get_legend()
+        assert legend is not None
+        assert [text.get_text() for text in legend.get_texts()] == ["breaker state", "half-open trial", "pool in use"]
+        assert state.get_ylabel() == "breaker state"
+        assert [axis.get_xlabel() for axis in figure.axes[:3]] == ["", "", "seconds"]
+    finally:
+        plt.close(figure)
+
+
 def test_summary_and_plain_view(capsys: pytest.CaptureFixture[str]) -> None:
     """The summary has a row per phase and a total; the plain view prints FAILED for a failed check."""
     recorder = _recorder_with([], "closed", successes=2)

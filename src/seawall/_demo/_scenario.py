@@ -59,6 +59,8 @@ class Tick:
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
     latencies: list[float] = field(default_factory=list)
     breaker: str = "closed"
+    #: Every state the breaker was in during the slice (``breaker`` is the worst of them).
+    states: set[str] = field(default_factory=set)
     pool_in_use: int = 0
 
     @property
@@ -70,6 +72,17 @@ class Tick:
     def admitted(self) -> int:
         """Requests that passed the per-client rate limit."""
         return self.sent - self.counts["rate_limited"]
+
+    @property
+    def states_seen(self) -> str:
+        """The states the breaker was in during the slice, worst first: e.g. ``open/half_open``.
+
+        A slice as long as the recovery time of an open breaker nearly always
+        holds an ``open``; ``breaker`` alone would hide the half-open trial
+        that came and went within it.
+        """
+        seen = sorted(self.states | {self.breaker}, key=lambda state: -_STATE_RANK.get(state, 0))
+        return "/".join(seen)
 
     def p50(self) -> float | None:
         """Median latency in seconds of the admitted requests."""
@@ -124,12 +137,15 @@ class Recorder:
     def on_breaker(self, event: tuple[str, ...], measurements: dict[str, Any], metadata: dict[str, Any]) -> None:
         """Telemetry handler: note a breaker state change."""
         del event, measurements
-        self.breaker_state = str(metadata["to"])
-        self.transitions.append((self.elapsed(), str(metadata["from"]), self.breaker_state))
+        previous, self.breaker_state = str(metadata["from"]), str(metadata["to"])
+        self.transitions.append((self.elapsed(), previous, self.breaker_state))
+        # The slice held the state left as well as the state entered, whether or not a sample saw it.
+        self._note_state(previous)
         self._note_state(self.breaker_state)
 
     def _note_state(self, state: str) -> None:
         tick = self._tick(self.elapsed())
+        tick.states.add(state)
         if _STATE_RANK.get(state, 0) > _STATE_RANK.get(tick.breaker, 0):
             tick.breaker = state
 
@@ -138,6 +154,17 @@ class Recorder:
         tick = self._tick(self.elapsed())
         tick.pool_in_use = max(tick.pool_in_use, in_use)
         self._note_state(self.breaker_state)
+
+    def breaker_steps(self) -> list[tuple[float, str]]:
+        """The breaker's state over real time: ``(seconds, state)`` from 0 to the end of the run.
+
+        Each entry holds until the next one; a half-open trial lasts as long as
+        its one request, so it shows here though it may fill no tick.
+        """
+        steps = [(0.0, self.transitions[0][1] if self.transitions else self.breaker_state)]
+        steps.extend((at, to) for at, _, to in self.transitions)
+        steps.append((max(self.plan.duration, steps[-1][0]), steps[-1][1]))
+        return steps
 
     def totals(self, phase: str | None = None) -> Tick:
         """The figures summed over the run, or over one phase."""

@@ -113,7 +113,7 @@ class PlainView:
         """Report a finished tick."""
         counts = " ".join(f"{key}={tick.admitted if key == 'admitted' else tick.counts[key]}" for _, key in _COLUMNS)
         self.print(
-            f"t={tick.start:6.2f}s phase={tick.phase:<9} {counts} breaker={tick.breaker} "
+            f"t={tick.start:6.2f}s phase={tick.phase:<9} {counts} breaker={tick.states_seen} "
             f"pool={tick.pool_in_use}/{self._pool_size} p50={_ms(tick.p50())} p99={_ms(tick.p99())}"
         )
 
