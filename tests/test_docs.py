@@ -151,3 +151,16 @@ def test_reference_renders_every_public_module() -> None:
     # seawall.errors re-exports what `::: seawall` renders (again would duplicate every anchor);
     # seawall.integrations only holds the integration modules, each rendered on its own.
     assert public - rendered == {"seawall.errors", "seawall.integrations"}
+
+
+def test_telemetry_page_lists_every_event() -> None:
+    """docs/telemetry.md's events table has a row for every event in ALL_EVENTS (and no event seawall does not emit)."""
+    from seawall.telemetry import ALL_EVENTS
+
+    page = (ROOT / "docs" / "telemetry.md").read_text()
+    listed = set()
+    # A row names one event, or several sharing a prefix: ("seawall", "infrastructure", "a" / "b").
+    for prefix, names in re.findall(r'^\| `\(("seawall", "\w+"), ((?:"\w+"(?: / )?)+)\)`', page, re.MULTILINE):
+        for name in re.findall(r'"(\w+)"', names):
+            listed.add((*re.findall(r'"(\w+)"', prefix), name))
+    assert listed == set(ALL_EVENTS)

@@ -9,6 +9,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+import redis_servers
+
 ROOT = Path(__file__).resolve().parent.parent
 # A test that needs nothing of PostgreSQL but the postgres_dsn fixture's verdict.
 PROBE = "tests/test_infrastructure.py::test_seed_asyncpg_full_chain"
@@ -52,3 +56,27 @@ def test_missing_database_fails_when_services_are_required(postgres_dsn: str) ->
 def test_a_reachable_database_is_accepted(postgres_dsn: str, postgres_probe: Any) -> None:
     """The probe accepts the real test database (so the two tests above measure the missing one)."""
     assert postgres_probe(postgres_dsn) is None
+
+
+def test_a_missing_redis_cli_skips_with_the_reason(monkeypatch: Any, tmp_path: Path) -> None:
+    """No redis-cli on PATH on a laptop: the cluster tests skip, and the skip names the binary."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # (an empty directory: no redis-cli to find)
+    monkeypatch.delenv("SEAWALL_REQUIRE_SERVICES", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no redis-cli"):
+        redis_servers.cli("--version")
+
+
+def test_a_missing_redis_cli_fails_when_services_are_required(monkeypatch: Any, tmp_path: Path) -> None:
+    """Under SEAWALL_REQUIRE_SERVICES=1 a missing redis-cli fails the cluster tests, as a missing server does."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("SEAWALL_REQUIRE_SERVICES", "1")
+    # (BaseException: a skip raised here must fail this test, not skip it.)
+    with pytest.raises(BaseException, match=r"no redis-cli.*forbids skipping") as from_cli:
+        redis_servers.cli("--version")
+    assert from_cli.type is pytest.fail.Exception
+    with (
+        pytest.raises(BaseException, match="no redis-cli") as from_cluster,
+        redis_servers.cluster(tmp_path / "cluster"),
+    ):
+        pass  # pragma: no cover - the cluster is refused before any node starts
+    assert from_cluster.type is pytest.fail.Exception
