@@ -185,25 +185,32 @@ async def _breakers(ctx: BenchContext, directory: Path) -> None:
             await _propagation(ctx, backend, other)
 
 
+async def _through(breaker: CircuitBreaker) -> None:
+    async with breaker:
+        pass
+
+
+async def _bare() -> None:
+    pass
+
+
+async def _subscribed(remote: CircuitBreaker, admin: aioredis.Redis) -> None:
+    """Let ``remote``'s backend subscribe (its view decides from then on); then zero the server's counts."""
+    await _through(remote)
+    await asyncio.sleep(0.1)
+    await _through(remote)
+    await admin.config_resetstat()
+
+
 async def _closed_path(ctx: BenchContext, backend: RedisBackend, admin: aioredis.Redis) -> None:
     remote = CircuitBreaker("closed", backend=backend)
     memory = CircuitBreaker("closed")
 
-    async def through(breaker: CircuitBreaker) -> None:
-        async with breaker:
-            pass
-
-    async def bare() -> None:
-        pass
-
-    await through(remote)
-    await asyncio.sleep(0.1)  # subscribed: the view decides from now on
-    await through(remote)
-    await admin.config_resetstat()
+    await _subscribed(remote, admin)
     calls = 2_000 if ctx.quick else 20_000
     results = await ctx.per_call(
         "redis: breaker, a success while closed",
-        {"bare": bare, "in-memory breaker": lambda: through(memory), "breaker on Redis": lambda: through(remote)},
+        {"bare": _bare, "in-memory breaker": lambda: _through(memory), "breaker on Redis": lambda: _through(remote)},
         calls=calls,
     )
     done = sum(result.calls * (result.repeats + 1) for label, result in results.items() if label == "breaker on Redis")
@@ -229,26 +236,16 @@ async def _closed_path_rated(ctx: BenchContext, backend: RedisBackend, admin: ai
     memory = CircuitBreaker("closed-rated", **rated)
     counting = CircuitBreaker("closed-counting")
 
-    async def through(breaker: CircuitBreaker) -> None:
-        async with breaker:
-            pass
-
-    async def bare() -> None:
-        pass
-
-    await through(remote)
-    await asyncio.sleep(0.1)  # subscribed: the view decides from now on
-    await through(remote)
-    await admin.config_resetstat()
+    await _subscribed(remote, admin)
     started = time.monotonic()
     calls = 2_000 if ctx.quick else 20_000
     results = await ctx.per_call(
         case,
         {
-            "bare": bare,
-            "in-memory breaker, count mode": lambda: through(counting),
-            "in-memory breaker, failure_rate": lambda: through(memory),
-            "breaker on Redis, failure_rate": lambda: through(remote),
+            "bare": _bare,
+            "in-memory breaker, count mode": lambda: _through(counting),
+            "in-memory breaker, failure_rate": lambda: _through(memory),
+            "breaker on Redis, failure_rate": lambda: _through(remote),
         },
         calls=calls,
     )
