@@ -711,6 +711,19 @@ async def test_per_call_timeouts_keep_their_plans_and_each_its_own_deadline(conf
             assert infra.statistics().key("api").entity_plans == 3  # (None, 1.0), (None, 3.0), ("alice", 2.0)
 
 
+async def test_an_unconfigured_keys_per_call_timeouts_keep_few_plans() -> None:
+    """Unconfigured keys and timeouts both taken from requests cannot pile up plans: each such key keeps a few."""
+    import seawall._infrastructure
+
+    async with AsyncInfrastructure() as infra:
+        for index in range(200):
+            assert await infra.execute_protected("tenant-1", ok, timeout=1.0 + index / 1000) == "ok"
+        # (White-box: no statistic counts an unconfigured key's plans.)
+        kept = infra._adhoc["tenant-1"].entities
+        assert 0 < len(kept) <= seawall._infrastructure._MAX_ADHOC_TIMEOUTS
+        assert (None, 1.199) in kept  # the latest timeout is kept
+
+
 async def test_bad_call_options() -> None:
     """Invalid options and unknown names raise at once, naming the problem."""
     async with AsyncInfrastructure() as infra:

@@ -89,6 +89,9 @@ _CLOSE_GRACE = 10.0
 _MAX_ADHOC = 1024
 #: Entity plans kept per key (``protect(key, rate_limiter=entity)``) before they are dropped and rebuilt.
 _MAX_ENTITY_PLANS = 1024
+#: Per-call timeout plans kept per unconfigured key: up to ``_MAX_ADHOC`` such keys may each keep
+#: this many, so it stays small (a key and a timeout both taken from requests must not pile up plans).
+_MAX_ADHOC_TIMEOUTS = 16
 
 #: Timeouts are logged once a second per key at most (each carries the count of those not logged).
 _LOG = Throttle(1.0)
@@ -856,7 +859,8 @@ class AsyncInfrastructure:
         if base is not None:
             plan.owner = base  # the call counts against the key's plan, whose pool it may use
             if kept_as is not None:
-                if len(base.entities) >= _MAX_ENTITY_PLANS:
+                bound = _MAX_ENTITY_PLANS if key in self._plans else _MAX_ADHOC_TIMEOUTS
+                if len(base.entities) >= bound:
                     base.entities.clear()  # many entities or timeouts: start over rather than grow
                 base.entities[kept_as] = plan
         return plan
